@@ -1,0 +1,30 @@
+# Two commands on a fresh machine with python3 and make:
+#   make run    create .venv, then run the workflow (extra snakemake arguments: make run ARGS="-n")
+#   make test   create .venv with the test extras, then run the tests
+VENV ?= .venv
+BIN := $(abspath $(VENV))/bin
+ARGS ?=
+export PATH := $(BIN):$(PATH)
+
+.PHONY: run test lint clean
+
+$(VENV)/.runtime: requirements.txt
+	test -x $(BIN)/python || python3 -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+$(VENV)/.test: requirements-test.txt $(VENV)/.runtime
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-test.txt
+	touch $@
+
+run: $(VENV)/.runtime
+	snakemake --cores 8 --resources gpu=1 $(ARGS)
+
+test: $(VENV)/.test
+	python -m pytest -q tests $(ARGS)
+
+lint: $(VENV)/.runtime
+	snakemake --lint
+
+clean:
+	rm -rf results logs benchmarks/default resources/models .snakemake

@@ -1,0 +1,57 @@
+rule prepare_train_data:
+    input:
+        table=config["data"]["train"],
+        script=SCRIPTS / "prepare_data.py",
+        lib=LIB,
+    output:
+        train="results/data/train.json",
+        val="results/data/val.json",
+        report="results/data/train_report.json",
+    params:
+        val_fraction=config["data"]["val_fraction"],
+        split_seed=config["data"]["split_seed"],
+        split_by=config["data"]["split_by"],
+        on_invalid=config["data"]["on_invalid"],
+    log:
+        "logs/prepare_train_data.log",
+    conda:
+        "../envs/data.yaml"
+    shell:
+        "python {input.script} train --input {input.table:q} --train-out {output.train} "
+        "--val-out {output.val} --report-out {output.report} --val-fraction {params.val_fraction} "
+        "--split-seed {params.split_seed} --split-by {params.split_by} "
+        "--on-invalid {params.on_invalid} > {log} 2>&1"
+
+
+rule prepare_test_data:
+    input:
+        table=config["data"]["test"],
+        script=SCRIPTS / "prepare_data.py",
+        lib=LIB,
+    output:
+        test="results/data/test.json",
+        report="results/data/test_report.json",
+    params:
+        on_invalid=config["data"]["on_invalid"],
+    log:
+        "logs/prepare_test_data.log",
+    conda:
+        "../envs/data.yaml"
+    shell:
+        "python {input.script} test --input {input.table:q} --out {output.test} "
+        "--report-out {output.report} --on-invalid {params.on_invalid} > {log} 2>&1"
+
+
+rule summarize_data:
+    input:
+        train="results/data/train_report.json",
+        test="results/data/test_report.json",
+        script=SCRIPTS / "summarize_data.py",
+    output:
+        "results/data/report.json",
+    log:
+        "logs/summarize_data.log",
+    conda:
+        "../envs/data.yaml"
+    shell:
+        "python {input.script} --train {input.train} --test {input.test} --out {output} > {log} 2>&1"

@@ -1,0 +1,107 @@
+"""Build the offline demo base model: a tokenizer trained on the training
+articles and a small randomly initialised LlamaForCausalLM, saved as a normal
+Hugging Face checkpoint (safetensors shards + tokenizer files).
+
+    build_demo_model.py --train results/data/train.json --out resources/models/demo --settings '{...}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Iterable
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from mcqa.prompt import ANSWER_CUE, INSTRUCTION, answer_token_ids
+from mcqa.records import read_records
+
+SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE (never an unknown character) with every digit its own token."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))]
+    )
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
+    wrapped.padding_side = "right"
+    return wrapped
+
+
+def build_model(vocab_size: int, hidden_size: int, intermediate_size: int, num_layers: int, num_heads: int,
+                seed: int, max_positions: int = 4096, dtype: torch.dtype = torch.float32,
+                device: str = "cpu") -> LlamaForCausalLM:
+    """A Llama-architecture model with random weights (any size, from toy to 7B)."""
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=max_positions,
+        # Ids of <s>, </s>, <pad> in the order SPECIAL_TOKENS gives them to the tokenizer.
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+        tie_word_embeddings=False,
+        # Wider than the usual 0.02 so that a frozen random output layer can
+        # still give peaked answer probabilities once LoRA moves the hidden state.
+        initializer_range=0.2,
+    )
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+    return model
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train", required=True, help="train.json whose articles train the tokenizer")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--settings", required=True, help="JSON of the config's demo_model block")
+    args = parser.parse_args(argv)
+    settings = json.loads(args.settings)
+
+    records = read_records(args.train, "labelled")
+    texts = [INSTRUCTION + ANSWER_CUE] + [r["input"] for r in records]
+    tokenizer = train_tokenizer(texts, settings["vocab_size"])
+    answer_token_ids(tokenizer)  # fail here, not in training, if digits are not single tokens
+    model = build_model(
+        vocab_size=len(tokenizer),
+        hidden_size=settings["hidden_size"],
+        intermediate_size=settings["intermediate_size"],
+        num_layers=settings["num_layers"],
+        num_heads=settings["num_heads"],
+        seed=settings["seed"],
+    )
+    # Small shards on purpose: the merge stage streams shard by shard, and the
+    # demo exercises that path.
+    model.save_pretrained(args.out, max_shard_size="300KB")
+    tokenizer.save_pretrained(args.out)
+    print(
+        f"demo model: {sum(p.numel() for p in model.parameters()):,} parameters, vocab {len(tokenizer)}, "
+        f"saved to {args.out}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""Deterministic scoring: the log-probability of each answer digit at the answer position."""
+
+from __future__ import annotations
+
+import torch
+
+from .progress import Meter
+from .prompt import ANSWER_SUFFIX_TOKENS, answer_token_ids, encode_prompt
+
+
+def encode_all(tokenizer, records: list[dict], max_seq_length: int) -> tuple[list[list[int]], int]:
+    """Prompt ids of every record (cut exactly as in training) and how many were cut."""
+    encoded, cut = [], 0
+    for r in records:
+        ids, truncated = encode_prompt(tokenizer, r["instruction"], r["input"], max_seq_length - ANSWER_SUFFIX_TOKENS)
+        encoded.append(ids)
+        cut += truncated
+    return encoded, cut
+
+
+@torch.inference_mode()
+def answer_log_probs(model, tokenizer, encoded: list[list[int]], batch_size: int, meter: Meter | None = None) -> torch.Tensor:
+    """(N, 4) log-probabilities over the whole vocabulary of '1'..'4' after each prompt.
+
+    Prompts are sorted by length and padded on the right, so a batch carries
+    little padding and a row's logits do not depend on its neighbours. Only
+    the answer position goes through the output layer.
+    """
+    answers = torch.tensor(answer_token_ids(tokenizer))
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    device = head.weight.device
+    order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
+    result = torch.empty(len(encoded), len(answers))
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        lengths = torch.tensor([len(encoded[i]) for i in rows])
+        ids = torch.full((len(rows), int(lengths.max())), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, i in enumerate(rows):
+            ids[j, : lengths[j]] = torch.tensor(encoded[i])
+            mask[j, : lengths[j]] = 1
+        hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+        last = hidden[torch.arange(len(rows), device=device), (lengths - 1).to(device)]
+        log_probs = torch.log_softmax(head(last).float(), dim=-1)[:, answers.to(device)]
+        result[rows] = log_probs.cpu()
+        if meter:
+            meter.update(len(rows))
+    return result

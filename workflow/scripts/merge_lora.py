@@ -1,0 +1,210 @@
+"""Merge a LoRA adapter into its base model, one checkpoint shard at a time.
+
+    merge_lora.py --base-model PATH_OR_HUB_ID --adapter ADAPTER_DIR --out MERGED_DIR
+
+For every base weight with a LoRA pair, W' = W + scale * B @ A is computed in
+fp32 and cast back to W's dtype; modules_to_save weights replace the base
+ones. Peak memory is about one shard plus the adapter, never the whole model.
+.bin shards are read with torch.load(weights_only=True): no pickled code runs.
+Output: safetensors shards + index, config, generation config, tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from mcqa.progress import format_duration
+
+PEFT_PREFIX = "base_model.model."
+INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+class MergeError(Exception):
+    """The adapter does not fit the base model; the message says why."""
+
+
+def resolve_checkpoint(base_model: str) -> Path:
+    """A local directory, or a hub id fetched (weights and configs only) into the HF cache."""
+    path = Path(base_model)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(base_model, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model", "*.py", "*.txt"]))
+
+
+def shard_map(checkpoint: Path) -> dict[str, list[str]]:
+    """Shard file -> the weight names it holds, in file order."""
+    for index in INDEX_FILES:
+        if (checkpoint / index).exists():
+            weight_map = json.loads((checkpoint / index).read_text())["weight_map"]
+            shards: dict[str, list[str]] = {}
+            for name, shard in weight_map.items():
+                shards.setdefault(shard, []).append(name)
+            return shards
+    for single in SINGLE_FILES:
+        if (checkpoint / single).exists():
+            return {single: list(read_shard(checkpoint / single, names_only=True))}
+    raise MergeError(f"{checkpoint}: no model.safetensors(.index.json) or pytorch_model.bin(.index.json) found")
+
+
+def read_shard(path: Path, names_only: bool = False):
+    """A shard's tensors (or just their names); .bin without unpickling code."""
+    if path.suffix == ".safetensors":
+        if names_only:
+            with safe_open(str(path), "pt") as fh:
+                return list(fh.keys())
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return list(state) if names_only else state
+
+
+def tensor_shapes(path: Path, names: list[str]) -> dict[str, tuple[int, ...]]:
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), "pt") as fh:
+            return {n: tuple(fh.get_slice(n).get_shape()) for n in names}
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return {n: tuple(state[n].shape) for n in names}
+
+
+def read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """(adapter config, {base weight name: {'A','B','scale'}}, {base weight name: replacement})."""
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    if config.get("peft_type") != "LORA":
+        raise MergeError(f"{adapter_dir}: peft_type {config.get('peft_type')!r}; only LORA adapters can be merged here")
+    if config.get("use_dora"):
+        raise MergeError(f"{adapter_dir}: DoRA adapters are not supported by the streaming merge")
+    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    pairs: dict[str, dict] = {}
+    replacements: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        if ".lora_A." in name or ".lora_B." in name:
+            module, part = (name.split(".lora_A.")[0], "A") if ".lora_A." in name else (name.split(".lora_B.")[0], "B")
+            pairs.setdefault(module + ".weight", {})[part] = value
+        else:
+            replacements[name] = value
+    for weight, pair in pairs.items():
+        if set(pair) != {"A", "B"}:
+            raise MergeError(f"{adapter_dir}: {weight} has lora_{''.join(pair)} but not its partner")
+        module = weight[: -len(".weight")]
+        rank = pair["A"].shape[0]
+        alpha = next((v for k, v in config.get("alpha_pattern", {}).items() if module.endswith(k)), config["lora_alpha"])
+        pair["scale"] = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+        pair["transpose"] = bool(config.get("fan_in_fan_out"))
+    return config, pairs, replacements
+
+
+def check_fit(checkpoint: Path, shards: dict[str, list[str]], pairs: dict, replacements: dict) -> None:
+    """Fail before writing anything if the adapter was made for another base."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for shard, names in shards.items():
+        shapes.update(tensor_shapes(checkpoint / shard, names))
+    problems = []
+    for weight, pair in pairs.items():
+        if weight not in shapes:
+            problems.append(f"LoRA module {weight[:-7]} does not exist in the base model")
+            continue
+        out_features, in_features = pair["B"].shape[0], pair["A"].shape[1]
+        expected = (in_features, out_features) if pair["transpose"] else (out_features, in_features)
+        if shapes[weight] != expected:
+            problems.append(f"{weight}: adapter expects shape {expected}, base has {shapes[weight]}")
+    for weight, value in replacements.items():
+        if weight not in shapes:
+            problems.append(f"saved module weight {weight} does not exist in the base model")
+        elif shapes[weight] != tuple(value.shape):
+            hint = " (different vocabulary size: was the adapter trained on another base or tokenizer?)" if (
+                "embed" in weight or "lm_head" in weight
+            ) else ""
+            problems.append(f"{weight}: adapter has shape {tuple(value.shape)}, base has {shapes[weight]}{hint}")
+    if problems:
+        raise MergeError("the adapter does not fit this base model:\n  " + "\n  ".join(problems))
+
+
+def merge_shard(state: dict[str, torch.Tensor], pairs: dict, replacements: dict) -> dict[str, torch.Tensor]:
+    merged = {}
+    for name, weight in state.items():
+        if name in replacements:
+            weight = replacements[name].to(weight.dtype)
+        elif name in pairs:
+            pair = pairs[name]
+            delta = pair["B"].float() @ pair["A"].float()
+            if pair["transpose"]:
+                delta = delta.T
+            weight = weight.float().add_(delta, alpha=pair["scale"]).to(weight.dtype)
+        merged[name] = weight.contiguous()
+    return merged
+
+
+def copy_side_files(checkpoint: Path, adapter_dir: Path, out: Path) -> None:
+    """Configs and tokenizer from the base, then the tokenizer the adapter was trained with."""
+    weight_like = set(INDEX_FILES) | set(SINGLE_FILES)
+    for path in checkpoint.iterdir():
+        if path.is_file() and path.name not in weight_like and path.suffix not in (".safetensors", ".bin"):
+            shutil.copy2(path, out / path.name)
+    for path in adapter_dir.iterdir():
+        if path.name.startswith(("tokenizer", "special_tokens_map", "chat_template")) or path.suffix == ".model":
+            shutil.copy2(path, out / path.name)
+
+
+def merge(base_model: str, adapter_dir: Path, out: Path) -> None:
+    start = time.perf_counter()
+    checkpoint = resolve_checkpoint(base_model)
+    shards = shard_map(checkpoint)
+    _, pairs, replacements = read_adapter(adapter_dir)
+    check_fit(checkpoint, shards, pairs, replacements)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    weight_map, total_size, merged_count = {}, 0, 0
+    for n, (shard, names) in enumerate(sorted(shards.items()), 1):
+        state = read_shard(checkpoint / shard)
+        merged = merge_shard({k: state[k] for k in names}, pairs, replacements)
+        del state
+        merged_count += sum(1 for k in merged if k in pairs or k in replacements)
+        out_name = f"model-{n:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1 else "model.safetensors"
+        save_file(merged, str(tmp / out_name), metadata={"format": "pt"})
+        for k, v in merged.items():
+            weight_map[k] = out_name
+            total_size += v.numel() * v.element_size()
+        del merged
+        print(f"shard {n}/{len(shards)} {shard} -> {out_name}  ({format_duration(time.perf_counter() - start)})",
+              file=sys.stderr, flush=True)
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    copy_side_files(checkpoint, adapter_dir, tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    print(f"merged {merged_count} weights ({len(pairs)} LoRA, {len(replacements)} replaced) into {out} "
+          f"in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base-model", required=True)
+    parser.add_argument("--adapter", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path)
+    args = parser.parse_args(argv)
+    try:
+        merge(args.base_model, args.adapter, args.out)
+    except MergeError as exc:
+        print(f"ERROR merging {args.adapter} into {args.base_model}: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Plot training and validation loss from train_log.jsonl into a PNG.
+
+    plot_training.py --log-jsonl train_log.jsonl --out train_curve.png --title RUN
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--log-jsonl", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--title", default="")
+    args = parser.parse_args(argv)
+    with open(args.log_jsonl, encoding="utf-8") as fh:
+        entries = [json.loads(line) for line in fh if line.strip()]
+    train = [(e["step"], e["loss"]) for e in entries if "loss" in e]
+    val = [(e["step"], e["val_loss"]) for e in entries if "val_loss" in e]
+    fig, loss_ax = plt.subplots(figsize=(7, 4))
+    if train:
+        loss_ax.plot(*zip(*train), label="training loss (answer tokens)")
+    if val:
+        loss_ax.plot(*zip(*val), "o-", label="validation loss")
+    loss_ax.set_xlabel("optimizer step")
+    loss_ax.set_ylabel("loss")
+    loss_ax.set_title(f"LoRA training {args.title}")
+    loss_ax.grid(alpha=0.3)
+    loss_ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=110)
+    print(f"plotted {len(train)} training and {len(val)} validation points to {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

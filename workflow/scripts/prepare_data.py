@@ -1,0 +1,171 @@
+"""Turn a question spreadsheet into the JSON records the model stages read.
+
+    prepare_data.py train --input AI.xlsx --train-out train.json --val-out val.json --report-out r.json ...
+    prepare_data.py test  --input AI1000.xlsx --out test.json --report-out r.json ...
+
+Bad rows stop the run with a message naming file, column and row (exit 2,
+no output written), or with --on-invalid skip are left out and listed in the
+report. Every fix made to a cell is counted in the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+from collections import defaultdict
+
+from mcqa.prompt import INSTRUCTION, build_input
+from mcqa.records import write_json_atomic
+from mcqa.spreadsheet import InputError, ReadResult, Row, read_questions
+
+
+def length_stats(values: list[int]) -> dict:
+    if not values:
+        return {"count": 0}
+    ordered = sorted(values)
+    return {
+        "count": len(values),
+        "mean": round(statistics.fmean(values), 1),
+        "median": statistics.median(values),
+        "p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))],
+        "max": ordered[-1],
+    }
+
+
+def check(result: ReadResult, path: str, on_invalid: str) -> list[dict]:
+    """Raise on bad rows (on_invalid=error) or return them as skipped entries."""
+    if not result.problems:
+        return []
+    lines = "\n".join("  " + p.describe() for p in result.problems)
+    if on_invalid == "error":
+        rows = len({p.row for p in result.problems})
+        raise InputError(
+            f"{path}: {rows} invalid row(s):\n{lines}\n"
+            "Fix these cells in the file, or set data.on_invalid: skip in config.yaml to leave the rows out "
+            "(they are then listed under 'skipped' in results/data/report.json)."
+        )
+    print(f"WARNING {path}: skipping {len({p.row for p in result.problems})} invalid row(s):\n{lines}", file=sys.stderr)
+    skipped: dict[int, dict] = {}
+    for p in result.problems:
+        entry = skipped.setdefault(p.row, {"row": p.row, "id": p.row_id, "reasons": []})
+        entry["reasons"].append(f"{p.column}: {p.message}")
+    return list(skipped.values())
+
+
+def base_report(result: ReadResult, path: str, skipped: list[dict]) -> dict:
+    return {
+        "file": path,
+        "rows_read": result.rows_read,
+        "rows_kept": len(result.rows),
+        "fixed": dict(sorted(result.fixes.items())),
+        "fixed_where": {k: v for k, v in sorted(result.fixed_rows.items())},
+        "skipped": skipped,
+        "rows_skipped": len(skipped),
+        "lengths_chars": {
+            "article": length_stats([len(r.article) for r in result.rows]),
+            "question": length_stats([len(r.question) for r in result.rows]),
+            "input": length_stats([len(build_input(r.article, r.question, r.options)) for r in result.rows]),
+        },
+    }
+
+
+def split_rows(rows: list[Row], val_fraction: float, seed: int, split_by: str) -> tuple[list[Row], list[Row]]:
+    """Hold out about val_fraction of the rows; with split_by=article whole articles go to one side."""
+    if val_fraction <= 0:
+        return rows, []
+    key = (lambda r: r.article) if split_by == "article" else (lambda r: r.row)
+    groups: dict[object, list[Row]] = defaultdict(list)
+    for r in rows:
+        groups[key(r)].append(r)
+    order = list(groups)
+    random.Random(seed).shuffle(order)
+    target = round(val_fraction * len(rows))
+    val_keys, taken = set(), 0
+    for k in order:
+        if taken >= target:
+            break
+        val_keys.add(k)
+        taken += len(groups[k])
+    train = [r for r in rows if key(r) not in val_keys]
+    val = [r for r in rows if key(r) in val_keys]
+    return train, val
+
+
+def labelled_record(r: Row) -> dict:
+    return {"instruction": INSTRUCTION, "input": build_input(r.article, r.question, r.options), "output": str(r.label)}
+
+
+def prepare_train(args: argparse.Namespace) -> None:
+    result = read_questions(args.input, labelled=True)
+    skipped = check(result, args.input, args.on_invalid)
+    train, val = split_rows(result.rows, args.val_fraction, args.split_seed, args.split_by)
+    report = base_report(result, args.input, skipped)
+    report["split"] = {
+        "by": args.split_by,
+        "val_fraction": args.val_fraction,
+        "seed": args.split_seed,
+        "train_records": len(train),
+        "val_records": len(val),
+        "train_articles": len({r.article for r in train}),
+        "val_articles": len({r.article for r in val}),
+        "articles_on_both_sides": len({r.article for r in train} & {r.article for r in val}),
+    }
+    write_json_atomic(args.train_out, [labelled_record(r) for r in train])
+    write_json_atomic(args.val_out, [labelled_record(r) for r in val])
+    write_json_atomic(args.report_out, report)
+    print(
+        f"{args.input}: read {result.rows_read}, kept {len(result.rows)}, fixed {sum(result.fixes.values())} "
+        f"{dict(result.fixes)}, skipped {len(skipped)}; train {len(train)}, val {len(val)}",
+        file=sys.stderr,
+    )
+
+
+def prepare_test(args: argparse.Namespace) -> None:
+    result = read_questions(args.input, labelled=False)
+    skipped = check(result, args.input, args.on_invalid)
+    records = [
+        {"id": r.row_id, "instruction": INSTRUCTION, "input": build_input(r.article, r.question, r.options)}
+        for r in result.rows
+    ]
+    write_json_atomic(args.out, records)
+    write_json_atomic(args.report_out, base_report(result, args.input, skipped))
+    print(
+        f"{args.input}: read {result.rows_read}, kept {len(records)}, fixed {dict(result.fixes)}, skipped {len(skipped)}",
+        file=sys.stderr,
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="stage", required=True)
+    train = sub.add_parser("train", help="labelled file -> train.json + val.json")
+    train.add_argument("--input", required=True)
+    train.add_argument("--train-out", required=True)
+    train.add_argument("--val-out", required=True)
+    train.add_argument("--report-out", required=True)
+    train.add_argument("--val-fraction", type=float, default=0.2)
+    train.add_argument("--split-seed", type=int, default=42)
+    train.add_argument("--split-by", choices=["article", "row"], default="article")
+    train.add_argument("--on-invalid", choices=["error", "skip"], default="error")
+    test = sub.add_parser("test", help="unlabelled file -> test.json")
+    test.add_argument("--input", required=True)
+    test.add_argument("--out", required=True)
+    test.add_argument("--report-out", required=True)
+    test.add_argument("--on-invalid", choices=["error", "skip"], default="error")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        (prepare_train if args.stage == "train" else prepare_test)(args)
+    except InputError as exc:
+        print(f"ERROR {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""Fine-tune a causal LM with LoRA on train.json and save the adapter.
+
+    train_lora.py --train train.json --val val.json --base-model PATH --out ADAPTER_DIR \
+        --log-jsonl train_log.jsonl --checkpoint-dir CKPT_DIR --settings '{...}'
+
+Loss is on the answer digit and EOS only. Examples are batched with others of
+similar length. Checkpoints go to --checkpoint-dir every checkpoint_steps; a
+rerun with the same settings and data resumes from the newest one. Launched
+by torchrun with several GPUs, it trains data-parallel under DeepSpeed ZeRO-2
+(--deepspeed-config).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+
+from mcqa.modeling import load_model, load_tokenizer, resolve_precision
+from mcqa.progress import format_duration
+from mcqa.prompt import answer_token_ids, encode_training_example
+from mcqa.records import read_records
+
+FINGERPRINT = "fingerprint.json"
+
+
+def tokenize(records: list[dict], tokenizer, max_seq_length: int) -> tuple[list[dict], int]:
+    """Training features and how many examples lost part of their article."""
+    answers = answer_token_ids(tokenizer)
+    features, truncated = [], 0
+    for r in records:
+        ids, labels, cut = encode_training_example(
+            tokenizer, r["instruction"], r["input"], r["label"], max_seq_length, answers
+        )
+        truncated += cut
+        features.append({"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)})
+    return features, truncated
+
+
+class ProgressLog(TrainerCallback):
+    """Writes train_log.jsonl and a readable progress line (step, loss, lr, tokens/s, ETA)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.start = self.last_time = None
+        self.last_tokens = 0
+        self.first_step = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = self.last_time = time.perf_counter()
+        self.last_tokens = state.num_input_tokens_seen
+        self.first_step = state.global_step
+        if state.global_step:
+            print(f"resumed from checkpoint at step {state.global_step}", file=sys.stderr, flush=True)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        now = time.perf_counter()
+        tokens = state.num_input_tokens_seen
+        entry = {"step": state.global_step, "epoch": round(state.epoch or 0, 4)}
+        if "loss" in logs:
+            elapsed = max(now - self.last_time, 1e-9)
+            done = state.global_step - self.first_step
+            eta = (now - self.start) / max(done, 1) * (state.max_steps - state.global_step)
+            entry.update(
+                loss=logs["loss"],
+                learning_rate=logs.get("learning_rate"),
+                tokens_per_s=round((tokens - self.last_tokens) * args.world_size / elapsed, 1),
+                eta_s=round(eta, 1),
+            )
+            self.last_time, self.last_tokens = now, tokens
+            print(
+                f"step {state.global_step}/{state.max_steps}  loss {entry['loss']:.4f}  "
+                f"lr {entry['learning_rate']:.2e}  {entry['tokens_per_s']:,.0f} tokens/s  ETA {format_duration(eta)}",
+                file=sys.stderr,
+                flush=True,
+            )
+        elif "eval_loss" in logs:
+            entry["val_loss"] = logs["eval_loss"]
+            print(f"step {state.global_step}  validation loss {logs['eval_loss']:.4f}", file=sys.stderr, flush=True)
+        elif "train_runtime" in logs:
+            entry.update(train_runtime_s=logs["train_runtime"], tokens_seen=tokens * args.world_size)
+        else:
+            return
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(entry) + "\n")
+
+
+def fingerprint(settings: dict, args: argparse.Namespace) -> dict:
+    """What a checkpoint must match to be resumed: settings, base model and data."""
+    digest = hashlib.sha256()
+    for path in (args.train, args.val):
+        if path:
+            digest.update(Path(path).read_bytes())
+    return {"settings": settings, "base_model": args.base_model, "data_sha256": digest.hexdigest()}
+
+
+def prepare_checkpoint_dir(path: Path, expected: dict) -> bool:
+    """True when path holds checkpoints of this very training; otherwise start it afresh."""
+    marker = path / FINGERPRINT
+    if marker.exists() and json.loads(marker.read_text()) == expected and any(path.glob("checkpoint-*")):
+        return True
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    marker.write_text(json.dumps(expected, sort_keys=True))
+    return False
+
+
+def training_arguments(s: dict, args: argparse.Namespace, precision: str, has_val: bool) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=args.checkpoint_dir,
+        per_device_train_batch_size=s["micro_batch_size"],
+        per_device_eval_batch_size=s["micro_batch_size"],
+        gradient_accumulation_steps=s["gradient_accumulation_steps"],
+        num_train_epochs=s["epochs"],
+        learning_rate=s["learning_rate"],
+        warmup_steps=s["warmup_ratio"],
+        lr_scheduler_type=s["lr_scheduler"],
+        weight_decay=s["weight_decay"],
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        gradient_checkpointing=s["gradient_checkpointing"],
+        gradient_checkpointing_kwargs={"use_reentrant": False} if s["gradient_checkpointing"] else None,
+        logging_steps=s["logging_steps"],
+        save_strategy="steps",
+        save_steps=s["checkpoint_steps"],
+        save_total_limit=2,
+        eval_strategy="steps" if has_val else "no",
+        eval_steps=s["eval_steps"],
+        seed=s["seed"],
+        data_seed=s["seed"],
+        train_sampling_strategy="group_by_length",
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(),
+        deepspeed=args.deepspeed_config if args.deepspeed_config and torch.distributed.is_torchelastic_launched() else None,
+        ddp_find_unused_parameters=False,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train", required=True)
+    parser.add_argument("--val", default="")
+    parser.add_argument("--base-model", required=True)
+    parser.add_argument("--out", required=True, help="adapter directory")
+    parser.add_argument("--log-jsonl", required=True)
+    parser.add_argument("--checkpoint-dir", required=True)
+    parser.add_argument("--settings", required=True, help="JSON of the run's training settings")
+    parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--deepspeed-config", default="", help="used when launched by torchrun on several GPUs")
+    args = parser.parse_args(argv)
+    s = json.loads(args.settings)
+
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    precision = resolve_precision(s["precision"])
+    tokenizer = load_tokenizer(args.base_model, args.trust_remote_code)
+    train_records = read_records(args.train, "labelled")
+    val_records = read_records(args.val, "labelled") if args.val else []
+    train_features, train_cut = tokenize(train_records, tokenizer, s["max_seq_length"])
+    val_features, val_cut = tokenize(val_records, tokenizer, s["max_seq_length"])
+    if not train_features:
+        print(f"ERROR {args.train} has no records to train on", file=sys.stderr)
+        return 2
+    lengths = [len(f["input_ids"]) for f in train_features]
+    print(
+        f"train {len(train_features)} examples ({sum(lengths):,} tokens, longest {max(lengths)}), "
+        f"val {len(val_features)}; article cut to fit max_seq_length {s['max_seq_length']}: "
+        f"{train_cut} train, {val_cut} val examples; precision {precision}, base loaded as {s['load_in']}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+    model = load_model(args.base_model, precision, s["load_in"], args.trust_remote_code)
+    if s["load_in"] != "none":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=s["gradient_checkpointing"])
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=s["lora_r"],
+            lora_alpha=s["lora_alpha"],
+            lora_dropout=s["lora_dropout"],
+            target_modules=s["target_modules"],
+            modules_to_save=s["modules_to_save"] or None,
+            task_type="CAUSAL_LM",
+        ),
+    )
+    trainable, total = model.get_nb_trainable_parameters()
+    print(f"LoRA: {trainable:,} trainable of {total:,} parameters", file=sys.stderr, flush=True)
+
+    checkpoint_dir = Path(args.checkpoint_dir)
+    world_zero = int(os.environ.get("RANK", 0)) == 0
+    resume = prepare_checkpoint_dir(checkpoint_dir, fingerprint(s, args)) if world_zero else None
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        box = [resume]
+        torch.distributed.broadcast_object_list(box)
+        resume = box[0]
+    log_path = Path(args.log_jsonl)
+    if not resume and world_zero:
+        log_path.unlink(missing_ok=True)
+
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(s, args, precision, bool(val_features)),
+        train_dataset=train_features,
+        eval_dataset=val_features or None,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, label_pad_token_id=-100),
+        processing_class=tokenizer,
+        callbacks=[ProgressLog(log_path)],
+    )
+    trainer.remove_callback(PrinterCallback)  # ProgressLog prints a readable line instead
+    steps_per_epoch = math.ceil(len(train_features) / (s["micro_batch_size"] * s["gradient_accumulation_steps"]))
+    print(f"about {steps_per_epoch} optimizer steps per epoch per GPU", file=sys.stderr, flush=True)
+    trainer.train(resume_from_checkpoint=bool(resume))
+    if trainer.is_world_process_zero():
+        model.save_pretrained(args.out)
+        tokenizer.save_pretrained(args.out)
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        print(f"adapter saved to {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
