@@ -77,20 +77,21 @@ def answer_token_ids(tokenizer) -> list[int]:
 def encode_prompt(tokenizer, instruction: str, text: str, max_tokens: int) -> tuple[list[int], bool]:
     """Token ids of the prompt, at most `max_tokens` long, and whether the article was cut.
 
-    Only the article is cut (from its end); instruction head, question,
-    options and answer cue are kept whole. If even those do not fit, the
+    Only the article is cut (from its end); instruction, question, options
+    and answer cue are kept whole. If even those do not fit, the
     oldest tokens of the question part go, which the caller counts as a cut.
     """
     article_part, question_part = split_input(text)
-    head = _encode(tokenizer, f"{instruction}\n\n{article_part}")
+    head = _encode(tokenizer, f"{instruction}\n\n")
+    article = _encode(tokenizer, article_part)
     tail = _encode(tokenizer, f"{question_part}{ANSWER_CUE}")
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    budget = max_tokens - len(bos) - len(tail)
-    if len(head) <= budget:
-        return bos + head + tail, False
+    budget = max_tokens - len(bos) - len(head) - len(tail)
+    if len(article) <= budget:
+        return bos + head + article + tail, False
     if budget >= 0:
-        return bos + head[:budget] + tail, True
-    return (bos + tail)[-max_tokens:], True
+        return bos + head + article[:budget] + tail, True
+    return (bos + head + tail)[-max_tokens:], True
 
 
 def encode_training_example(

@@ -1,0 +1,80 @@
+"""Shared helpers: paths, running scripts and Snakemake in scratch directories."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = REPO / "workflow" / "scripts"
+SAMPLE = REPO / "resources" / "sample"
+SHARED_DATA = REPO.parent / "shared" / "data"
+BIN = Path(sys.executable).parent
+
+sys.path.insert(0, str(SCRIPTS))
+
+needs_real_data = pytest.mark.skipif(
+    not (SHARED_DATA / "AI.xlsx").exists(), reason=f"real data folder {SHARED_DATA} is absent"
+)
+
+
+def env() -> dict:
+    """The test interpreter's bin first on PATH, so rules' `python` is this venv's."""
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
+
+
+def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SCRIPTS / name), *map(str, args)], capture_output=True, text=True, env=env()
+    )
+
+
+def write_config(workdir: Path, **overrides) -> Path:
+    """A config in workdir: the repo's default with top-level blocks replaced or updated."""
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    path = workdir / "config.yaml"
+    path.write_text(yaml.safe_dump(config, allow_unicode=True))
+    return path
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run the repo's workflow with workdir as working directory and workdir/config.yaml."""
+    cmd = [
+        str(BIN / "snakemake"), *args, "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+        "--configfile", str(workdir / "config.yaml"), "--cores", "2", "--resources", "gpu=1",
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def sample_workdir(workdir: Path, source: Path = SAMPLE, **overrides) -> Path:
+    """A workdir holding a copy of a sample's xlsx files and a config that uses them."""
+    data = workdir / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    for name in ("train.xlsx", "test.xlsx", "test_answers.csv"):
+        if (source / name).exists():
+            shutil.copy2(source / name, data / name)
+    data_block = {"train": "data/train.xlsx", "test": "data/test.xlsx", **overrides.pop("data", {})}
+    write_config(workdir, data=data_block, **overrides)
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> Path:
+    """The default workflow, run once on the bundled sample with the demo model."""
+    workdir = sample_workdir(tmp_path_factory.mktemp("demo_run"))
+    snakemake(workdir)
+    return workdir

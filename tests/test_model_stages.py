@@ -1,0 +1,129 @@
+"""Merge, adapter and scoring on tiny models (CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import run_script
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from build_demo_model import build_model
+
+
+def tiny_base(path, vocab=97, bin_shards=False):
+    model = build_model(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, seed=1)
+    model.save_pretrained(path, max_shard_size="40KB")
+    if bin_shards:
+        to_bin_shards(path)
+    return model
+
+
+def to_bin_shards(path):
+    """Rewrite a safetensors checkpoint as pickled .bin shards, as older checkpoints come."""
+    from safetensors.torch import load_file
+
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    renamed = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        bin_name = shard.replace("model-", "pytorch_model-").replace(".safetensors", ".bin")
+        torch.save(load_file(path / shard), path / bin_name)
+        (path / shard).unlink()
+        renamed[shard] = bin_name
+    index["weight_map"] = {k: renamed[v] for k, v in index["weight_map"].items()}
+    (path / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    (path / "model.safetensors.index.json").unlink()
+
+
+def tiny_adapter(base_path, adapter_path, modules_to_save=None, use_rslora=False):
+    model = AutoModelForCausalLM.from_pretrained(base_path)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                        modules_to_save=modules_to_save, use_rslora=use_rslora, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.add_(torch.randn_like(p) * 0.1)  # a trained adapter, not the zero init
+    peft_model.save_pretrained(adapter_path)
+
+
+def reference_logits(base_path, adapter_path, ids):
+    model = AutoModelForCausalLM.from_pretrained(base_path)
+    merged = PeftModel.from_pretrained(model, adapter_path).merge_and_unload()
+    return merged(ids).logits
+
+
+@pytest.mark.parametrize(
+    "bin_shards, modules_to_save, use_rslora",
+    [(False, None, False), (True, None, False), (False, ["lm_head"], False), (False, None, True)],
+)
+def test_streaming_merge_equals_merge_and_unload(tmp_path, bin_shards, modules_to_save, use_rslora):
+    base, adapter, out = tmp_path / "base", tmp_path / "adapter", tmp_path / "merged"
+    original = tiny_base(base, bin_shards=bin_shards)
+    assert len(list(base.glob("*.bin" if bin_shards else "*.safetensors"))) > 1, "want several shards"
+    tiny_adapter(base, adapter, modules_to_save, use_rslora)
+    result = run_script("merge_lora.py", "--base-model", base, "--adapter", adapter, "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert (out / "model.safetensors.index.json").exists() and not list(out.glob("*.bin"))
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.randint(0, 97, (2, 17))
+    expected = reference_logits(base, adapter, ids)
+    torch.testing.assert_close(merged(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(original(ids).logits, expected, atol=1e-3), "the adapter changed nothing"
+
+
+def test_adapter_for_another_vocabulary_is_refused(tmp_path):
+    tiny_base(tmp_path / "base")
+    tiny_base(tmp_path / "other", vocab=120)
+    tiny_adapter(tmp_path / "other", tmp_path / "adapter", modules_to_save=["lm_head"])
+    result = run_script("merge_lora.py", "--base-model", tmp_path / "base", "--adapter", tmp_path / "adapter",
+                        "--out", tmp_path / "merged")
+    assert result.returncode == 2
+    assert "lm_head.weight: adapter has shape (120, 32), base has (97, 32)" in result.stderr
+    assert "different vocabulary size" in result.stderr
+    assert not (tmp_path / "merged").exists()
+
+
+def test_adapter_for_unknown_module_is_refused(tmp_path):
+    tiny_base(tmp_path / "base")
+    tiny_adapter(tmp_path / "base", tmp_path / "adapter")
+    config_path = tmp_path / "adapter" / "adapter_config.json"
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    renamed = {k.replace("layers.1.self_attn.q_proj", "layers.1.self_attn.qkv"): v for k, v in tensors.items()}
+    save_file(renamed, tmp_path / "adapter" / "adapter_model.safetensors")
+    assert json.loads(config_path.read_text())["peft_type"] == "LORA"
+    result = run_script("merge_lora.py", "--base-model", tmp_path / "base", "--adapter", tmp_path / "adapter",
+                        "--out", tmp_path / "merged")
+    assert result.returncode == 2
+    assert "LoRA module model.layers.1.self_attn.qkv does not exist in the base model" in result.stderr
+
+
+def test_trained_adapter_round_trips_through_peft(demo_run):
+    """The workflow's adapter loads with peft and matches the workflow's merged model."""
+    base, adapter = demo_run / "resources/models/demo", demo_run / "results/default/adapter"
+    assert (adapter / "adapter_model.safetensors").exists() and (adapter / "adapter_config.json").exists()
+    ids = torch.randint(0, 500, (2, 23))
+    merged = AutoModelForCausalLM.from_pretrained(demo_run / "results/default/merged")
+    torch.testing.assert_close(merged(ids).logits, reference_logits(base, adapter, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_answering_twice_gives_identical_files(demo_run, tmp_path):
+    outputs = []
+    for n in range(2):
+        answers, probs = tmp_path / f"a{n}.csv", tmp_path / f"p{n}.csv"
+        result = run_script(
+            "answer_questions.py", "--model", demo_run / "results/default/merged", "--test",
+            demo_run / "results/data/test.json", "--answers", answers, "--probs", probs, "--max-seq-length", "256",
+            "--settings", json.dumps({"batch_size": 4 + 3 * n, "precision": "auto", "load_in": "none"}),
+        )
+        assert result.returncode == 0, result.stderr
+        outputs.append((answers.read_bytes(), probs.read_text()))
+    assert outputs[0][0] == outputs[1][0]
+    assert (demo_run / "results/default/answers.csv").read_bytes() == outputs[0][0]
+    for row0, row1 in zip(outputs[0][1].splitlines()[1:], outputs[1][1].splitlines()[1:]):
+        assert all(abs(float(a) - float(b)) < 1e-5 for a, b in zip(row0.split(",")[1:], row1.split(",")[1:]))

@@ -1,0 +1,203 @@
+"""Data stage: normalisation, clear errors on bad input, the real data's counts, the split."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import SAMPLE, SHARED_DATA, needs_real_data, run_script
+
+from mcqa.prompt import build_input
+from mcqa.spreadsheet import cell_text, normalise_label
+
+
+@pytest.mark.parametrize(
+    "value, label, kind",
+    [
+        (3, 3, None),
+        ("選項3", 3, "label_option_prefix"),
+        (" 2", 2, "label_as_text"),
+        ("３", 3, "label_full_width"),
+        ("4.0", 4, "label_number_as_float_text"),
+        (4.0, 4, "label_number_as_float"),
+        ("選項５", None, None),
+        (5, None, None),
+        ("A", None, None),
+        (float("nan"), None, None),
+        (None, None, None),
+    ],
+)
+def test_label_normalisation(value, label, kind):
+    assert normalise_label(value) == (label, kind)
+
+
+@pytest.mark.parametrize(
+    "value, text", [(2013, "2013"), (2013.0, "2013"), (0.166666666666667, "0.166666666666667"), ("  台北 ", "台北")]
+)
+def test_cell_text_keeps_numbers_as_written(value, text):
+    assert cell_text(value) == text
+
+
+def good_train_rows(n: int = 6) -> list[dict]:
+    return [
+        {"ID": i + 1, "文章": f"文章內容{i}", "問題": f"問題{i}？", "選項1": "甲", "選項2": 2013, "選項3": 0.5,
+         "選項4": "丁", "正確答案": 1 + i % 4}
+        for i in range(n)
+    ]
+
+
+def write_xlsx(path: Path, rows: list[dict]) -> Path:
+    pd.DataFrame(rows).astype(object).to_excel(path, index=False)
+    return path
+
+
+def prepare_train(tmp_path: Path, table: Path, *extra: str):
+    out = tmp_path / "out"
+    result = run_script(
+        "prepare_data.py", "train", "--input", table, "--train-out", out / "train.json",
+        "--val-out", out / "val.json", "--report-out", out / "report.json", *extra,
+    )
+    return result, out
+
+
+def prepare_test(tmp_path: Path, table: Path, *extra: str):
+    out = tmp_path / "out"
+    result = run_script("prepare_data.py", "test", "--input", table, "--out", out / "test.json",
+                        "--report-out", out / "report.json", *extra)
+    return result, out
+
+
+def test_numeric_and_missing_options_keep_their_text(tmp_path):
+    rows = good_train_rows()
+    rows[0]["選項4"] = None
+    result, out = prepare_train(tmp_path, write_xlsx(tmp_path / "t.xlsx", rows), "--val-fraction", "0")
+    assert result.returncode == 0, result.stderr
+    first = json.loads((out / "train.json").read_text())[0]
+    assert first["input"] == build_input("文章內容0", "問題0？", ["甲", "2013", "0.5", ""])
+    assert "nan" not in first["input"] and "2013.0" not in first["input"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["fixed"] == {"option_missing": 1}
+    assert report["fixed_where"]["option_missing"] == ["row 2 (ID 1) 選項4"]
+
+
+def assert_clean_failure(result, out: Path, *needles: str):
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in result.stderr, f"{needle!r} not in:\n{result.stderr}"
+    assert not out.exists() or not any(out.iterdir()), "a failed run left output behind"
+
+
+def test_missing_column_is_named(tmp_path):
+    rows = [{k: v for k, v in r.items() if k != "選項3"} for r in good_train_rows()]
+    table = write_xlsx(tmp_path / "t.xlsx", rows)
+    result, out = prepare_train(tmp_path, table)
+    assert_clean_failure(result, out, str(table), "missing column(s) 選項3")
+
+
+def test_bad_labels_and_empty_cells_name_column_and_row(tmp_path):
+    rows = good_train_rows()
+    rows[1]["正確答案"] = "5"
+    rows[3]["文章"] = None
+    rows[4]["問題"] = "  "
+    table = write_xlsx(tmp_path / "t.xlsx", rows)
+    result, out = prepare_train(tmp_path, table)
+    assert_clean_failure(
+        result, out, str(table), "3 invalid row(s)",
+        "row 3 (ID 2), column 正確答案: '5' is not an answer 1-4",
+        "row 5 (ID 4), column 文章: is empty",
+        "row 6 (ID 5), column 問題: is empty",
+        "on_invalid: skip",
+    )
+
+
+def test_skip_leaves_bad_rows_out_and_lists_them(tmp_path):
+    rows = good_train_rows()
+    rows[1]["正確答案"] = "選項9"
+    result, out = prepare_train(tmp_path, write_xlsx(tmp_path / "t.xlsx", rows), "--on-invalid", "skip",
+                                "--val-fraction", "0")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert (report["rows_read"], report["rows_kept"], report["rows_skipped"]) == (6, 5, 1)
+    assert report["skipped"][0]["row"] == 3 and report["skipped"][0]["id"] == "2"
+    assert "正確答案" in report["skipped"][0]["reasons"][0]
+    assert len(json.loads((out / "train.json").read_text())) == 5
+
+
+def test_duplicate_test_ids_fail(tmp_path):
+    rows = [{"題號": 100 + (i % 3), **{k: v for k, v in r.items() if k not in ("ID", "正確答案")}}
+            for i, r in enumerate(good_train_rows())]
+    table = write_xlsx(tmp_path / "t.xlsx", rows)
+    result, out = prepare_test(tmp_path, table)
+    assert_clean_failure(result, out, str(table), "column 題號: duplicate id, first used in row 2", "row 5 (ID 100)")
+
+
+def test_empty_sheet_fails(tmp_path):
+    table = write_xlsx(tmp_path / "t.xlsx", [])
+    pd.DataFrame(columns=list(good_train_rows()[0])).to_excel(table, index=False)
+    result, out = prepare_train(tmp_path, table)
+    assert_clean_failure(result, out, str(table), "no data rows")
+
+
+def test_file_that_is_not_a_spreadsheet_fails(tmp_path):
+    table = tmp_path / "notes.xlsx"
+    table.write_text("just some text")
+    result, out = prepare_train(tmp_path, table)
+    assert_clean_failure(result, out, str(table), "could not be read as a spreadsheet")
+
+
+def test_csv_input_is_accepted(tmp_path):
+    table = tmp_path / "t.csv"
+    pd.DataFrame(good_train_rows()).to_csv(table, index=False)
+    result, out = prepare_train(tmp_path, table, "--val-fraction", "0")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["fixed"] == {}
+    assert [r["output"] for r in json.loads((out / "train.json").read_text())] == ["1", "2", "3", "4", "1", "2"]
+
+
+def test_sample_quirks_are_fixed_and_counted(tmp_path):
+    result, out = prepare_train(tmp_path, SAMPLE / "train.xlsx")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["rows_kept"] == report["rows_read"] == 180
+    assert sum(v for k, v in report["fixed"].items() if k.startswith("label_")) == 5
+    assert report["fixed"]["option_missing"] == 1
+
+
+@needs_real_data
+def test_real_training_file_counts_and_article_split(tmp_path):
+    result, out = prepare_train(tmp_path, SHARED_DATA / "AI.xlsx")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["rows_read"] == report["rows_kept"] == 13550
+    assert sum(v for k, v in report["fixed"].items() if k.startswith("label_")) == 50
+    assert report["skipped"] == []
+    train = json.loads((out / "train.json").read_text())
+    val = json.loads((out / "val.json").read_text())
+    assert len(train) + len(val) == 13550
+    assert math.isclose(len(val) / 13550, 0.2, abs_tol=0.01)
+    article = lambda r: r["input"].split("\n\n問題：")[0]  # noqa: E731
+    assert not {article(r) for r in train} & {article(r) for r in val}
+    assert report["split"]["articles_on_both_sides"] == 0
+    assert all("nan" not in r["input"].split("選項：")[1] for r in train + val)
+
+
+@needs_real_data
+def test_row_split_leaks_articles_as_the_recipe_did(tmp_path):
+    result, out = prepare_train(tmp_path, SHARED_DATA / "AI.xlsx", "--split-by", "row")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "report.json").read_text())["split"]["articles_on_both_sides"] > 100
+
+
+@needs_real_data
+def test_real_test_file_keeps_order_and_ids(tmp_path):
+    result, out = prepare_test(tmp_path, SHARED_DATA / "AI1000.xlsx")
+    assert result.returncode == 0, result.stderr
+    records = json.loads((out / "test.json").read_text())
+    original = pd.read_excel(SHARED_DATA / "AI1000.xlsx", dtype=object)
+    assert len(records) == 1000
+    assert [r["id"] for r in records] == [str(v) for v in original["題號"]]
