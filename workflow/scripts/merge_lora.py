@@ -16,13 +16,15 @@ import json
 import math
 import os
 import shutil
+import struct
 import sys
 import time
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from mcqa.progress import format_duration
 
@@ -56,27 +58,66 @@ def shard_map(checkpoint: Path) -> dict[str, list[str]]:
             return shards
     for single in SINGLE_FILES:
         if (checkpoint / single).exists():
-            return {single: list(read_shard(checkpoint / single, names_only=True))}
+            return {single: ShardReader(checkpoint / single).names}
     raise MergeError(f"{checkpoint}: no model.safetensors(.index.json) or pytorch_model.bin(.index.json) found")
 
 
-def read_shard(path: Path, names_only: bool = False):
-    """A shard's tensors (or just their names); .bin without unpickling code."""
-    if path.suffix == ".safetensors":
-        if names_only:
-            with safe_open(str(path), "pt") as fh:
-                return list(fh.keys())
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return list(state) if names_only else state
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+TORCH_DTYPES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
-def tensor_shapes(path: Path, names: list[str]) -> dict[str, tuple[int, ...]]:
-    if path.suffix == ".safetensors":
-        with safe_open(str(path), "pt") as fh:
-            return {n: tuple(fh.get_slice(n).get_shape()) for n in names}
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return {n: tuple(state[n].shape) for n in names}
+class ShardReader:
+    """One checkpoint shard, read tensor by tensor (safetensors via mmap, .bin via torch.load(mmap=True))."""
+
+    def __init__(self, path: Path):
+        self.safetensors = path.suffix == ".safetensors"
+        if self.safetensors:
+            self._file = safe_open(str(path), "pt")
+            self.names = list(self._file.keys())
+        else:
+            self._state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            self.names = list(self._state)
+
+    def meta(self, name: str) -> torch.Tensor:
+        """A tensor on the meta device with the stored dtype and shape (no data read)."""
+        if self.safetensors:
+            view = self._file.get_slice(name)
+            return torch.empty(view.get_shape(), dtype=TORCH_DTYPES[view.get_dtype()], device="meta")
+        return self._state[name].to("meta")
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._file.get_tensor(name) if self.safetensors else self._state[name]
+
+
+def write_safetensors(path: Path, specs: list[tuple[str, torch.Tensor]], tensors: Iterable[torch.Tensor]) -> int:
+    """Write tensors in the safetensors format one at a time, so only one is in memory.
+
+    safetensors' save_file needs every tensor at once; here the header comes
+    from `specs` (name, meta tensor) and `tensors` yields the data in that
+    order. Returns the number of data bytes written.
+    """
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, meta in specs:
+        size = math.prod(meta.shape) * meta.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[meta.dtype], "shape": list(meta.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(blob)))
+        fh.write(blob)
+        for (name, meta), tensor in zip(specs, tensors, strict=True):
+            if tensor.dtype != meta.dtype or tensor.shape != meta.shape:
+                raise MergeError(f"{name}: merged tensor is {tensor.dtype} {tuple(tensor.shape)}, expected "
+                                 f"{meta.dtype} {tuple(meta.shape)}")
+            fh.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return offset
 
 
 def read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
@@ -111,7 +152,8 @@ def check_fit(checkpoint: Path, shards: dict[str, list[str]], pairs: dict, repla
     """Fail before writing anything if the adapter was made for another base."""
     shapes: dict[str, tuple[int, ...]] = {}
     for shard, names in shards.items():
-        shapes.update(tensor_shapes(checkpoint / shard, names))
+        reader = ShardReader(checkpoint / shard)
+        shapes.update({n: tuple(reader.meta(n).shape) for n in names})
     problems = []
     for weight, pair in pairs.items():
         if weight not in shapes:
@@ -133,19 +175,17 @@ def check_fit(checkpoint: Path, shards: dict[str, list[str]], pairs: dict, repla
         raise MergeError("the adapter does not fit this base model:\n  " + "\n  ".join(problems))
 
 
-def merge_shard(state: dict[str, torch.Tensor], pairs: dict, replacements: dict) -> dict[str, torch.Tensor]:
-    merged = {}
-    for name, weight in state.items():
-        if name in replacements:
-            weight = replacements[name].to(weight.dtype)
-        elif name in pairs:
-            pair = pairs[name]
-            delta = pair["B"].float() @ pair["A"].float()
-            if pair["transpose"]:
-                delta = delta.T
-            weight = weight.float().add_(delta, alpha=pair["scale"]).to(weight.dtype)
-        merged[name] = weight.contiguous()
-    return merged
+def merge_tensor(name: str, weight: torch.Tensor, pairs: dict, replacements: dict) -> torch.Tensor:
+    """The merged weight, in the base weight's dtype."""
+    if name in replacements:
+        return replacements[name].to(weight.dtype)
+    if name in pairs:
+        pair = pairs[name]
+        delta = pair["B"].float() @ pair["A"].float()
+        if pair["transpose"]:
+            delta = delta.T
+        return weight.float().add_(delta, alpha=pair["scale"]).to(weight.dtype)
+    return weight
 
 
 def copy_side_files(checkpoint: Path, adapter_dir: Path, out: Path) -> None:
@@ -168,18 +208,15 @@ def merge(base_model: str, adapter_dir: Path, out: Path) -> None:
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    weight_map, total_size, merged_count = {}, 0, 0
+    weight_map, total_size = {}, 0
     for n, (shard, names) in enumerate(sorted(shards.items()), 1):
-        state = read_shard(checkpoint / shard)
-        merged = merge_shard({k: state[k] for k in names}, pairs, replacements)
-        del state
-        merged_count += sum(1 for k in merged if k in pairs or k in replacements)
+        reader = ShardReader(checkpoint / shard)
+        specs = [(name, reader.meta(name)) for name in names]
+        merged = (merge_tensor(name, reader.get(name), pairs, replacements) for name in names)
         out_name = f"model-{n:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1 else "model.safetensors"
-        save_file(merged, str(tmp / out_name), metadata={"format": "pt"})
-        for k, v in merged.items():
-            weight_map[k] = out_name
-            total_size += v.numel() * v.element_size()
-        del merged
+        total_size += write_safetensors(tmp / out_name, specs, merged)
+        weight_map.update(dict.fromkeys(names, out_name))
+        del reader
         print(f"shard {n}/{len(shards)} {shard} -> {out_name}  ({format_duration(time.perf_counter() - start)})",
               file=sys.stderr, flush=True)
     if len(shards) > 1:
@@ -188,7 +225,7 @@ def merge(base_model: str, adapter_dir: Path, out: Path) -> None:
     copy_side_files(checkpoint, adapter_dir, tmp)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
-    print(f"merged {merged_count} weights ({len(pairs)} LoRA, {len(replacements)} replaced) into {out} "
+    print(f"merged {len(pairs)} LoRA weights and replaced {len(replacements)} into {out} "
           f"in {time.perf_counter() - start:.1f} s", file=sys.stderr)
 
 
