@@ -22,8 +22,12 @@ from mcqa.records import read_records
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """Byte-level BPE (never an unknown character) with every digit its own token."""
+def train_tokenizer(texts: Iterable[str], vocab_size: int, max_token_length: int | None = None) -> PreTrainedTokenizerFast:
+    """Byte-level BPE (never an unknown character) with every digit its own token.
+
+    max_token_length (in bytes) caps merges, e.g. 6 for at most two Chinese
+    characters a token as in general-purpose Chinese vocabularies.
+    """
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
@@ -34,6 +38,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
         special_tokens=list(SPECIAL_TOKENS.values()),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
+        max_token_length=max_token_length,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     tokenizer.post_processor = processors.TemplateProcessing(

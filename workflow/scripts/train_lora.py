@@ -53,12 +53,12 @@ class ProgressLog(TrainerCallback):
         self.path = path
         self.start = self.last_time = None
         self.last_tokens = 0
-        self.first_step = 0
+        self.first_step = self.last_step = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = self.last_time = time.perf_counter()
         self.last_tokens = state.num_input_tokens_seen
-        self.first_step = state.global_step
+        self.first_step = self.last_step = state.global_step
         if state.global_step:
             print(f"resumed from checkpoint at step {state.global_step}", file=sys.stderr, flush=True)
 
@@ -72,16 +72,22 @@ class ProgressLog(TrainerCallback):
             elapsed = max(now - self.last_time, 1e-9)
             done = state.global_step - self.first_step
             eta = (now - self.start) / max(done, 1) * (state.max_steps - state.global_step)
+            samples = (state.global_step - self.last_step) * args.per_device_train_batch_size * args.gradient_accumulation_steps
             entry.update(
                 loss=logs["loss"],
                 learning_rate=logs.get("learning_rate"),
                 tokens_per_s=round((tokens - self.last_tokens) * args.world_size / elapsed, 1),
+                samples_per_s=round(samples * args.world_size / elapsed, 2),
                 eta_s=round(eta, 1),
             )
-            self.last_time, self.last_tokens = now, tokens
+            if torch.cuda.is_available():
+                entry["peak_gpu_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            self.last_time, self.last_tokens, self.last_step = now, tokens, state.global_step
+            memory = f"  {entry['peak_gpu_mem_gb']} GiB peak" if "peak_gpu_mem_gb" in entry else ""
             print(
                 f"step {state.global_step}/{state.max_steps}  loss {entry['loss']:.4f}  "
-                f"lr {entry['learning_rate']:.2e}  {entry['tokens_per_s']:,.0f} tokens/s  ETA {format_duration(eta)}",
+                f"lr {entry['learning_rate']:.2e}  {entry['tokens_per_s']:,.0f} tokens/s{memory}  "
+                f"ETA {format_duration(eta)}",
                 file=sys.stderr,
                 flush=True,
             )

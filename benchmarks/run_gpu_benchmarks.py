@@ -1,0 +1,310 @@
+"""GPU benchmarks of the workflow's stages against the reference recipe, on one card, in one run.
+
+    python benchmarks/run_gpu_benchmarks.py --train-xlsx AI.xlsx --test-xlsx AI1000.xlsx \
+        --work benchmarks/work --out benchmarks/results/NAME.json [--stages setup,train,merge,answer]
+
+The model is Llama-2-7B's shape (hidden 4096, 32 layers, MLP 11008, vocab
+55,296 as Chinese-LLaMA-2) with random weights, saved in 2 GB shards; the
+tokenizer is trained on the training file so token lengths are realistic.
+Each stage runs the workflow's own script in a subprocess, then the recipe's
+way of doing the same work. Stages can run in separate calls; results
+accumulate in WORK/results.json. `--shape tiny` runs the whole harness on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = REPO / "workflow" / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+
+from build_demo_model import build_model, train_tokenizer  # noqa: E402
+from mcqa.modeling import load_tokenizer  # noqa: E402
+from mcqa.prompt import prompt_text  # noqa: E402
+from mcqa.records import read_records  # noqa: E402
+from mcqa.scoring import encode_all  # noqa: E402
+
+SHAPES = {
+    "7b": dict(vocab_size=55296, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32),
+    "tiny": dict(vocab_size=3000, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4),
+}
+LORA = {"lora_r": 48, "lora_alpha": 64, "lora_dropout": 0.05,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "modules_to_save": [], "learning_rate": 2e-4, "warmup_ratio": 0.03, "lr_scheduler": "cosine",
+        "weight_decay": 0.0, "max_seq_length": 512, "seed": 42, "checkpoint_steps": 10**6,
+        "eval_steps": 10**6}
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def run(command: list, log_file: Path) -> None:
+    log(" ".join(map(str, command))[:300])
+    with open(log_file, "w") as fh:
+        code = subprocess.call([str(c) for c in command], stdout=fh, stderr=subprocess.STDOUT)
+    if code:
+        raise SystemExit(f"failed ({code}): see {log_file}\n" + log_file.read_text()[-3000:])
+
+
+def cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def matmul_peak_tflops() -> float:
+    """Measured bf16 matmul rate on random 8192^3 products (median of 10 after warm-up)."""
+    if not cuda():
+        return float("nan")
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * 8192**3 / statistics.median(times) / 1e12
+
+
+def device_info() -> dict:
+    import peft
+    import transformers
+
+    info = {"device": torch.cuda.get_device_name() if cuda() else platform.processor() or "cpu",
+            "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "python": platform.python_version()}
+    try:
+        import bitsandbytes
+
+        info["bitsandbytes"] = bitsandbytes.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def setup(args, work: Path, shape: dict) -> dict:
+    data = work / "data"
+    run([sys.executable, SCRIPTS / "prepare_data.py", "train", "--input", args.train_xlsx, "--train-out",
+         data / "train.json", "--val-out", data / "val.json", "--report-out", data / "train_report.json",
+         "--val-fraction", "0"], work / "prepare_train.log")
+    run([sys.executable, SCRIPTS / "prepare_data.py", "test", "--input", args.test_xlsx, "--out",
+         data / "test.json", "--report-out", data / "test_report.json"], work / "prepare_test.log")
+    records = read_records(data / "train.json", "labelled")
+    log(f"training tokenizer (vocab {shape['vocab_size']}) on {len(records)} records")
+    # At most two Chinese characters a token, like Chinese-LLaMA-2's vocabulary,
+    # so that prompts have realistic lengths rather than this corpus's own words.
+    tokenizer = train_tokenizer([r["instruction"] + r["input"] for r in records], shape["vocab_size"],
+                                max_token_length=6)
+    log(f"building {shape} model")
+    device, dtype = ("cuda", torch.bfloat16) if cuda() else ("cpu", torch.float32)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # never materialise a 7B model in fp32
+    model = build_model(vocab_size=len(tokenizer), seed=0, dtype=dtype, device=device, **{
+        k: shape[k] for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads")})
+    torch.set_default_dtype(default)
+    params = sum(p.numel() for p in model.parameters())
+    linear = sum(m.weight.numel() for n, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and "lm_head" not in n)
+    start = time.perf_counter()
+    model.save_pretrained(work / "base", max_shard_size="2GB" if shape is SHAPES["7b"] else "200KB")
+    tokenizer.save_pretrained(work / "base")
+    log(f"saved {params / 1e9:.2f} B parameters in {time.perf_counter() - start:.1f} s")
+    del model
+    torch.cuda.empty_cache() if cuda() else None
+    lengths = [len(x) for x in encode_all(tokenizer, records, 512)[0]]
+    return {"params": params, "linear_params": linear, "vocab_size": len(tokenizer),
+            "train_examples": len(records), "train_mean_prompt_tokens": round(statistics.fmean(lengths), 1),
+            "matmul_peak_tflops": round(matmul_peak_tflops(), 1)}
+
+
+def train_rate(log_jsonl: Path, skip: int) -> dict:
+    """Mean throughput over the logged intervals after the first `skip` (warm-up)."""
+    entries = [json.loads(line) for line in log_jsonl.read_text().splitlines()]
+    steps = [e for e in entries if "tokens_per_s" in e][skip:]
+    return {"tokens_per_s": round(statistics.fmean(e["tokens_per_s"] for e in steps), 1),
+            "samples_per_s": round(statistics.fmean(e["samples_per_s"] for e in steps), 2),
+            "peak_gpu_mem_gb": max((e.get("peak_gpu_mem_gb", 0) for e in entries), default=0),
+            "intervals": len(steps)}
+
+
+def train_once(work: Path, name: str, settings: dict, examples: int, train_examples: int) -> dict:
+    settings = {**LORA, **settings, "epochs": examples / train_examples}
+    out = work / name
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    start = time.perf_counter()
+    run([sys.executable, SCRIPTS / "train_lora.py", "--train", work / "data/train.json", "--base-model",
+         work / "base", "--out", out / "adapter", "--log-jsonl", out / "train_log.jsonl", "--checkpoint-dir",
+         out / "checkpoints", "--settings", json.dumps(settings)], out / "train.log")
+    result = train_rate(out / "train_log.jsonl", skip=2)
+    result["wall_s"] = round(time.perf_counter() - start, 1)
+    log(f"{name}: {result}")
+    return result
+
+
+def train(args, work: Path, results: dict) -> dict:
+    n_train = results["setup"]["train_examples"]
+    precision = "bf16" if cuda() else "fp32"
+    ours = train_once(work, "train_ours", {"micro_batch_size": args.micro_batch, "gradient_accumulation_steps": 1,
+                                           "precision": precision, "load_in": "none",
+                                           "gradient_checkpointing": False, "logging_steps": 5},
+                      examples=args.micro_batch * args.train_steps, train_examples=n_train)
+    recipe = train_once(work, "train_recipe", {"micro_batch_size": 1, "gradient_accumulation_steps": 8,
+                                               "precision": "fp16" if cuda() else "fp32",
+                                               "load_in": "8bit" if cuda() else "none",
+                                               "gradient_checkpointing": True, "logging_steps": 2},
+                        examples=8 * args.recipe_steps, train_examples=n_train)
+    mfu = 6 * results["setup"]["params"] * ours["tokens_per_s"] / (results["setup"]["matmul_peak_tflops"] * 1e12)
+    epoch_tokens = n_train * results["setup"]["train_mean_prompt_tokens"]
+    return {"ours": ours, "recipe": recipe, "ours_tokens_per_s": ours["tokens_per_s"],
+            "recipe_tokens_per_s": recipe["tokens_per_s"], "speedup": round(ours["tokens_per_s"] / recipe["tokens_per_s"], 2),
+            "ours_mfu_6n": round(mfu, 3), "ours_epoch_minutes_estimate": round(epoch_tokens / ours["tokens_per_s"] / 60, 1)}
+
+
+def measured(command: list, name: str, work: Path) -> dict:
+    stats = work / f"{name}.rss.json"
+    run([sys.executable, REPO / "benchmarks/peak_rss.py", stats, "--", *command], work / f"{name}.log")
+    return json.loads(stats.read_text())
+
+
+def merge(args, work: Path, results: dict) -> dict:
+    adapter = work / "train_ours/adapter"
+    shards = sorted((work / "base").glob("*.safetensors"))
+    largest = max(p.stat().st_size for p in shards) / 2**30
+    adapter_gb = (adapter / "adapter_model.safetensors").stat().st_size / 2**30
+    copy_dir = work / "copy"
+    shutil.rmtree(copy_dir, ignore_errors=True)
+    copy_dir.mkdir()
+    start = time.perf_counter()
+    for p in shards:
+        shutil.copyfile(p, copy_dir / p.name)
+    copy_seconds = time.perf_counter() - start
+    shutil.rmtree(copy_dir)
+    ours = measured([sys.executable, SCRIPTS / "merge_lora.py", "--base-model", work / "base", "--adapter", adapter,
+                     "--out", work / "merged_ours"], "merge_ours", work)
+    reference = measured([sys.executable, REPO / "benchmarks/reference_merge.py", work / "base", adapter,
+                          work / "merged_reference"], "merge_reference", work)
+    shutil.rmtree(work / "merged_reference", ignore_errors=True)
+    result = {"ours_seconds": ours["seconds"], "ours_peak_rss_gb": ours["peak_rss_gb"],
+              "reference_seconds": reference["seconds"], "reference_peak_rss_gb": reference["peak_rss_gb"],
+              "copy_seconds": round(copy_seconds, 2), "largest_shard_gb": round(largest, 3),
+              "adapter_gb": round(adapter_gb, 3), "checkpoint_gb": round(sum(p.stat().st_size for p in shards) / 2**30, 2)}
+    result["rss_target_gb"] = round(1.5 * (largest + adapter_gb), 2)
+    result["time_target_s"] = round(1.5 * copy_seconds, 2)
+    log(f"merge: {result}")
+    return result
+
+
+def scoring_flops(setup_result: dict, lengths: list[int], layers: int, hidden: int) -> float:
+    """Useful FLOPs of scoring: linear layers on every real token, causal attention, one output row."""
+    linear = 2 * setup_result["linear_params"] * sum(lengths)
+    attention = sum(2 * layers * hidden * n * n for n in lengths)  # QK^T and AV, causal half of 4*n^2*h
+    head = 2 * hidden * setup_result["vocab_size"] * len(lengths)
+    return linear + attention + head
+
+
+def recipe_answer(work: Path, records: list[dict], questions: int) -> dict:
+    """One sampled generate() per question in fp16, as the recipe did."""
+    from transformers import AutoModelForCausalLM
+
+    start = time.perf_counter()
+    tokenizer = load_tokenizer(str(work / "base"))
+    model = AutoModelForCausalLM.from_pretrained(work / "base", dtype=torch.float16 if cuda() else torch.float32,
+                                                 device_map={"": "cuda" if cuda() else "cpu"}).eval()
+    load_seconds = time.perf_counter() - start
+    invalid = 0
+    for i, r in enumerate(records[: questions + 3]):
+        if i == 3:
+            torch.cuda.synchronize() if cuda() else None
+            start = time.perf_counter()
+        ids = tokenizer(prompt_text(r["instruction"], r["input"]), return_tensors="pt").to(model.device)
+        out = model.generate(**ids, max_new_tokens=1, do_sample=True, temperature=0.2, top_p=0.9, top_k=40,
+                             repetition_penalty=1.1, pad_token_id=tokenizer.pad_token_id)
+        invalid += tokenizer.decode(out[0, -1:]).strip() not in ("1", "2", "3", "4")
+    seconds = time.perf_counter() - start
+    rate = questions / seconds
+    del model
+    torch.cuda.empty_cache() if cuda() else None
+    return {"questions_per_s": round(rate, 2), "questions_timed": questions, "load_seconds": round(load_seconds, 1),
+            "end_to_end_seconds_1000": round(load_seconds + len(records) / rate, 1), "non_digit_answers": invalid}
+
+
+def answer(args, work: Path, results: dict) -> dict:
+    shape = SHAPES[args.shape]
+    records = read_records(work / "data/test.json", "test")
+    lengths = [len(x) for x in encode_all(load_tokenizer(str(work / "base")), records, 512)[0]]
+    flops = scoring_flops(results["setup"], lengths, shape["num_layers"], shape["hidden_size"])
+    ours = {}
+    for batch in args.answer_batches:
+        start = time.perf_counter()
+        run([sys.executable, SCRIPTS / "answer_questions.py", "--model", work / "base", "--test",
+             work / "data/test.json", "--answers", work / f"answers_{batch}.csv", "--probs", work / f"probs_{batch}.csv",
+             "--max-seq-length", "512", "--settings",
+             json.dumps({"batch_size": batch, "precision": "bf16" if cuda() else "fp32", "load_in": "none"})],
+            work / f"answer_{batch}.log")
+        wall = time.perf_counter() - start
+        line = [x for x in (work / f"answer_{batch}.log").read_text().splitlines() if "while scoring" in x][-1]
+        rate = float(line.split("(")[1].split()[0].replace(",", ""))
+        ours[batch] = {"questions_per_s": rate, "end_to_end_seconds": round(wall, 1),
+                       "tflops": round(flops / (len(records) / rate) / 1e12, 1)}
+        log(f"answer batch {batch}: {ours[batch]}")
+    best = max(ours, key=lambda b: ours[b]["questions_per_s"])
+    recipe = recipe_answer(work, records, args.recipe_questions)
+    log(f"recipe answering: {recipe}")
+    peak = results["setup"]["matmul_peak_tflops"]
+    return {"ours_by_batch_size": ours, "ours_batch_size": best, "ours_questions_per_s": ours[best]["questions_per_s"],
+            "ours_end_to_end_seconds": ours[best]["end_to_end_seconds"], "ours_tflops": ours[best]["tflops"],
+            "ours_fraction_of_peak": round(ours[best]["tflops"] / peak, 3) if peak == peak else None,
+            "recipe": recipe, "recipe_questions_per_s": recipe["questions_per_s"],
+            "speedup": round(ours[best]["questions_per_s"] / recipe["questions_per_s"], 1),
+            "mean_prompt_tokens": round(statistics.fmean(lengths), 1), "scoring_tflop": round(flops / 1e12, 2)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train-xlsx", required=True)
+    parser.add_argument("--test-xlsx", required=True)
+    parser.add_argument("--work", type=Path, default=REPO / "benchmarks/work")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--stages", default="setup,train,merge,answer")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="7b")
+    parser.add_argument("--micro-batch", type=int, default=16)
+    parser.add_argument("--train-steps", type=int, default=40)
+    parser.add_argument("--recipe-steps", type=int, default=10)
+    parser.add_argument("--answer-batches", type=lambda s: [int(x) for x in s.split(",")], default=[32, 64])
+    parser.add_argument("--recipe-questions", type=int, default=200)
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    state = args.work / "results.json"
+    results = json.loads(state.read_text()) if state.exists() else {}
+    results.update(device_info())
+    stages = {"setup": lambda: setup(args, args.work, SHAPES[args.shape]), "train": lambda: train(args, args.work, results),
+              "merge": lambda: merge(args, args.work, results), "answer": lambda: answer(args, args.work, results)}
+    for stage in args.stages.split(","):
+        log(f"stage {stage}")
+        results[stage] = stages[stage]()
+        state.write_text(json.dumps(results, indent=1))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1))
+    print(json.dumps({k: results[k] for k in ("device", "setup", "train", "merge", "answer") if k in results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
