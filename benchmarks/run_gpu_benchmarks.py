@@ -115,10 +115,14 @@ def setup(args, work: Path, shape: dict) -> dict:
     device, dtype = ("cuda", torch.bfloat16) if cuda() else ("cpu", torch.float32)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # never materialise a 7B model in fp32
-    model = build_model(vocab_size=len(tokenizer), seed=0, dtype=dtype, device=device, **{
+    # The embedding keeps the shape's vocabulary (55,296 for 7B) even where the
+    # tokenizer trained here is smaller: speed depends on the shape, not the ids.
+    model = build_model(vocab_size=max(len(tokenizer), shape["vocab_size"]), seed=0, dtype=dtype, device=device,
+                        init_std=0.02, **{
         k: shape[k] for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads")})
     torch.set_default_dtype(default)
     params = sum(p.numel() for p in model.parameters())
+    model_vocab = model.config.vocab_size
     linear = sum(m.weight.numel() for n, m in model.named_modules()
                  if isinstance(m, torch.nn.Linear) and "lm_head" not in n)
     start = time.perf_counter()
@@ -128,7 +132,7 @@ def setup(args, work: Path, shape: dict) -> dict:
     del model
     torch.cuda.empty_cache() if cuda() else None
     lengths = [len(x) for x in encode_all(tokenizer, records, 512)[0]]
-    return {"params": params, "linear_params": linear, "vocab_size": len(tokenizer),
+    return {"params": params, "linear_params": linear, "vocab_size": model_vocab, "tokenizer_vocab": len(tokenizer),
             "train_examples": len(records), "train_mean_prompt_tokens": round(statistics.fmean(lengths), 1),
             "matmul_peak_tflops": round(matmul_peak_tflops(), 1)}
 

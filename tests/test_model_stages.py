@@ -127,3 +127,21 @@ def test_answering_twice_gives_identical_files(demo_run, tmp_path):
     assert (demo_run / "results/default/answers.csv").read_bytes() == outputs[0][0]
     for row0, row1 in zip(outputs[0][1].splitlines()[1:], outputs[1][1].splitlines()[1:]):
         assert all(abs(float(a) - float(b)) < 1e-5 for a, b in zip(row0.split(",")[1:], row1.split(",")[1:]))
+
+
+def test_answer_only_batches_give_the_full_forward_loss():
+    """Left padding with logits at the answer only equals the plain unpadded loss per example."""
+    from train_lora import AnswerOnlyCollator
+
+    model = build_model(vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, seed=1)
+    torch.manual_seed(0)
+    features = []
+    for n in (9, 14, 5):
+        ids = torch.randint(3, 97, (n,)).tolist()
+        features.append({"input_ids": ids, "labels": [-100] * (n - 2) + ids[-2:], "attention_mask": [1] * n})
+    batch = AnswerOnlyCollator(pad_token_id=2)(features)
+    assert batch["input_ids"].shape == (3, 16) and batch["labels"].shape == (3, 3)
+    batched = model(**batch).loss
+    per_token = [model(input_ids=torch.tensor([f["input_ids"]]), labels=torch.tensor([f["labels"]])).loss
+                 for f in features]
+    torch.testing.assert_close(batched, torch.stack(per_token).mean(), rtol=1e-5, atol=1e-5)

@@ -51,8 +51,13 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, max_token_length: int
 
 def build_model(vocab_size: int, hidden_size: int, intermediate_size: int, num_layers: int, num_heads: int,
                 seed: int, max_positions: int = 4096, dtype: torch.dtype = torch.float32,
-                device: str = "cpu") -> LlamaForCausalLM:
-    """A Llama-architecture model with random weights (any size, from toy to 7B)."""
+                device: str = "cpu", init_std: float = 0.2) -> LlamaForCausalLM:
+    """A Llama-architecture model with random weights (any size, from toy to 7B).
+
+    The demo's init_std is wider than the usual 0.02 so that a frozen random
+    output layer can still give peaked answer probabilities once LoRA moves
+    the hidden state; a 7B-shaped model wants the usual 0.02.
+    """
     config = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -66,9 +71,7 @@ def build_model(vocab_size: int, hidden_size: int, intermediate_size: int, num_l
         eos_token_id=1,
         pad_token_id=2,
         tie_word_embeddings=False,
-        # Wider than the usual 0.02 so that a frozen random output layer can
-        # still give peaked answer probabilities once LoRA moves the hidden state.
-        initializer_range=0.2,
+        initializer_range=init_std,
     )
     torch.manual_seed(seed)
     with torch.device(device):

@@ -23,11 +23,11 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from mcqa.modeling import load_model, load_tokenizer, resolve_precision
 from mcqa.progress import format_duration
-from mcqa.prompt import answer_token_ids, encode_training_example
+from mcqa.prompt import ANSWER_SUFFIX_TOKENS, answer_token_ids, encode_training_example
 from mcqa.records import read_records
 
 FINGERPRINT = "fingerprint.json"
@@ -44,6 +44,38 @@ def tokenize(records: list[dict], tokenizer, max_seq_length: int) -> tuple[list[
         truncated += cut
         features.append({"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)})
     return features, truncated
+
+
+class AnswerOnlyCollator:
+    """Left-pads a batch so every example ends with its answer and EOS, then asks
+    the model for logits at the last positions only.
+
+    The loss sees only answer and EOS, so projecting every prompt position onto
+    the vocabulary (and upcasting those logits to fp32) would be wasted work and
+    memory. Position ids count from each example's first real token, as in
+    answering, where prompts are right-padded.
+    """
+
+    KEEP = ANSWER_SUFFIX_TOKENS + 1  # the last prompt token predicts the answer, the answer predicts EOS
+
+    def __init__(self, pad_token_id: int, multiple_of: int = 8):
+        self.pad_token_id, self.multiple_of = pad_token_id, multiple_of
+
+    def __call__(self, features: list[dict]) -> dict:
+        width = max(len(f["input_ids"]) for f in features)
+        width = -(-width // self.multiple_of) * self.multiple_of
+        ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        positions = torch.zeros_like(ids)
+        labels = torch.empty((len(features), self.KEEP), dtype=torch.long)
+        for row, f in enumerate(features):
+            n = len(f["input_ids"])
+            ids[row, width - n :] = torch.tensor(f["input_ids"])
+            mask[row, width - n :] = 1
+            positions[row, width - n :] = torch.arange(n)
+            labels[row] = torch.tensor(f["labels"][-self.KEEP :])
+        return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels,
+                "logits_to_keep": self.KEEP}
 
 
 class ProgressLog(TrainerCallback):
@@ -224,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         args=training_arguments(s, args, precision, bool(val_features)),
         train_dataset=train_features,
         eval_dataset=val_features or None,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, label_pad_token_id=-100),
+        data_collator=AnswerOnlyCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
         callbacks=[ProgressLog(log_path)],
     )
