@@ -167,8 +167,10 @@ def train(args, work: Path, results: dict) -> dict:
     precision = "bf16" if cuda() else "fp32"
     ours = train_once(work, "train_ours", {"micro_batch_size": args.micro_batch, "gradient_accumulation_steps": 1,
                                            "precision": precision, "load_in": "none",
-                                           "gradient_checkpointing": False, "logging_steps": 5},
+                                           "gradient_checkpointing": False, "logging_steps": args.log_every},
                       examples=args.micro_batch * args.train_steps, train_examples=n_train)
+    if not args.recipe_steps:
+        return {"ours": ours, "ours_tokens_per_s": ours["tokens_per_s"]}
     recipe = train_once(work, "train_recipe", {"micro_batch_size": 1, "gradient_accumulation_steps": 8,
                                                "precision": "fp16" if cuda() else "fp32",
                                                "load_in": "8bit" if cuda() else "none",
@@ -290,7 +292,8 @@ def main() -> int:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="7b")
     parser.add_argument("--micro-batch", type=int, default=16)
     parser.add_argument("--train-steps", type=int, default=40)
-    parser.add_argument("--recipe-steps", type=int, default=10)
+    parser.add_argument("--recipe-steps", type=int, default=10, help="0 skips the recipe's training")
+    parser.add_argument("--log-every", type=int, default=5, help="optimizer steps between throughput readings")
     parser.add_argument("--answer-batches", type=lambda s: [int(x) for x in s.split(",")], default=[32, 64])
     parser.add_argument("--recipe-questions", type=int, default=200)
     args = parser.parse_args()

@@ -107,6 +107,7 @@ class ProgressLog(TrainerCallback):
             samples = (state.global_step - self.last_step) * args.per_device_train_batch_size * args.gradient_accumulation_steps
             entry.update(
                 loss=logs["loss"],
+                grad_norm=logs.get("grad_norm"),
                 learning_rate=logs.get("learning_rate"),
                 tokens_per_s=round((tokens - self.last_tokens) * args.world_size / elapsed, 1),
                 samples_per_s=round(samples * args.world_size / elapsed, 2),
