@@ -147,7 +147,7 @@ def train_rate(log_jsonl: Path, skip: int) -> dict:
             "intervals": len(steps)}
 
 
-def train_once(work: Path, name: str, settings: dict, examples: int, train_examples: int) -> dict:
+def train_once(work: Path, name: str, settings: dict, examples: int, train_examples: int, skip: int) -> dict:
     settings = {**LORA, **settings, "epochs": examples / train_examples}
     out = work / name
     shutil.rmtree(out, ignore_errors=True)
@@ -156,7 +156,7 @@ def train_once(work: Path, name: str, settings: dict, examples: int, train_examp
     run([sys.executable, SCRIPTS / "train_lora.py", "--train", work / "data/train.json", "--base-model",
          work / "base", "--out", out / "adapter", "--log-jsonl", out / "train_log.jsonl", "--checkpoint-dir",
          out / "checkpoints", "--settings", json.dumps(settings)], out / "train.log")
-    result = train_rate(out / "train_log.jsonl", skip=2)
+    result = train_rate(out / "train_log.jsonl", skip=skip)
     result["wall_s"] = round(time.perf_counter() - start, 1)
     log(f"{name}: {result}")
     return result
@@ -168,14 +168,15 @@ def train(args, work: Path, results: dict) -> dict:
     ours = train_once(work, "train_ours", {"micro_batch_size": args.micro_batch, "gradient_accumulation_steps": 1,
                                            "precision": precision, "load_in": "none",
                                            "gradient_checkpointing": False, "logging_steps": args.log_every},
-                      examples=args.micro_batch * args.train_steps, train_examples=n_train)
+                      examples=args.micro_batch * args.train_steps, train_examples=n_train,
+                      skip=max(1, 10 // args.log_every))  # the first ~10 steps warm up
     if not args.recipe_steps:
         return {"ours": ours, "ours_tokens_per_s": ours["tokens_per_s"]}
     recipe = train_once(work, "train_recipe", {"micro_batch_size": 1, "gradient_accumulation_steps": 8,
                                                "precision": "fp16" if cuda() else "fp32",
                                                "load_in": "8bit" if cuda() else "none",
                                                "gradient_checkpointing": True, "logging_steps": 2},
-                        examples=8 * args.recipe_steps, train_examples=n_train)
+                        examples=8 * args.recipe_steps, train_examples=n_train, skip=2)
     mfu = 6 * results["setup"]["params"] * ours["tokens_per_s"] / (results["setup"]["matmul_peak_tflops"] * 1e12)
     epoch_tokens = n_train * results["setup"]["train_mean_prompt_tokens"]
     return {"ours": ours, "recipe": recipe, "ours_tokens_per_s": ours["tokens_per_s"],
