@@ -130,7 +130,7 @@ def test_answering_twice_gives_identical_files(demo_run, tmp_path):
 
 
 def test_answer_only_batches_give_the_full_forward_loss():
-    """Left padding with logits at the answer only equals the plain unpadded loss per example."""
+    """Logits at the answer positions only give the loss of a plain unpadded forward."""
     from train_lora import AnswerOnlyCollator
 
     model = build_model(vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, seed=1)
@@ -140,7 +140,8 @@ def test_answer_only_batches_give_the_full_forward_loss():
         ids = torch.randint(3, 97, (n,)).tolist()
         features.append({"input_ids": ids, "labels": [-100] * (n - 2) + ids[-2:], "attention_mask": [1] * n})
     batch = AnswerOnlyCollator(pad_token_id=2)(features)
-    assert batch["input_ids"].shape == (3, 16) and batch["labels"].shape == (3, 3)
+    assert batch["input_ids"].shape == (3, 16)
+    assert batch["logits_to_keep"].tolist() == [2, 3, 6, 7, 11, 12]  # the positions before each label
     batched = model(**batch).loss
     per_token = [model(input_ids=torch.tensor([f["input_ids"]]), labels=torch.tensor([f["labels"]])).loss
                  for f in features]

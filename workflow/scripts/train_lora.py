@@ -27,7 +27,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 
 from mcqa.modeling import load_model, load_tokenizer, resolve_precision
 from mcqa.progress import format_duration
-from mcqa.prompt import ANSWER_SUFFIX_TOKENS, answer_token_ids, encode_training_example
+from mcqa.prompt import answer_token_ids, encode_training_example
 from mcqa.records import read_records
 
 FINGERPRINT = "fingerprint.json"
@@ -46,17 +46,21 @@ def tokenize(records: list[dict], tokenizer, max_seq_length: int) -> tuple[list[
     return features, truncated
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient stopped being a number; continuing would waste GPU hours."""
+
+
 class AnswerOnlyCollator:
-    """Left-pads a batch so every example ends with its answer and EOS, then asks
-    the model for logits at the last positions only.
+    """Right-pads a batch and asks the model for logits only where the loss is.
 
     The loss sees only answer and EOS, so projecting every prompt position onto
-    the vocabulary (and upcasting those logits to fp32) would be wasted work and
-    memory. Position ids count from each example's first real token, as in
-    answering, where prompts are right-padded.
+    the vocabulary (and upcasting those logits to fp32) would be wasted work
+    and memory. `logits_to_keep` takes the positions that predict a label in
+    any row of the batch, and `shift_labels` gives each row's target at those
+    positions (-100 where that row has none). Right padding, as in answering,
+    leaves no fully masked attention rows, which can turn half-precision
+    gradients into NaN.
     """
-
-    KEEP = ANSWER_SUFFIX_TOKENS + 1  # the last prompt token predicts the answer, the answer predicts EOS
 
     def __init__(self, pad_token_id: int, multiple_of: int = 8):
         self.pad_token_id, self.multiple_of = pad_token_id, multiple_of
@@ -66,16 +70,16 @@ class AnswerOnlyCollator:
         width = -(-width // self.multiple_of) * self.multiple_of
         ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        positions = torch.zeros_like(ids)
-        labels = torch.empty((len(features), self.KEEP), dtype=torch.long)
+        labels = torch.full_like(ids, -100)
         for row, f in enumerate(features):
             n = len(f["input_ids"])
-            ids[row, width - n :] = torch.tensor(f["input_ids"])
-            mask[row, width - n :] = 1
-            positions[row, width - n :] = torch.arange(n)
-            labels[row] = torch.tensor(f["labels"][-self.KEEP :])
-        return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels,
-                "logits_to_keep": self.KEEP}
+            ids[row, :n] = torch.tensor(f["input_ids"])
+            mask[row, :n] = 1
+            labels[row, :n] = torch.tensor(f["labels"])
+        targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
+        keep = (targets != -100).any(dim=0).nonzero().flatten()
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "logits_to_keep": keep,
+                "shift_labels": targets[:, keep]}
 
 
 class ProgressLog(TrainerCallback):
@@ -101,6 +105,11 @@ class ProgressLog(TrainerCallback):
         tokens = state.num_input_tokens_seen
         entry = {"step": state.global_step, "epoch": round(state.epoch or 0, 4)}
         if "loss" in logs:
+            if not all(math.isfinite(logs.get(k, 0.0)) for k in ("loss", "grad_norm")):
+                raise TrainingDiverged(
+                    f"training diverged at step {state.global_step} (loss {logs['loss']}, gradient norm "
+                    f"{logs.get('grad_norm')}); lower learning_rate, or try precision fp32 to see if half precision overflows"
+                )
             elapsed = max(now - self.last_time, 1e-9)
             done = state.global_step - self.first_step
             eta = (now - self.start) / max(done, 1) * (state.max_steps - state.global_step)
@@ -264,7 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     trainer.remove_callback(PrinterCallback)  # ProgressLog prints a readable line instead
     steps_per_epoch = math.ceil(len(train_features) / (s["micro_batch_size"] * s["gradient_accumulation_steps"]))
     print(f"about {steps_per_epoch} optimizer steps per epoch per GPU", file=sys.stderr, flush=True)
-    trainer.train(resume_from_checkpoint=bool(resume))
+    try:
+        trainer.train(resume_from_checkpoint=bool(resume))
+    except TrainingDiverged as exc:
+        print(f"ERROR {exc}", file=sys.stderr)
+        return 3
     if trainer.is_world_process_zero():
         model.save_pretrained(args.out)
         tokenizer.save_pretrained(args.out)
