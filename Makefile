@@ -1,16 +1,18 @@
 # Two commands on a fresh machine with python3 and make:
 #   make run    create .venv, then run the workflow (extra snakemake arguments: make run ARGS="-n")
 #   make test   create .venv with the test extras, then run the tests
+# On a CUDA machine, `make run GPU=1` also installs bitsandbytes and deepspeed.
 VENV ?= .venv
+REQUIREMENTS := requirements$(if $(GPU),-gpu).txt
 BIN := $(abspath $(VENV))/bin
 ARGS ?=
 export PATH := $(BIN):$(PATH)
 
 .PHONY: run test lint clean
 
-$(VENV)/.runtime: requirements.txt
+$(VENV)/.runtime: $(REQUIREMENTS) requirements.txt
 	test -x $(BIN)/python || python3 -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r $(REQUIREMENTS)
 	touch $@
 
 $(VENV)/.test: requirements-test.txt $(VENV)/.runtime

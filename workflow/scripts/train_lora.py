@@ -154,7 +154,14 @@ def fingerprint(settings: dict, args: argparse.Namespace) -> dict:
 
 
 def prepare_checkpoint_dir(path: Path, expected: dict) -> bool:
-    """True when path holds checkpoints of this very training; otherwise start it afresh."""
+    """True when path holds a complete checkpoint of this very training; otherwise start afresh.
+
+    A job killed while saving leaves a checkpoint without trainer_state.json
+    (written last); it is removed so the resume takes the one before it.
+    """
+    for partial in path.glob("checkpoint-*"):
+        if not (partial / "trainer_state.json").exists():
+            shutil.rmtree(partial)
     marker = path / FINGERPRINT
     if marker.exists() and json.loads(marker.read_text()) == expected and any(path.glob("checkpoint-*")):
         return True

@@ -1,0 +1,96 @@
+"""The Slurm profile against a real Slurm: a one-node cluster on localhost
+(tests/slurm/start_local_cluster.sh, started by .ci/run)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import time
+
+import pytest
+from conftest import BIN, REPO, env, sample_workdir
+
+LAPTOP_CLUSTER = [  # what a one-node test cluster needs beyond the profile
+    "--slurm-status-command", "squeue", "--slurm-no-account", "--slurm-init-seconds-before-status-checks", "1",
+    "--default-resources", "slurm_partition=local", "slurm_account=",
+    "--set-resources", "train_lora:cpus_per_gpu=1", "answer_questions:cpus_per_gpu=1", "evaluate_answers:cpus_per_gpu=1",
+    # No conda channels are reachable here; env-modules deploys nothing for rules without modules.
+    "--sdm", "env-modules",
+]
+SMALL = {"train": {"gpu": 1, "mem_mb": 1500, "runtime": 30, "threads": 1},
+         "merge": {"gpu": 0, "mem_mb": 1200, "runtime": 20, "threads": 1},
+         "answer": {"gpu": 1, "mem_mb": 1300, "runtime": 25, "threads": 1}}
+
+
+def local_cluster_ready() -> bool:
+    if not shutil.which("sbatch"):
+        return False
+    result = subprocess.run(["sinfo", "-h", "-p", "local", "-o", "%T"], capture_output=True, text=True)
+    return result.returncode == 0 and bool(result.stdout.strip())
+
+
+pytestmark = pytest.mark.skipif(
+    not local_cluster_ready(),
+    reason="no sbatch or no local test cluster; start one with tests/slurm/start_local_cluster.sh --install",
+)
+
+
+def slurm_snakemake(workdir, *args, background=False):
+    command = [str(BIN / "snakemake"), *args, "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+               "--configfile", str(workdir / "config.yaml"), "--profile", str(REPO / "profiles/slurm"),
+               *LAPTOP_CLUSTER]
+    if background:
+        return subprocess.Popen(command, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    result = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def jobs_of(workdir) -> list[dict]:
+    """Every Slurm job this workdir submitted, with the fields scontrol reports."""
+    out = subprocess.run(["scontrol", "show", "job", "-o"], capture_output=True, text=True).stdout
+    jobs = []
+    for line in out.splitlines():
+        fields = dict(re.findall(r"(\w+)=(\S*)", line))
+        if fields.get("WorkDir") == str(workdir):
+            jobs.append(fields)
+    return jobs
+
+
+def test_workflow_through_slurm_matches_local_run(demo_run, tmp_path):
+    workdir = sample_workdir(tmp_path, resources=SMALL)
+    slurm_snakemake(workdir)
+    jobs = {j["Comment"]: j for j in jobs_of(workdir) if j["JobState"] == "COMPLETED"}
+    train = jobs["rule_train_lora_wildcards_default"]
+    assert train["TresPerJob"] == "gres:gpu:1"
+    assert (train["MinMemoryNode"], train["TimeLimit"]) == ("1500M", "00:30:00")
+    answer = jobs["rule_answer_questions_wildcards_default"]
+    assert (answer["TresPerJob"], answer["MinMemoryNode"], answer["TimeLimit"]) == ("gres:gpu:1", "1300M", "00:25:00")
+    merge = jobs["rule_merge_lora_wildcards_default"]
+    assert "gpu" not in merge.get("TresPerJob", "") and merge["MinMemoryNode"] == "1200M"
+    assert "gpu" not in jobs["rule_prepare_train_data"].get("TresPerJob", "")
+    assert (workdir / "results/default/answers.csv").read_text() == (demo_run / "results/default/answers.csv").read_text()
+
+
+def test_training_killed_by_slurm_resumes_on_retry(tmp_path):
+    workdir = sample_workdir(tmp_path, resources=SMALL, training={
+        "micro_batch_size": 1, "epochs": 4, "checkpoint_steps": 40, "logging_steps": 20, "eval_steps": 1000})
+    process = slurm_snakemake(workdir, "results/default/adapter", background=True)
+    checkpoints = workdir / "results/default/checkpoints"
+    deadline = time.time() + 600
+    while time.time() < deadline and process.poll() is None:
+        if any((p / "trainer_state.json").exists() for p in checkpoints.glob("checkpoint-*")):
+            break
+        time.sleep(0.5)
+    running = [j for j in jobs_of(workdir) if j["Comment"].startswith("rule_train_lora") and j["JobState"] == "RUNNING"]
+    assert running, "training finished before it could be cancelled"
+    subprocess.run(["scancel", running[0]["JobId"]], check=True)  # as a preemption or time-out would
+    output, _ = process.communicate(timeout=900)
+    assert process.returncode == 0, output[-5000:]
+    states = [j["JobState"] for j in sorted(jobs_of(workdir), key=lambda j: int(j["JobId"]))
+              if j["Comment"].startswith("rule_train_lora")]
+    assert states[0] == "CANCELLED" and states[-1] == "COMPLETED", states
+    log = (workdir / "logs/default/train_lora.log").read_text()
+    assert re.search(r"^resumed from checkpoint at step [1-9]\d*$", log, re.M), log[-2000:]
+    assert (workdir / "results/default/adapter/adapter_model.safetensors").exists()
