@@ -49,10 +49,18 @@ def write_config(workdir: Path, **overrides) -> Path:
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
-    """Run the repo's workflow with workdir as working directory and workdir/config.yaml."""
+    """Run the repo's workflow with workdir as working directory and workdir/config.yaml.
+
+    Two cores and one GPU slot unless args name --cores or --resources.
+    """
+    defaults = []
+    if "--cores" not in args:
+        defaults += ["--cores", "2"]
+    if "--resources" not in args:
+        defaults += ["--resources", "gpu=1"]
     cmd = [
         str(BIN / "snakemake"), *args, "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
-        "--configfile", str(workdir / "config.yaml"), "--cores", "2", "--resources", "gpu=1",
+        "--configfile", str(workdir / "config.yaml"), *defaults,
     ]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=timeout)
     if check and result.returncode != 0:
