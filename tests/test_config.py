@@ -53,3 +53,18 @@ def test_no_validation_split_means_no_evaluation(tmp_path):
     result = dry_run(workdir)
     assert result.returncode == 0, result.stderr
     assert "evaluate_answers" not in scheduled(result)
+
+
+def test_readme_documents_every_config_key():
+    import yaml
+    from conftest import REPO
+
+    schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
+    training = yaml.safe_load((REPO / "workflow/schemas/training.schema.yaml").read_text())
+    table = (REPO / "README.md").read_text().split("## Configuration")[1].split("\n## ")[0]
+    keys = [f"training.{k}" for k in training["properties"]]
+    for name, spec in schema["properties"].items():
+        keys += [f"{name}.{k}" for k in spec.get("properties", {})] or [name]
+    for key in keys:
+        top, _, leaf = key.partition(".")
+        assert f"`{key}`" in table or (f"`{top}." in table and f"`{leaf}`" in table), key
