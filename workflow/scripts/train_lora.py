@@ -257,17 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     trainable, total = model.get_nb_trainable_parameters()
     print(f"LoRA: {trainable:,} trainable of {total:,} parameters", file=sys.stderr, flush=True)
 
-    checkpoint_dir = Path(args.checkpoint_dir)
-    world_zero = int(os.environ.get("RANK", 0)) == 0
-    resume = prepare_checkpoint_dir(checkpoint_dir, fingerprint(s, args)) if world_zero else None
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        box = [resume]
-        torch.distributed.broadcast_object_list(box)
-        resume = box[0]
     log_path = Path(args.log_jsonl)
-    if not resume and world_zero:
-        log_path.unlink(missing_ok=True)
-
     trainer = Trainer(
         model=model,
         args=training_arguments(s, args, precision, bool(val_features)),
@@ -278,6 +268,15 @@ def main(argv: list[str] | None = None) -> int:
         callbacks=[ProgressLog(log_path)],
     )
     trainer.remove_callback(PrinterCallback)  # ProgressLog prints a readable line instead
+    # Rank 0 decides whether to resume (and cleans up); the Trainer has set up
+    # the process group, so every rank then follows the same decision.
+    checkpoint_dir = Path(args.checkpoint_dir)
+    resume = [prepare_checkpoint_dir(checkpoint_dir, fingerprint(s, args)) if trainer.is_world_process_zero() else None]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(resume)
+    resume = resume[0]
+    if not resume and trainer.is_world_process_zero():
+        log_path.unlink(missing_ok=True)
     steps_per_epoch = math.ceil(len(train_features) / (s["micro_batch_size"] * s["gradient_accumulation_steps"]))
     print(f"about {steps_per_epoch} optimizer steps per epoch per GPU", file=sys.stderr, flush=True)
     try:
