@@ -99,3 +99,14 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path):
     steps = [json.loads(line)["step"] for line in (workdir / "results/default/train_log.jsonl").read_text().splitlines()]
     assert min(steps) > resumed[0]
     assert (workdir / "results/default/adapter/adapter_model.safetensors").exists()
+
+
+def test_several_gpus_train_data_parallel_through_torchrun(tmp_path):
+    """resources.train.gpu: 2 launches two ranks (here on CPU, with DDP); each sees half the data."""
+    workdir = sample_workdir(tmp_path, resources={"train": {"gpu": 2, "threads": 2}})
+    snakemake(workdir, "results/default/adapter", "--resources", "gpu=2")
+    log = (workdir / "logs/default/train_lora.log").read_text()
+    assert "about 9 optimizer steps per epoch on 2 process(es)" in log  # 144 examples / (8 x 2)
+    steps = [json.loads(line)["step"] for line in (workdir / "results/default/train_log.jsonl").read_text().splitlines()]
+    assert max(steps) == 27  # 3 epochs
+    assert (workdir / "results/default/adapter/adapter_model.safetensors").exists()

@@ -33,6 +33,12 @@ from mcqa.records import read_records
 FINGERPRINT = "fingerprint.json"
 
 
+def report(message: str) -> None:
+    """A progress line in the log, from the first process only (torchrun starts one per GPU)."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
 def tokenize(records: list[dict], tokenizer, max_seq_length: int) -> tuple[list[dict], int]:
     """Training features and how many examples lost part of their article."""
     answers = answer_token_ids(tokenizer)
@@ -96,7 +102,7 @@ class ProgressLog(TrainerCallback):
         self.last_tokens = state.num_input_tokens_seen
         self.first_step = self.last_step = state.global_step
         if state.global_step:
-            print(f"resumed from checkpoint at step {state.global_step}", file=sys.stderr, flush=True)
+            report(f"resumed from checkpoint at step {state.global_step}")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
@@ -201,7 +207,9 @@ def training_arguments(s: dict, args: argparse.Namespace, precision: str, has_va
         report_to="none",
         disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(),
-        deepspeed=args.deepspeed_config if args.deepspeed_config and torch.distributed.is_torchelastic_launched() else None,
+        # ZeRO-2 across GPUs; several CPU processes (tests) fall back to plain DDP.
+        deepspeed=args.deepspeed_config if args.deepspeed_config and torch.distributed.is_torchelastic_launched()
+        and torch.cuda.is_available() else None,
         ddp_find_unused_parameters=False,
     )
 
@@ -232,12 +240,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ERROR {args.train} has no records to train on", file=sys.stderr)
         return 2
     lengths = [len(f["input_ids"]) for f in train_features]
-    print(
+    report(
         f"train {len(train_features)} examples ({sum(lengths):,} tokens, longest {max(lengths)}), "
         f"val {len(val_features)}; article cut to fit max_seq_length {s['max_seq_length']}: "
-        f"{train_cut} train, {val_cut} val examples; precision {precision}, base loaded as {s['load_in']}",
-        file=sys.stderr,
-        flush=True,
+        f"{train_cut} train, {val_cut} val examples; precision {precision}, base loaded as {s['load_in']}"
     )
 
     model = load_model(args.base_model, precision, s["load_in"], args.trust_remote_code)
@@ -255,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
     )
     trainable, total = model.get_nb_trainable_parameters()
-    print(f"LoRA: {trainable:,} trainable of {total:,} parameters", file=sys.stderr, flush=True)
+    report(f"LoRA: {trainable:,} trainable of {total:,} parameters")
 
     log_path = Path(args.log_jsonl)
     trainer = Trainer(
@@ -277,8 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     resume = resume[0]
     if not resume and trainer.is_world_process_zero():
         log_path.unlink(missing_ok=True)
-    steps_per_epoch = math.ceil(len(train_features) / (s["micro_batch_size"] * s["gradient_accumulation_steps"]))
-    print(f"about {steps_per_epoch} optimizer steps per epoch per GPU", file=sys.stderr, flush=True)
+    world = trainer.args.world_size
+    steps_per_epoch = math.ceil(len(train_features) / (s["micro_batch_size"] * s["gradient_accumulation_steps"] * world))
+    report(f"about {steps_per_epoch} optimizer steps per epoch on {world} process(es)")
     try:
         trainer.train(resume_from_checkpoint=bool(resume))
     except TrainingDiverged as exc:
