@@ -59,8 +59,8 @@ def base_report(result: ReadResult, path: str, skipped: list[dict]) -> dict:
         "file": path,
         "rows_read": result.rows_read,
         "rows_kept": len(result.rows),
-        "fixed": dict(sorted(result.fixes.items())),
-        "fixed_where": {k: v for k, v in sorted(result.fixed_rows.items())},
+        "fixed": result.fixes,
+        "fixed_where": dict(sorted(result.fixed_rows.items())),
         "skipped": skipped,
         "rows_skipped": len(skipped),
         "lengths_chars": {
@@ -117,7 +117,7 @@ def prepare_train(args: argparse.Namespace) -> None:
     write_json_atomic(args.report_out, report)
     print(
         f"{args.input}: read {result.rows_read}, kept {len(result.rows)}, fixed {sum(result.fixes.values())} "
-        f"{dict(result.fixes)}, skipped {len(skipped)}; train {len(train)}, val {len(val)}",
+        f"{result.fixes}, skipped {len(skipped)}; train {len(train)}, val {len(val)}",
         file=sys.stderr,
     )
 
@@ -132,7 +132,7 @@ def prepare_test(args: argparse.Namespace) -> None:
     write_json_atomic(args.out, records)
     write_json_atomic(args.report_out, base_report(result, args.input, skipped))
     print(
-        f"{args.input}: read {result.rows_read}, kept {len(records)}, fixed {dict(result.fixes)}, skipped {len(skipped)}",
+        f"{args.input}: read {result.rows_read}, kept {len(records)}, fixed {result.fixes}, skipped {len(skipped)}",
         file=sys.stderr,
     )
 

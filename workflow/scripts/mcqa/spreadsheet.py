@@ -10,7 +10,6 @@ import math
 import re
 import unicodedata
 import zipfile
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,13 +57,15 @@ class Row:
 class ReadResult:
     rows: list[Row] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
-    fixes: Counter = field(default_factory=Counter)
-    fixed_rows: dict[str, list[str]] = field(default_factory=dict)
+    fixed_rows: dict[str, list[str]] = field(default_factory=dict)  # kind of fix -> where it was made
     rows_read: int = 0
 
     def fix(self, kind: str, where: str) -> None:
-        self.fixes[kind] += 1
         self.fixed_rows.setdefault(kind, []).append(where)
+
+    @property
+    def fixes(self) -> dict[str, int]:
+        return {kind: len(where) for kind, where in sorted(self.fixed_rows.items())}
 
 
 def is_missing(value) -> bool:
