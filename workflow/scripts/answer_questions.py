@@ -16,11 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-from mcqa.modeling import load_model, load_tokenizer, resolve_precision
-from mcqa.progress import Meter
 from mcqa.prompt import ANSWERS
 from mcqa.records import read_records
-from mcqa.scoring import answer_log_probs, encode_all
+from mcqa.scoring import score_records
 
 
 def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
@@ -45,15 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     s = json.loads(args.settings)
 
     start = time.perf_counter()
-    precision = resolve_precision(s["precision"])
-    tokenizer = load_tokenizer(args.model, args.trust_remote_code)
-    model = load_model(args.model, precision, s["load_in"], args.trust_remote_code).eval()
     records = read_records(args.test, "test")
-    encoded, cut = encode_all(tokenizer, records, args.max_seq_length)
-    print(f"{len(records)} questions, {cut} with the article cut to {args.max_seq_length} tokens; "
-          f"precision {precision}, loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
-    meter = Meter(len(records), "questions")
-    log_probs = answer_log_probs(model, tokenizer, encoded, s["batch_size"], meter)
+    log_probs, meter = score_records(args.model, records, args.max_seq_length, s, args.trust_remote_code)
     probs = log_probs.softmax(dim=-1)  # renormalised over the four answers
     choice = log_probs.argmax(dim=-1) + 1
     write_csv(args.answers, ["ID", "Answer"], [[r["id"], int(c)] for r, c in zip(records, choice)])

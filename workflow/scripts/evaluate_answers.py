@@ -9,11 +9,9 @@ import argparse
 import json
 import sys
 
-from mcqa.modeling import load_model, load_tokenizer, resolve_precision
-from mcqa.progress import Meter
 from mcqa.prompt import ANSWERS
 from mcqa.records import read_records, write_json_atomic
-from mcqa.scoring import answer_log_probs, encode_all
+from mcqa.scoring import score_records
 
 
 def metrics(log_probs, labels: list[int]) -> dict:
@@ -47,14 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     s = json.loads(args.settings)
 
-    precision = resolve_precision(s["precision"])
-    tokenizer = load_tokenizer(args.model, args.trust_remote_code)
-    model = load_model(args.model, precision, s["load_in"], args.trust_remote_code).eval()
     records = read_records(args.val, "labelled")
-    encoded, cut = encode_all(tokenizer, records, args.max_seq_length)
-    log_probs = answer_log_probs(model, tokenizer, encoded, s["batch_size"], Meter(len(records), "questions"))
+    log_probs, _ = score_records(args.model, records, args.max_seq_length, s, args.trust_remote_code)
     result = metrics(log_probs, [r["label"] for r in records])
-    result["articles_cut"] = cut
     write_json_atomic(args.out, result)
     print(f"validation accuracy {result['accuracy']} on {len(records)} questions", file=sys.stderr)
     return 0

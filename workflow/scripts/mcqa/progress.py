@@ -19,17 +19,18 @@ class Meter:
     def __init__(self, total: int, unit: str, every: float = 10.0):
         self.total, self.unit, self.every = total, unit, every
         self.done = 0
-        self.start = self.last_print = time.perf_counter()
+        self.start = self.last_print = self.last_update = time.perf_counter()
 
     def update(self, n: int) -> None:
         self.done += n
-        now = time.perf_counter()
+        now = self.last_update = time.perf_counter()
         if now - self.last_print >= self.every or self.done >= self.total:
             self.last_print = now
             print(self.line(), file=sys.stderr, flush=True)
 
     def rate(self) -> float:
-        return self.done / max(time.perf_counter() - self.start, 1e-9)
+        """Items per second up to the last update."""
+        return self.done / max(self.last_update - self.start, 1e-9)
 
     def line(self) -> str:
         rate = self.rate()

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+import time
+
 import torch
 
+from .modeling import load_model, load_tokenizer, resolve_precision
 from .progress import Meter
 from .prompt import ANSWER_SUFFIX_TOKENS, answer_token_ids, encode_prompt
 
@@ -46,3 +50,17 @@ def answer_log_probs(model, tokenizer, encoded: list[list[int]], batch_size: int
         if meter:
             meter.update(len(rows))
     return result
+
+
+def score_records(model_path: str, records: list[dict], max_seq_length: int, settings: dict,
+                  trust_remote_code: bool = False) -> tuple[torch.Tensor, Meter]:
+    """Load a merged model as the answering settings say and score every record: (N, 4) log-probs."""
+    start = time.perf_counter()
+    precision = resolve_precision(settings["precision"])
+    tokenizer = load_tokenizer(model_path, trust_remote_code)
+    model = load_model(model_path, precision, settings["load_in"], trust_remote_code).eval()
+    encoded, cut = encode_all(tokenizer, records, max_seq_length)
+    print(f"{len(records)} questions, {cut} with the article cut to {max_seq_length} tokens; "
+          f"precision {precision}, loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    meter = Meter(len(records), "questions")
+    return answer_log_probs(model, tokenizer, encoded, settings["batch_size"], meter), meter
