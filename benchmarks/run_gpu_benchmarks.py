@@ -190,8 +190,34 @@ def measured(command: list, name: str, work: Path) -> dict:
     return json.loads(stats.read_text())
 
 
+def random_adapter(base: Path, out: Path) -> Path:
+    """A LoRA adapter of the benchmark's shape with random weights, for timing a merge without training."""
+    from safetensors.torch import save_file
+
+    index = json.loads((base / "model.safetensors.index.json").read_text())["weight_map"]
+    targets = [n for n in index if n.endswith(".weight") and n.split(".")[-2] in LORA["target_modules"]]
+    config = json.loads((base / "config.json").read_text())
+    hidden, mlp = config["hidden_size"], config["intermediate_size"]
+    sizes = {"q_proj": (hidden, hidden), "k_proj": (hidden, hidden), "v_proj": (hidden, hidden),
+             "o_proj": (hidden, hidden), "gate_proj": (mlp, hidden), "up_proj": (mlp, hidden), "down_proj": (hidden, mlp)}
+    r = LORA["lora_r"]
+    tensors = {}
+    for name in targets:
+        rows, cols = sizes[name.split(".")[-2]]
+        module = "base_model.model." + name[: -len(".weight")]
+        tensors[f"{module}.lora_A.weight"] = torch.randn(r, cols) * 0.01
+        tensors[f"{module}.lora_B.weight"] = torch.randn(rows, r) * 0.01
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out / "adapter_model.safetensors")
+    (out / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": r, "lora_alpha": LORA["lora_alpha"], "target_modules": LORA["target_modules"]}))
+    return out
+
+
 def merge(args, work: Path, results: dict) -> dict:
     adapter = work / "train_ours/adapter"
+    if not adapter.exists():
+        adapter = random_adapter(work / "base", work / "random_adapter")
     shards = sorted((work / "base").glob("*.safetensors"))
     largest = max(p.stat().st_size for p in shards) / 2**30
     adapter_gb = (adapter / "adapter_model.safetensors").stat().st_size / 2**30
@@ -205,9 +231,11 @@ def merge(args, work: Path, results: dict) -> dict:
     shutil.rmtree(copy_dir)
     ours = measured([sys.executable, SCRIPTS / "merge_lora.py", "--base-model", work / "base", "--adapter", adapter,
                      "--out", work / "merged_ours"], "merge_ours", work)
-    reference = measured([sys.executable, REPO / "benchmarks/reference_merge.py", work / "base", adapter,
-                          work / "merged_reference"], "merge_reference", work)
-    shutil.rmtree(work / "merged_reference", ignore_errors=True)
+    reference = {"seconds": None, "peak_rss_gb": None}
+    if not args.skip_reference_merge:
+        reference = measured([sys.executable, REPO / "benchmarks/reference_merge.py", work / "base", adapter,
+                              work / "merged_reference"], "merge_reference", work)
+        shutil.rmtree(work / "merged_reference", ignore_errors=True)
     result = {"ours_seconds": ours["seconds"], "ours_peak_rss_gb": ours["peak_rss_gb"],
               "reference_seconds": reference["seconds"], "reference_peak_rss_gb": reference["peak_rss_gb"],
               "copy_seconds": round(copy_seconds, 2), "largest_shard_gb": round(largest, 3),
@@ -297,6 +325,7 @@ def main() -> int:
     parser.add_argument("--log-every", type=int, default=5, help="optimizer steps between throughput readings")
     parser.add_argument("--answer-batches", type=lambda s: [int(x) for x in s.split(",")], default=[32, 64])
     parser.add_argument("--recipe-questions", type=int, default=200)
+    parser.add_argument("--skip-reference-merge", action="store_true", help="time only our merge (and the copy)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     state = args.work / "results.json"

@@ -146,3 +146,25 @@ def test_answer_only_batches_give_the_full_forward_loss():
     per_token = [model(input_ids=torch.tensor([f["input_ids"]]), labels=torch.tensor([f["labels"]])).loss
                  for f in features]
     torch.testing.assert_close(batched, torch.stack(per_token).mean(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_merged_weight_is_base_plus_scaled_b_times_a(tmp_path, fan_in_fan_out):
+    """The merge arithmetic itself, also for layers stored transposed (GPT-2's Conv1D)."""
+    from safetensors.torch import save_file
+
+    from merge_lora import merge_tensor, read_adapter
+
+    torch.manual_seed(0)
+    a, b = torch.randn(4, 6), torch.randn(5, 4)
+    weight = torch.randn(6, 5) if fan_in_fan_out else torch.randn(5, 6)
+    save_file({"base_model.model.layer.proj.lora_A.weight": a, "base_model.model.layer.proj.lora_B.weight": b},
+              tmp_path / "adapter_model.safetensors")
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "lora_alpha": 8, "fan_in_fan_out": fan_in_fan_out}))
+    _, pairs, _ = read_adapter(tmp_path)
+    merged = merge_tensor("layer.proj.weight", weight.to(torch.bfloat16), pairs, {})
+    delta = (b @ a).T if fan_in_fan_out else b @ a
+    expected = (weight.to(torch.bfloat16).float() + 2.0 * delta).to(torch.bfloat16)
+    assert merged.dtype == torch.bfloat16
+    torch.testing.assert_close(merged, expected)  # bf16 tolerance: the GPU may round the sum differently
