@@ -3,11 +3,9 @@
     merge_lora.py --base-model PATH_OR_HUB_ID --adapter ADAPTER_DIR --out MERGED_DIR
 
 For every base weight with a LoRA pair, W' = W + scale * B @ A is computed in
-fp32 (on a GPU when one is visible) and cast back to W's dtype;
-modules_to_save weights replace the base ones. Tensors are read, merged and
-written one at a time, so peak memory is about two tensors plus the adapter
-(plus the shard being read, for .bin), never the whole model. .bin shards are
-read with torch.load(weights_only=True): no pickled code runs.
+fp32 and cast back to W's dtype; modules_to_save weights replace the base
+ones. Peak memory is about one shard plus the adapter, never the whole model.
+.bin shards are read with torch.load(weights_only=True): no pickled code runs.
 Output: safetensors shards + index, config, generation config, tokenizer.
 """
 
@@ -22,10 +20,10 @@ import struct
 import sys
 import time
 from pathlib import Path
-from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from mcqa.progress import format_duration
@@ -73,23 +71,13 @@ TORCH_DTYPES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
 class ShardReader:
-    """One checkpoint shard, read tensor by tensor.
-
-    safetensors files are read with explicit positioned reads rather than a
-    memory map, so pages of tensors already merged do not stay resident; .bin
-    shards go through torch.load(weights_only=True, mmap=True).
-    """
+    """One checkpoint shard, read tensor by tensor (safetensors via mmap, .bin via torch.load(mmap=True))."""
 
     def __init__(self, path: Path):
         self.safetensors = path.suffix == ".safetensors"
         if self.safetensors:
-            self._fd = os.open(path, os.O_RDONLY)
-            size = struct.unpack("<Q", os.pread(self._fd, 8, 0))[0]
-            header = json.loads(os.pread(self._fd, size, 8))
-            header.pop("__metadata__", None)
-            self._data_start = 8 + size
-            self._header = header
-            self.names = list(header)
+            self._file = safe_open(str(path), "pt")
+            self.names = list(self._file.keys())
         else:
             self._state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             self.names = list(self._state)
@@ -97,25 +85,12 @@ class ShardReader:
     def meta(self, name: str) -> torch.Tensor:
         """A tensor on the meta device with the stored dtype and shape (no data read)."""
         if self.safetensors:
-            entry = self._header[name]
-            return torch.empty(entry["shape"], dtype=TORCH_DTYPES[entry["dtype"]], device="meta")
+            view = self._file.get_slice(name)
+            return torch.empty(view.get_shape(), dtype=TORCH_DTYPES[view.get_dtype()], device="meta")
         return self._state[name].to("meta")
 
     def get(self, name: str) -> torch.Tensor:
-        if not self.safetensors:
-            return self._state[name]
-        entry = self._header[name]
-        start, end = entry["data_offsets"]
-        buffer = torch.empty(end - start, dtype=torch.uint8)
-        view = memoryview(buffer.numpy())
-        done = 0
-        while done < end - start:  # pread may return less than asked for large reads
-            done += os.preadv(self._fd, [view[done:]], self._data_start + start + done)
-        return buffer.view(TORCH_DTYPES[entry["dtype"]]).reshape(entry["shape"])
-
-    def close(self) -> None:
-        if self.safetensors:
-            os.close(self._fd)
+        return self._file.get_tensor(name) if self.safetensors else self._state[name]
 
 
 def write_safetensors(path: Path, specs: list[tuple[str, torch.Tensor]], tensors: Iterable[torch.Tensor]) -> int:
@@ -134,43 +109,25 @@ def write_safetensors(path: Path, specs: list[tuple[str, torch.Tensor]], tensors
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    # One write in flight while the next tensor is read and merged: I/O and
-    # arithmetic overlap, and at most two tensors are in memory.
-    with open(path, "wb") as fh, ThreadPoolExecutor(max_workers=1) as writer:
+    with open(path, "wb") as fh:
         fh.write(struct.pack("<Q", len(blob)))
         fh.write(blob)
-        pending = None
         for (name, meta), tensor in zip(specs, tensors, strict=True):
             if tensor.dtype != meta.dtype or tensor.shape != meta.shape:
                 raise MergeError(f"{name}: merged tensor is {tensor.dtype} {tuple(tensor.shape)}, expected "
                                  f"{meta.dtype} {tuple(meta.shape)}")
-            data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
-            if pending:
-                pending.result()
-            pending = writer.submit(fh.write, data.data)
-        if pending:
-            pending.result()
+            fh.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
     return offset
 
 
-def arithmetic_device() -> torch.device:
-    """Where the fp32 merge arithmetic runs: a visible GPU, else the CPU."""
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
 def read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    """(adapter config, {base weight name: LoRA pair}, {base weight name: replacement}).
-
-    A pair holds `left @ right` = B @ A (or its transpose for fan_in_fan_out
-    layers) in fp32 on the arithmetic device, and its scale.
-    """
+    """(adapter config, {base weight name: {'A','B','scale'}}, {base weight name: replacement})."""
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     if config.get("peft_type") != "LORA":
         raise MergeError(f"{adapter_dir}: peft_type {config.get('peft_type')!r}; only LORA adapters can be merged here")
     if config.get("use_dora"):
         raise MergeError(f"{adapter_dir}: DoRA adapters are not supported by the streaming merge")
     tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
-    device = arithmetic_device()
     pairs: dict[str, dict] = {}
     replacements: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
@@ -187,8 +144,7 @@ def read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, dict[str, torch.Ten
         rank = pair["A"].shape[0]
         alpha = next((v for k, v in config.get("alpha_pattern", {}).items() if module.endswith(k)), config["lora_alpha"])
         pair["scale"] = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-        a, b = pair.pop("A").float().to(device), pair.pop("B").float().to(device)
-        pair["left"], pair["right"] = (a.T, b.T) if config.get("fan_in_fan_out") else (b, a)
+        pair["transpose"] = bool(config.get("fan_in_fan_out"))
     return config, pairs, replacements
 
 
@@ -198,13 +154,13 @@ def check_fit(checkpoint: Path, shards: dict[str, list[str]], pairs: dict, repla
     for shard, names in shards.items():
         reader = ShardReader(checkpoint / shard)
         shapes.update({n: tuple(reader.meta(n).shape) for n in names})
-        reader.close()
     problems = []
     for weight, pair in pairs.items():
         if weight not in shapes:
             problems.append(f"LoRA module {weight[:-7]} does not exist in the base model")
             continue
-        expected = (pair["left"].shape[0], pair["right"].shape[1])
+        out_features, in_features = pair["B"].shape[0], pair["A"].shape[1]
+        expected = (in_features, out_features) if pair["transpose"] else (out_features, in_features)
         if shapes[weight] != expected:
             problems.append(f"{weight}: adapter expects shape {expected}, base has {shapes[weight]}")
     for weight, value in replacements.items():
@@ -220,15 +176,16 @@ def check_fit(checkpoint: Path, shards: dict[str, list[str]], pairs: dict, repla
 
 
 def merge_tensor(name: str, weight: torch.Tensor, pairs: dict, replacements: dict) -> torch.Tensor:
-    """The merged weight, in the base weight's dtype, on the CPU."""
+    """The merged weight, in the base weight's dtype."""
     if name in replacements:
         return replacements[name].to(weight.dtype)
-    if name not in pairs:
-        return weight
-    pair = pairs[name]
-    merged = weight.to(pair["left"].device).float()
-    merged.addmm_(pair["left"], pair["right"], alpha=pair["scale"])
-    return merged.to(weight.dtype).cpu()
+    if name in pairs:
+        pair = pairs[name]
+        delta = pair["B"].float() @ pair["A"].float()
+        if pair["transpose"]:
+            delta = delta.T
+        return weight.float().add_(delta, alpha=pair["scale"]).to(weight.dtype)
+    return weight
 
 
 def copy_side_files(checkpoint: Path, adapter_dir: Path, out: Path) -> None:
@@ -259,7 +216,7 @@ def merge(base_model: str, adapter_dir: Path, out: Path) -> None:
         out_name = f"model-{n:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1 else "model.safetensors"
         total_size += write_safetensors(tmp / out_name, specs, merged)
         weight_map.update(dict.fromkeys(names, out_name))
-        reader.close()
+        del reader
         print(f"shard {n}/{len(shards)} {shard} -> {out_name}  ({format_duration(time.perf_counter() - start)})",
               file=sys.stderr, flush=True)
     if len(shards) > 1:
