@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
@@ -28,7 +29,7 @@ RUNS = {run: run_settings(run) for run in config["runs"]}
 
 
 wildcard_constraints:
-    run="|".join(RUNS) or "no-runs",
+    run="|".join(re.escape(run) for run in RUNS),
 
 
 def as_json(settings):
