@@ -168,3 +168,21 @@ def test_merged_weight_is_base_plus_scaled_b_times_a(tmp_path, fan_in_fan_out):
     expected = (weight.to(torch.bfloat16).float() + 2.0 * delta).to(torch.bfloat16)
     assert merged.dtype == torch.bfloat16
     torch.testing.assert_close(merged, expected)  # bf16 tolerance: the GPU may round the sum differently
+
+
+def test_training_with_the_same_seed_gives_the_same_adapter(demo_run, tmp_path):
+    settings = {
+        "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "modules_to_save": [], "learning_rate": 0.002,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "epochs": 0.5, "warmup_ratio": 0.03, "lr_scheduler": "cosine", "weight_decay": 0.0, "micro_batch_size": 8,
+        "gradient_accumulation_steps": 1, "max_seq_length": 256, "seed": 7, "precision": "auto", "load_in": "none",
+        "gradient_checkpointing": False, "checkpoint_steps": 1000, "eval_steps": 1000, "logging_steps": 5}
+    adapters = []
+    for n in range(2):
+        out = tmp_path / f"run{n}"
+        result = run_script("train_lora.py", "--train", demo_run / "results/data/train.json", "--base-model",
+                            demo_run / "resources/models/demo", "--out", out / "adapter", "--log-jsonl",
+                            out / "log.jsonl", "--checkpoint-dir", out / "checkpoints", "--settings", json.dumps(settings))
+        assert result.returncode == 0, result.stderr
+        adapters.append((out / "adapter/adapter_model.safetensors").read_bytes())
+    assert adapters[0] == adapters[1]

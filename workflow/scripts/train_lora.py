@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from mcqa.modeling import load_model, load_tokenizer, resolve_precision
 from mcqa.progress import format_duration
@@ -246,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{train_cut} train, {val_cut} val examples; precision {precision}, base loaded as {s['load_in']}"
     )
 
+    set_seed(s["seed"])  # before the LoRA weights are initialised, so a run is reproducible
     model = load_model(args.base_model, precision, s["load_in"], args.trust_remote_code)
     if s["load_in"] != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=s["gradient_checkpointing"])
