@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,10 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 BIN = Path(sys.executable).parent
 
 sys.path.insert(0, str(SCRIPTS))
+
+# Training on the sample that lasts long enough (576 steps) to be interrupted after a checkpoint.
+INTERRUPTIBLE_TRAINING = {"micro_batch_size": 1, "epochs": 4, "checkpoint_steps": 40, "logging_steps": 20,
+                          "eval_steps": 1000}
 
 needs_real_data = pytest.mark.skipif(
     not (SHARED_DATA / "AI.xlsx").exists(), reason=f"real data folder {SHARED_DATA} is absent"
@@ -48,10 +54,11 @@ def write_config(workdir: Path, **overrides) -> Path:
     return path
 
 
-def snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+def snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 900, background: bool = False):
     """Run the repo's workflow with workdir as working directory and workdir/config.yaml.
 
-    Two cores and one GPU slot unless args name --cores or --resources.
+    Two cores and one GPU slot unless args name --cores or --resources. With
+    background, return the running process (in its own process group).
     """
     defaults = []
     if "--cores" not in args:
@@ -62,10 +69,38 @@ def snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 900)
         str(BIN / "snakemake"), *args, "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
         "--configfile", str(workdir / "config.yaml"), *defaults,
     ]
+    if background:
+        return subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
     result = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
     return result
+
+
+def wait_for_checkpoint(workdir: Path, process: subprocess.Popen, timeout: float) -> list[int]:
+    """Steps of the complete training checkpoints once one exists; [] if the process ended first."""
+    checkpoints = workdir / "results/default/checkpoints"
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        steps = [int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*")
+                 if (p / "trainer_state.json").exists()]
+        if steps:
+            return steps
+        time.sleep(0.2)
+    return []
+
+
+def resumed_steps(workdir: Path) -> list[int]:
+    """Steps that the training log says it resumed from."""
+    log = (workdir / "logs/default/train_lora.log").read_text()
+    return [int(line.split()[-1]) for line in log.splitlines() if line.startswith("resumed from checkpoint at step")]
+
+
+def logged_steps(workdir: Path) -> list[int]:
+    """Optimizer steps recorded in train_log.jsonl."""
+    lines = (workdir / "results/default/train_log.jsonl").read_text().splitlines()
+    return [json.loads(line)["step"] for line in lines]
 
 
 def sample_workdir(workdir: Path, source: Path = SAMPLE, **overrides) -> Path:

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from conftest import SAMPLE, SHARED_DATA, needs_real_data, run_script
 
-from mcqa.prompt import build_input
+from mcqa.prompt import build_input, split_input
 from mcqa.spreadsheet import cell_text, normalise_label
 
 
@@ -180,8 +180,7 @@ def test_real_training_file_counts_and_article_split(tmp_path):
     val = json.loads((out / "val.json").read_text())
     assert len(train) + len(val) == 13550
     assert math.isclose(len(val) / 13550, 0.2, abs_tol=0.01)
-    article = lambda r: r["input"].split("\n\n問題：")[0]  # noqa: E731
-    assert not {article(r) for r in train} & {article(r) for r in val}
+    assert not {split_input(r["input"])[0] for r in train} & {split_input(r["input"])[0] for r in val}
     assert report["split"]["articles_on_both_sides"] == 0
     assert all("nan" not in r["input"].split("選項：")[1] for r in train + val)
 

@@ -8,10 +8,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pandas as pd
-from conftest import BIN, REPO, env, sample_workdir, snakemake
+from conftest import (INTERRUPTIBLE_TRAINING, REPO, logged_steps, resumed_steps, sample_workdir, snakemake,
+                      wait_for_checkpoint)
 
 
 def read_csv(path):
@@ -72,32 +72,19 @@ def test_labels_flow_from_xlsx_to_csv(tmp_path):
 
 
 def test_killed_training_resumes_from_its_checkpoint(tmp_path):
-    workdir = sample_workdir(tmp_path, training={"micro_batch_size": 1, "epochs": 4, "checkpoint_steps": 40,
-                                                 "logging_steps": 20, "eval_steps": 1000})
-    cmd = [str(BIN / "snakemake"), "results/default/adapter", "-s", str(REPO / "Snakefile"), "--directory",
-           str(workdir), "--configfile", str(workdir / "config.yaml"), "--cores", "2", "--resources", "gpu=1"]
-    process = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
-    checkpoints = workdir / "results/default/checkpoints"
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        done = [p for p in checkpoints.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
-        if done:
-            break
-        time.sleep(0.2)
-    assert process.poll() is None, "training finished before it could be killed"
+    workdir = sample_workdir(tmp_path, training=INTERRUPTIBLE_TRAINING)
+    process = snakemake(workdir, "results/default/adapter", background=True)
+    done = wait_for_checkpoint(workdir, process, timeout=300)
+    assert done and process.poll() is None, "training finished before it could be killed"
     os.killpg(process.pid, signal.SIGKILL)  # as a lost node or a Slurm preemption would
     process.wait()
-    killed_at = max(int(p.name.split("-")[1]) for p in done)
     assert not (workdir / "results/default/adapter").exists()
 
     snakemake(workdir, "--unlock")  # a killed Snakemake leaves its lock, as after a power loss
     snakemake(workdir, "results/default/adapter")
-    log = (workdir / "logs/default/train_lora.log").read_text()
-    resumed = [int(line.split()[-1]) for line in log.splitlines() if line.startswith("resumed from checkpoint at step")]
-    assert resumed and resumed[0] >= killed_at, log[-2000:]
-    steps = [json.loads(line)["step"] for line in (workdir / "results/default/train_log.jsonl").read_text().splitlines()]
-    assert min(steps) > resumed[0]
+    resumed = resumed_steps(workdir)
+    assert resumed and resumed[0] >= max(done), (workdir / "logs/default/train_lora.log").read_text()[-2000:]
+    assert min(logged_steps(workdir)) > resumed[0]
     assert (workdir / "results/default/adapter/adapter_model.safetensors").exists()
 
 
@@ -107,6 +94,5 @@ def test_several_gpus_train_data_parallel_through_torchrun(tmp_path):
     snakemake(workdir, "results/default/adapter", "--resources", "gpu=2")
     log = (workdir / "logs/default/train_lora.log").read_text()
     assert "about 9 optimizer steps per epoch on 2 process(es)" in log  # 144 examples / (8 x 2)
-    steps = [json.loads(line)["step"] for line in (workdir / "results/default/train_log.jsonl").read_text().splitlines()]
-    assert max(steps) == 27  # 3 epochs
+    assert max(logged_steps(workdir)) == 27  # 3 epochs
     assert (workdir / "results/default/adapter/adapter_model.safetensors").exists()
