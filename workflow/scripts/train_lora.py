@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from mcqa.modeling import load_model, load_tokenizer, resolve_precision
+from mcqa.modeling import load_model, load_tokenizer, pad_right, resolve_precision
 from mcqa.progress import format_duration
 from mcqa.prompt import answer_token_ids, encode_training_example
 from mcqa.records import read_records
@@ -72,16 +72,10 @@ class AnswerOnlyCollator:
         self.pad_token_id, self.multiple_of = pad_token_id, multiple_of
 
     def __call__(self, features: list[dict]) -> dict:
-        width = max(len(f["input_ids"]) for f in features)
-        width = -(-width // self.multiple_of) * self.multiple_of
-        ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        labels = torch.full_like(ids, -100)
-        for row, f in enumerate(features):
-            n = len(f["input_ids"])
-            ids[row, :n] = torch.tensor(f["input_ids"])
-            mask[row, :n] = 1
-            labels[row, :n] = torch.tensor(f["labels"])
+        def pad(key: str, value: int) -> torch.Tensor:
+            return pad_right([f[key] for f in features], value, self.multiple_of)
+
+        ids, mask, labels = pad("input_ids", self.pad_token_id), pad("attention_mask", 0), pad("labels", -100)
         targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
         keep = (targets != -100).any(dim=0).nonzero().flatten()
         return {"input_ids": ids, "attention_mask": mask, "labels": labels, "logits_to_keep": keep,

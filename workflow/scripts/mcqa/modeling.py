@@ -1,4 +1,4 @@
-"""Loading tokenizers and causal LMs the same way in every model stage."""
+"""Loading tokenizers and causal LMs, and batching token ids, the same way in every model stage."""
 
 from __future__ import annotations
 
@@ -70,3 +70,17 @@ def load_model(path: str, precision: str, load_in: str = "none", trust_remote_co
         trust_remote_code=trust_remote_code,
     )
     return model
+
+
+def pad_right(sequences: list[list[int]], value: int, multiple_of: int = 1) -> torch.Tensor:
+    """Sequences as one tensor, padded with `value` on the right to a multiple of `multiple_of`.
+
+    Training and answering both pad on the right, so in both a prompt's
+    positions count from its first token.
+    """
+    width = max(len(seq) for seq in sequences)
+    width = -(-width // multiple_of) * multiple_of
+    batch = torch.full((len(sequences), width), value, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        batch[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+    return batch

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from .modeling import load_model, load_tokenizer, resolve_precision
+from .modeling import load_model, load_tokenizer, pad_right, resolve_precision
 from .progress import Meter
 from .prompt import ANSWER_SUFFIX_TOKENS, answer_token_ids, encode_prompt
 
@@ -38,11 +38,8 @@ def answer_log_probs(model, tokenizer, encoded: list[list[int]], batch_size: int
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         lengths = torch.tensor([len(encoded[i]) for i in rows])
-        ids = torch.full((len(rows), int(lengths.max())), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, i in enumerate(rows):
-            ids[j, : lengths[j]] = torch.tensor(encoded[i])
-            mask[j, : lengths[j]] = 1
+        ids = pad_right([encoded[i] for i in rows], tokenizer.pad_token_id)
+        mask = pad_right([[1] * len(encoded[i]) for i in rows], 0)
         hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
         last = hidden[torch.arange(len(rows), device=device), (lengths - 1).to(device)]
         log_probs = torch.log_softmax(head(last).float(), dim=-1)[:, answers.to(device)]
