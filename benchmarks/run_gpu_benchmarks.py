@@ -36,6 +36,7 @@ from mcqa.modeling import load_tokenizer  # noqa: E402
 from mcqa.prompt import prompt_text  # noqa: E402
 from mcqa.records import read_records  # noqa: E402
 from mcqa.scoring import encode_all  # noqa: E402
+from train_lora import micro_batches, tokenize  # noqa: E402
 
 SHAPES = {
     "7b": dict(vocab_size=55296, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32),
@@ -138,17 +139,25 @@ def setup(args, work: Path, shape: dict) -> dict:
 
 
 def train_rate(log_jsonl: Path, skip: int) -> dict:
-    """Mean throughput over the logged intervals after the first `skip` (warm-up)."""
+    """Throughput from the end of the first `skip` logged steps (warm-up) to the last one."""
     entries = [json.loads(line) for line in log_jsonl.read_text().splitlines()]
-    steps = [e for e in entries if "tokens_per_s" in e][skip:]
-    return {"tokens_per_s": round(statistics.fmean(e["tokens_per_s"] for e in steps), 1),
-            "samples_per_s": round(statistics.fmean(e["samples_per_s"] for e in steps), 2),
+    steps = [e for e in entries if "tokens_per_s" in e]
+    first, last = steps[skip - 1], steps[-1]
+    seconds = last["elapsed_s"] - first["elapsed_s"]
+    return {"tokens_per_s": round((last["tokens_seen"] - first["tokens_seen"]) / seconds, 1),
+            "samples_per_s": round((last["examples_seen"] - first["examples_seen"]) / seconds, 2),
             "peak_gpu_mem_gb": max((e.get("peak_gpu_mem_gb", 0) for e in entries), default=0),
-            "intervals": len(steps)}
+            "steps_timed": last["step"] - first["step"], "seconds_timed": round(seconds, 2)}
 
 
-def train_once(work: Path, name: str, settings: dict, examples: int, train_examples: int, skip: int) -> dict:
-    settings = {**LORA, **settings, "epochs": examples / train_examples}
+def train_once(work: Path, name: str, settings: dict, steps: int, skip: int) -> dict:
+    """Train `steps` optimizer steps (a fraction of an epoch) with the given settings, logging every step."""
+    settings = {**LORA, **settings, "logging_steps": 1}
+    features, _ = tokenize(read_records(work / "data/train.json", "labelled"), load_tokenizer(str(work / "base")),
+                           settings["max_seq_length"])
+    lengths = [len(f["input_ids"]) for f in features]
+    batches = micro_batches(lengths, settings["micro_batch_size"], settings["micro_batch_tokens"], settings["seed"])
+    settings["epochs"] = steps * settings["gradient_accumulation_steps"] / len(batches)
     out = work / name
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
@@ -157,31 +166,39 @@ def train_once(work: Path, name: str, settings: dict, examples: int, train_examp
          work / "base", "--out", out / "adapter", "--log-jsonl", out / "train_log.jsonl", "--checkpoint-dir",
          out / "checkpoints", "--settings", json.dumps(settings)], out / "train.log")
     result = train_rate(out / "train_log.jsonl", skip=skip)
-    result["wall_s"] = round(time.perf_counter() - start, 1)
+    result.update(wall_s=round(time.perf_counter() - start, 1), epoch_tokens=sum(lengths),
+                  epoch_steps=math.ceil(len(batches) / settings["gradient_accumulation_steps"]),
+                  settings={k: settings[k] for k in ("micro_batch_size", "micro_batch_tokens",
+                                                     "gradient_accumulation_steps", "precision", "load_in",
+                                                     "gradient_checkpointing")})
+    result["epoch_minutes"] = round(result["epoch_tokens"] / result["tokens_per_s"] / 60, 2)
     log(f"{name}: {result}")
     return result
 
 
 def train(args, work: Path, results: dict) -> dict:
-    n_train = results["setup"]["train_examples"]
     precision = "bf16" if cuda() else "fp32"
-    ours = train_once(work, "train_ours", {"micro_batch_size": args.micro_batch, "gradient_accumulation_steps": 1,
-                                           "precision": precision, "load_in": "none",
-                                           "gradient_checkpointing": False, "logging_steps": args.log_every},
-                      examples=args.micro_batch * args.train_steps, train_examples=n_train,
-                      skip=max(1, 10 // args.log_every))  # the first ~10 steps warm up
-    if not args.recipe_steps:
-        return {"ours": ours, "ours_tokens_per_s": ours["tokens_per_s"]}
-    recipe = train_once(work, "train_recipe", {"micro_batch_size": 1, "gradient_accumulation_steps": 8,
-                                               "precision": "fp16" if cuda() else "fp32",
-                                               "load_in": "8bit" if cuda() else "none",
-                                               "gradient_checkpointing": True, "logging_steps": 2},
-                        examples=8 * args.recipe_steps, train_examples=n_train, skip=2)
-    mfu = 6 * results["setup"]["params"] * ours["tokens_per_s"] / (results["setup"]["matmul_peak_tflops"] * 1e12)
-    epoch_tokens = n_train * results["setup"]["train_mean_prompt_tokens"]
-    return {"ours": ours, "recipe": recipe, "ours_tokens_per_s": ours["tokens_per_s"],
-            "recipe_tokens_per_s": recipe["tokens_per_s"], "speedup": round(ours["tokens_per_s"] / recipe["tokens_per_s"], 2),
-            "ours_mfu_6n": round(mfu, 3), "ours_epoch_minutes_estimate": round(epoch_tokens / ours["tokens_per_s"] / 60, 1)}
+    peak = results["setup"]["matmul_peak_tflops"] * 1e12
+    ours = {}
+    for budget in args.micro_batch_tokens:
+        ours[budget] = train_once(work, f"train_ours_{budget}", {
+            "micro_batch_size": 256, "micro_batch_tokens": budget, "gradient_accumulation_steps": 1,
+            "precision": precision, "load_in": "none", "gradient_checkpointing": False},
+            steps=args.train_steps, skip=10)  # the first steps warm up (allocator, kernels)
+        ours[budget]["mfu_6n"] = round(6 * results["setup"]["params"] * ours[budget]["tokens_per_s"] / peak, 3)
+    best = max(ours, key=lambda b: ours[b]["tokens_per_s"])
+    result = {"ours_by_micro_batch_tokens": ours, "ours_micro_batch_tokens": best,
+              "ours_tokens_per_s": ours[best]["tokens_per_s"], "ours_samples_per_s": ours[best]["samples_per_s"],
+              "ours_peak_gpu_mem_gb": ours[best]["peak_gpu_mem_gb"], "ours_mfu_6n": ours[best]["mfu_6n"],
+              "ours_epoch_minutes": ours[best]["epoch_minutes"]}
+    if args.recipe_steps:
+        recipe = train_once(work, "train_recipe", {
+            "micro_batch_size": 1, "micro_batch_tokens": 0, "gradient_accumulation_steps": 8,
+            "precision": "fp16" if cuda() else "fp32", "load_in": "8bit" if cuda() else "none",
+            "gradient_checkpointing": True}, steps=args.recipe_steps, skip=2)
+        result.update(recipe=recipe, recipe_tokens_per_s=recipe["tokens_per_s"],
+                      speedup=round(result["ours_tokens_per_s"] / recipe["tokens_per_s"], 2))
+    return result
 
 
 def measured(command: list, name: str, work: Path) -> dict:
@@ -230,7 +247,7 @@ def merge(args, work: Path, results: dict) -> dict:
     copy_seconds = time.perf_counter() - start
     shutil.rmtree(copy_dir)
     ours = measured([sys.executable, SCRIPTS / "merge_lora.py", "--base-model", work / "base", "--adapter", adapter,
-                     "--out", work / "merged_ours"], "merge_ours", work)
+                     "--out", work / "merged_ours", "--threads", len(os.sched_getaffinity(0))], "merge_ours", work)
     reference = {"seconds": None, "peak_rss_gb": None}
     if not args.skip_reference_merge:
         reference = measured([sys.executable, REPO / "benchmarks/reference_merge.py", work / "base", adapter,
@@ -319,11 +336,11 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--stages", default="setup,train,merge,answer")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="7b")
-    parser.add_argument("--micro-batch", type=int, default=16)
+    parser.add_argument("--micro-batch-tokens", type=lambda s: [int(x) for x in s.split(",")], default=[8192],
+                        help="token budgets per micro-batch to try for our training (the fastest is reported)")
     parser.add_argument("--train-steps", type=int, default=40)
     parser.add_argument("--recipe-steps", type=int, default=10, help="0 skips the recipe's training")
-    parser.add_argument("--log-every", type=int, default=5, help="optimizer steps between throughput readings")
-    parser.add_argument("--answer-batches", type=lambda s: [int(x) for x in s.split(",")], default=[32, 64])
+    parser.add_argument("--answer-batches", type=lambda s: [int(x) for x in s.split(",")], default=[64, 128])
     parser.add_argument("--recipe-questions", type=int, default=200)
     parser.add_argument("--skip-reference-merge", action="store_true", help="time only our merge (and the copy)")
     args = parser.parse_args()

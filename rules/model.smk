@@ -81,7 +81,7 @@ rule merge_lora:
         "../envs/merge.yaml"
     shell:
         "python {input.script} --base-model {params.base_model:q} --adapter {input.adapter} "
-        "--out {output} > {log} 2>&1"
+        "--out {output} --threads {threads} > {log} 2>&1"
 
 
 rule answer_questions:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -11,6 +12,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from build_demo_model import build_model
+from mcqa.modeling import load_tokenizer
+from mcqa.records import read_records
+from train_lora import micro_batches, tokenize
 
 
 def tiny_base(path, vocab=97, bin_shards=False):
@@ -57,16 +61,26 @@ def reference_logits(base_path, adapter_path, ids):
 
 
 @pytest.mark.parametrize(
-    "bin_shards, modules_to_save, use_rslora",
-    [(False, None, False), (True, None, False), (False, ["lm_head"], False), (False, None, True)],
+    "bin_shards, modules_to_save, use_rslora, threads, block_bytes",
+    [(False, None, False, 1, None), (True, None, False, 1, None), (False, ["lm_head"], False, 3, 200),
+     (False, None, True, 1, None), (False, None, False, 4, 200), (True, ["lm_head"], False, 2, 200)],
 )
-def test_streaming_merge_equals_merge_and_unload(tmp_path, bin_shards, modules_to_save, use_rslora):
+def test_streaming_merge_equals_merge_and_unload(tmp_path, monkeypatch, request, bin_shards, modules_to_save,
+                                                 use_rslora, threads, block_bytes):
+    """Also with several shards at a time and tensors cut into many blocks of rows (block_bytes)."""
+    import merge_lora
+
+    request.addfinalizer(lambda n=torch.get_num_threads(): torch.set_num_threads(n))  # merge() sets it
+
     base, adapter, out = tmp_path / "base", tmp_path / "adapter", tmp_path / "merged"
     original = tiny_base(base, bin_shards=bin_shards)
     assert len(list(base.glob("*.bin" if bin_shards else "*.safetensors"))) > 1, "want several shards"
     tiny_adapter(base, adapter, modules_to_save, use_rslora)
-    result = run_script("merge_lora.py", "--base-model", base, "--adapter", adapter, "--out", out)
-    assert result.returncode == 0, result.stderr
+    if block_bytes:
+        monkeypatch.setattr(merge_lora, "BLOCK_BYTES", block_bytes)
+        assert any(len(list(merge_lora.row_blocks(w.to("meta")))) > 5 for w in original.state_dict().values())
+    assert merge_lora.main(["--base-model", str(base), "--adapter", str(adapter), "--out", str(out),
+                            "--threads", str(threads)]) == 0
     assert (out / "model.safetensors.index.json").exists() and not list(out.glob("*.bin"))
     merged = AutoModelForCausalLM.from_pretrained(out)
     ids = torch.randint(0, 97, (2, 17))
@@ -168,6 +182,10 @@ def test_merged_weight_is_base_plus_scaled_b_times_a(tmp_path, fan_in_fan_out):
     expected = (weight.to(torch.bfloat16).float() + 2.0 * delta).to(torch.bfloat16)
     assert merged.dtype == torch.bfloat16
     torch.testing.assert_close(merged, expected)  # bf16 tolerance: the GPU may round the sum differently
+    # Merged in blocks of rows, as the streaming merge does: the same bits.
+    blocks = [merge_tensor("layer.proj.weight", rows.to(torch.bfloat16), pairs, {}, first_row)
+              for first_row, rows in zip(range(0, len(weight), 2), weight.split(2))]
+    assert torch.equal(torch.cat(blocks), merged)
 
 
 def test_training_with_the_same_seed_gives_the_same_adapter(demo_run, tmp_path):
@@ -175,7 +193,7 @@ def test_training_with_the_same_seed_gives_the_same_adapter(demo_run, tmp_path):
         "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "modules_to_save": [], "learning_rate": 0.002,
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         "epochs": 0.5, "warmup_ratio": 0.03, "lr_scheduler": "cosine", "weight_decay": 0.0, "micro_batch_size": 8,
-        "gradient_accumulation_steps": 1, "max_seq_length": 256, "seed": 7, "precision": "auto", "load_in": "none",
+        "micro_batch_tokens": 512, "gradient_accumulation_steps": 1, "max_seq_length": 256, "seed": 7, "precision": "auto", "load_in": "none",
         "gradient_checkpointing": False, "checkpoint_steps": 1000, "eval_steps": 1000, "logging_steps": 5}
     adapters = []
     for n in range(2):
@@ -186,3 +204,17 @@ def test_training_with_the_same_seed_gives_the_same_adapter(demo_run, tmp_path):
         assert result.returncode == 0, result.stderr
         adapters.append((out / "adapter/adapter_model.safetensors").read_bytes())
     assert adapters[0] == adapters[1]
+    # Half an epoch of token-budget micro-batches: steps, examples and tokens as the batches say.
+    records = read_records(demo_run / "results/data/train.json", "labelled")
+    features, _ = tokenize(records, load_tokenizer(str(demo_run / "resources/models/demo")), 256)
+    batches = micro_batches([len(f["input_ids"]) for f in features], 8, 512, seed=7)
+    assert any(len(b) < 8 for b in batches[:-1])  # the token budget, not the cap, closed some batches
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    steps = [e for e in log if "loss" in e]
+    k = log[-1]["step"]
+    assert k == math.ceil(len(batches) / 2)
+    assert all(e["samples_per_s"] > 0 and e["tokens_per_s"] > 0 for e in steps)
+    batch_tokens = sorted(sum(len(features[i]["input_ids"]) for i in b) for b in batches)
+    assert sum(batch_tokens[:k]) <= log[-1]["tokens_seen"] <= sum(batch_tokens[-k:])  # k whole batches, no padding
+    batch_sizes = sorted(len(b) for b in batches)
+    assert sum(batch_sizes[:k]) <= log[-1]["examples_seen"] <= sum(batch_sizes[-k:])

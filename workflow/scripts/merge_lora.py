@@ -1,10 +1,12 @@
 """Merge a LoRA adapter into its base model, one checkpoint shard at a time.
 
-    merge_lora.py --base-model PATH_OR_HUB_ID --adapter ADAPTER_DIR --out MERGED_DIR
+    merge_lora.py --base-model PATH_OR_HUB_ID --adapter ADAPTER_DIR --out MERGED_DIR [--threads N]
 
 For every base weight with a LoRA pair, W' = W + scale * B @ A is computed in
 fp32 and cast back to W's dtype; modules_to_save weights replace the base
-ones. Peak memory is about one shard plus the adapter, never the whole model.
+ones. Shards are merged in parallel (up to --threads at a time), each one
+streamed in blocks of rows: read, merge, written at its place in the output.
+Peak memory is the adapter plus a few blocks per thread, never a whole shard.
 .bin shards are read with torch.load(weights_only=True): no pickled code runs.
 Output: safetensors shards + index, config, generation config, tokenizer.
 """
@@ -19,11 +21,11 @@ import shutil
 import struct
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterator
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from mcqa.progress import format_duration
@@ -31,6 +33,8 @@ from mcqa.progress import format_duration
 PEFT_PREFIX = "base_model.model."
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
+BLOCK_BYTES = 32 * 2**20  # rows read, merged and written at a time; memory is a few of these per thread
+MAX_PARALLEL_SHARDS = 8
 
 
 class MergeError(Exception):
@@ -71,13 +75,25 @@ TORCH_DTYPES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
 class ShardReader:
-    """One checkpoint shard, read tensor by tensor (safetensors via mmap, .bin via torch.load(mmap=True))."""
+    """One checkpoint shard, read tensor by tensor, in blocks of rows.
+
+    safetensors shards are read with positioned reads into fresh buffers (no
+    memory map, so only the blocks in hand are resident); .bin shards through
+    torch.load(mmap=True).
+    """
 
     def __init__(self, path: Path):
+        self.path = path
         self.safetensors = path.suffix == ".safetensors"
         if self.safetensors:
-            self._file = safe_open(str(path), "pt")
-            self.names = list(self._file.keys())
+            self._fd = os.open(path, os.O_RDONLY)
+            (size,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
+            header = json.loads(os.pread(self._fd, size, 8))
+            header.pop("__metadata__", None)
+            self._data_start = 8 + size
+            self._entries = {name: (TORCH_DTYPES[e["dtype"]], tuple(e["shape"]), e["data_offsets"][0])
+                             for name, e in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])}
+            self.names = list(self._entries)
         else:
             self._state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             self.names = list(self._state)
@@ -85,20 +101,48 @@ class ShardReader:
     def meta(self, name: str) -> torch.Tensor:
         """A tensor on the meta device with the stored dtype and shape (no data read)."""
         if self.safetensors:
-            view = self._file.get_slice(name)
-            return torch.empty(view.get_shape(), dtype=TORCH_DTYPES[view.get_dtype()], device="meta")
+            dtype, shape, _ = self._entries[name]
+            return torch.empty(shape, dtype=dtype, device="meta")
         return self._state[name].to("meta")
 
-    def get(self, name: str) -> torch.Tensor:
-        return self._file.get_tensor(name) if self.safetensors else self._state[name]
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows start:stop of a tensor as (rows, elements per row); a 0-d tensor is one row of one."""
+        if not self.safetensors:
+            tensor = self._state[name]
+            return (tensor[start:stop] if tensor.dim() else tensor).reshape(stop - start, -1)
+        dtype, shape, offset = self._entries[name]
+        row_elements = math.prod(shape[1:])
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        buffer = torch.empty((stop - start) * row_elements * itemsize, dtype=torch.uint8)
+        view, position = memoryview(buffer.numpy()), self._data_start + offset + start * row_elements * itemsize
+        while view:
+            got = os.preadv(self._fd, [view], position)
+            if not got:
+                raise MergeError(f"{self.path}: file ends inside tensor {name}; the shard is truncated")
+            view, position = view[got:], position + got
+        return buffer.view(dtype).reshape(stop - start, row_elements)
+
+    def close(self) -> None:
+        if self.safetensors:
+            os.close(self._fd)
 
 
-def write_safetensors(path: Path, specs: list[tuple[str, torch.Tensor]], tensors: Iterable[torch.Tensor]) -> int:
-    """Write tensors in the safetensors format one at a time, so only one is in memory.
+def row_blocks(meta: torch.Tensor) -> Iterator[tuple[int, int]]:
+    """(start, stop) row ranges of about BLOCK_BYTES each."""
+    rows = meta.shape[0] if meta.dim() else 1
+    row_bytes = max(1, math.prod(meta.shape[1:]) * meta.element_size())
+    step = max(1, BLOCK_BYTES // row_bytes)
+    for start in range(0, rows, step):
+        yield start, min(rows, start + step)
+
+
+def write_safetensors(path: Path, specs: list[tuple[str, torch.Tensor]],
+                      blocks: Callable[[str, torch.Tensor], Iterator[torch.Tensor]]) -> int:
+    """Write a safetensors file block by block, so only a block is in memory.
 
     safetensors' save_file needs every tensor at once; here the header comes
-    from `specs` (name, meta tensor) and `tensors` yields the data in that
-    order. Returns the number of data bytes written.
+    from `specs` (name, meta tensor) and `blocks(name, meta)` yields each
+    tensor's data in row order. Returns the number of data bytes written.
     """
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
@@ -112,11 +156,16 @@ def write_safetensors(path: Path, specs: list[tuple[str, torch.Tensor]], tensors
     with open(path, "wb") as fh:
         fh.write(struct.pack("<Q", len(blob)))
         fh.write(blob)
-        for (name, meta), tensor in zip(specs, tensors, strict=True):
-            if tensor.dtype != meta.dtype or tensor.shape != meta.shape:
-                raise MergeError(f"{name}: merged tensor is {tensor.dtype} {tuple(tensor.shape)}, expected "
-                                 f"{meta.dtype} {tuple(meta.shape)}")
-            fh.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        for name, meta in specs:
+            expected = header[name]["data_offsets"][1] - header[name]["data_offsets"][0]
+            written = 0
+            for block in blocks(name, meta):
+                if block.dtype != meta.dtype:
+                    raise MergeError(f"{name}: merged block is {block.dtype}, expected {meta.dtype}")
+                written += fh.write(block.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            if written != expected:
+                raise MergeError(f"{name}: wrote {written} bytes, expected {expected} for {meta.dtype} "
+                                 f"{tuple(meta.shape)}")
     return offset
 
 
@@ -134,7 +183,7 @@ def read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, dict[str, torch.Ten
         name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
         if ".lora_A." in name or ".lora_B." in name:
             module, part = (name.split(".lora_A.")[0], "A") if ".lora_A." in name else (name.split(".lora_B.")[0], "B")
-            pairs.setdefault(module + ".weight", {})[part] = value
+            pairs.setdefault(module + ".weight", {})[part] = value.float()
         else:
             replacements[name] = value
     for weight, pair in pairs.items():
@@ -175,17 +224,30 @@ def check_fit(checkpoint: Path, shards: dict[str, list[str]], pairs: dict, repla
         raise MergeError("the adapter does not fit this base model:\n  " + "\n  ".join(problems))
 
 
-def merge_tensor(name: str, weight: torch.Tensor, pairs: dict, replacements: dict) -> torch.Tensor:
-    """The merged weight, in the base weight's dtype."""
+def merge_tensor(name: str, weight: torch.Tensor, pairs: dict, replacements: dict, first_row: int = 0) -> torch.Tensor:
+    """Rows first_row: of the merged weight (`weight` holds those rows of the base), in the base dtype."""
+    rows = slice(first_row, first_row + weight.shape[0])
     if name in replacements:
-        return replacements[name].to(weight.dtype)
+        return replacements[name].reshape(-1, *weight.shape[1:])[rows].to(weight.dtype)
     if name in pairs:
         pair = pairs[name]
-        delta = pair["B"].float() @ pair["A"].float()
-        if pair["transpose"]:
-            delta = delta.T
-        return weight.float().add_(delta, alpha=pair["scale"]).to(weight.dtype)
+        # W' rows r = W rows r + scale * (B @ A) rows r; with fan_in_fan_out W is stored transposed.
+        delta = (pair["B"] @ pair["A"][:, rows]).T if pair["transpose"] else pair["B"][rows] @ pair["A"]
+        return weight.float().add_(delta.reshape(weight.shape), alpha=pair["scale"]).to(weight.dtype)
     return weight
+
+
+def merge_shard(source: Path, names: list[str], target: Path, pairs: dict, replacements: dict) -> int:
+    """Merge one shard into target, block by block; returns the data bytes written."""
+    reader = ShardReader(source)
+    try:
+        def blocks(name: str, meta: torch.Tensor) -> Iterator[torch.Tensor]:
+            for start, stop in row_blocks(meta):
+                yield merge_tensor(name, reader.rows(name, start, stop), pairs, replacements, start)
+
+        return write_safetensors(target, [(name, reader.meta(name)) for name in names], blocks)
+    finally:
+        reader.close()
 
 
 def copy_side_files(checkpoint: Path, adapter_dir: Path, out: Path) -> None:
@@ -199,7 +261,7 @@ def copy_side_files(checkpoint: Path, adapter_dir: Path, out: Path) -> None:
             shutil.copy2(path, out / path.name)
 
 
-def merge(base_model: str, adapter_dir: Path, out: Path) -> None:
+def merge(base_model: str, adapter_dir: Path, out: Path, threads: int = 1) -> None:
     start = time.perf_counter()
     checkpoint = resolve_checkpoint(base_model)
     shards = shard_map(checkpoint)
@@ -208,17 +270,22 @@ def merge(base_model: str, adapter_dir: Path, out: Path) -> None:
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    parallel = max(1, min(len(shards), threads, MAX_PARALLEL_SHARDS))
+    torch.set_num_threads(max(1, threads // parallel))
+    print(f"{len(shards)} shard(s) of {checkpoint}, {len(pairs)} LoRA weights read in "
+          f"{time.perf_counter() - start:.1f} s; merging {parallel} shard(s) at a time", file=sys.stderr, flush=True)
+    names_out = {shard: f"model-{n:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1 else "model.safetensors"
+                 for n, shard in enumerate(sorted(shards), 1)}
     weight_map, total_size = {}, 0
-    for n, (shard, names) in enumerate(sorted(shards.items()), 1):
-        reader = ShardReader(checkpoint / shard)
-        specs = [(name, reader.meta(name)) for name in names]
-        merged = (merge_tensor(name, reader.get(name), pairs, replacements) for name in names)
-        out_name = f"model-{n:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1 else "model.safetensors"
-        total_size += write_safetensors(tmp / out_name, specs, merged)
-        weight_map.update(dict.fromkeys(names, out_name))
-        del reader
-        print(f"shard {n}/{len(shards)} {shard} -> {out_name}  ({format_duration(time.perf_counter() - start)})",
-              file=sys.stderr, flush=True)
+    with ThreadPoolExecutor(parallel) as pool:
+        jobs = {pool.submit(merge_shard, checkpoint / shard, shards[shard], tmp / names_out[shard], pairs,
+                            replacements): shard for shard in sorted(shards)}
+        for done, job in enumerate(as_completed(jobs), 1):
+            shard = jobs[job]
+            total_size += job.result()
+            weight_map.update(dict.fromkeys(shards[shard], names_out[shard]))
+            print(f"shard {done}/{len(shards)} {shard} -> {names_out[shard]}  "
+                  f"({format_duration(time.perf_counter() - start)})", file=sys.stderr, flush=True)
     if len(shards) > 1:
         index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
@@ -234,9 +301,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-model", required=True)
     parser.add_argument("--adapter", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (shards merged at a time, at most 8)")
     args = parser.parse_args(argv)
     try:
-        merge(args.base_model, args.adapter, args.out)
+        merge(args.base_model, args.adapter, args.out, args.threads)
     except MergeError as exc:
         print(f"ERROR merging {args.adapter} into {args.base_model}: {exc}", file=sys.stderr)
         return 2

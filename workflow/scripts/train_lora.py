@@ -4,7 +4,9 @@
         --log-jsonl train_log.jsonl --checkpoint-dir CKPT_DIR --settings '{...}'
 
 Loss is on the answer digit and EOS only. Examples are batched with others of
-similar length. Checkpoints go to --checkpoint-dir every checkpoint_steps; a
+similar length, up to micro_batch_size examples and micro_batch_tokens padded
+tokens per micro-batch, so that long and short batches do similar work.
+Checkpoints go to --checkpoint-dir every checkpoint_steps; a
 rerun with the same settings and data resumes from the newest one. Launched
 by torchrun with several GPUs, it trains data-parallel under DeepSpeed ZeRO-2
 (--deepspeed-config).
@@ -17,10 +19,12 @@ import hashlib
 import json
 import math
 import os
+import random
 import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
@@ -52,6 +56,58 @@ def tokenize(records: list[dict], tokenizer, max_seq_length: int) -> tuple[list[
     return features, truncated
 
 
+def micro_batches(lengths: list[int], max_examples: int, max_tokens: int, seed: int,
+                  group: int = 1024, multiple_of: int = 8) -> list[list[int]]:
+    """Example indices cut into micro-batches of similar length.
+
+    The examples are shuffled (seeded), taken in groups of `group`, each group
+    sorted longest first and cut greedily: a micro-batch closes when it holds
+    `max_examples` examples, or when one more would make it exceed
+    `max_tokens` tokens once padded to its longest example (0: no token
+    limit). An example longer than `max_tokens` trains alone.
+    """
+    order = list(range(len(lengths)))
+    random.Random(seed).shuffle(order)
+    batches: list[list[int]] = []
+    for start in range(0, len(order), group):
+        batch: list[int] = []
+        for i in sorted(order[start : start + group], key=lambda i: -lengths[i]):
+            width = -(-lengths[batch[0] if batch else i] // multiple_of) * multiple_of
+            if batch and (len(batch) == max_examples or (max_tokens and (len(batch) + 1) * width > max_tokens)):
+                batches.append(batch)
+                batch = []
+            batch.append(i)
+        batches.append(batch)
+    return batches
+
+
+class MicroBatchDataset(torch.utils.data.Dataset):
+    """Training features served one whole micro-batch at a time.
+
+    The Trainer shuffles the micro-batches (seeded) every epoch; their
+    composition is fixed once, by micro_batches().
+    """
+
+    def __init__(self, features: list[dict], batches: list[list[int]]):
+        self.features, self.batches = features, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, index: int) -> list[dict]:
+        return [self.features[i] for i in self.batches[index]]
+
+
+class ExampleCountingTrainer(Trainer):
+    """A Trainer that counts the examples it has trained on (micro-batches vary in size)."""
+
+    examples_trained = 0
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.examples_trained += len(inputs["input_ids"])
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
 class TrainingDiverged(RuntimeError):
     """The loss or gradient stopped being a number; continuing would waste GPU hours."""
 
@@ -71,7 +127,10 @@ class AnswerOnlyCollator:
     def __init__(self, pad_token_id: int, multiple_of: int = 8):
         self.pad_token_id, self.multiple_of = pad_token_id, multiple_of
 
-    def __call__(self, features: list[dict]) -> dict:
+    def __call__(self, features: list) -> dict:
+        if isinstance(features[0], list):  # one micro-batch from MicroBatchDataset
+            features = [f for batch in features for f in batch]
+
         def pad(key: str, value: int) -> torch.Tensor:
             return pad_right([f[key] for f in features], value, self.multiple_of)
 
@@ -83,18 +142,24 @@ class AnswerOnlyCollator:
 
 
 class ProgressLog(TrainerCallback):
-    """Writes train_log.jsonl and a readable progress line (step, loss, lr, tokens/s, ETA)."""
+    """Writes train_log.jsonl and a readable progress line (step, loss, lr, tokens/s, ETA).
 
-    def __init__(self, path: Path):
-        self.path = path
+    Rates are over the interval since the previous line; the running totals
+    `elapsed_s`, `tokens_seen` (real tokens) and `examples_seen`, all
+    processes together, let a reader take any other interval (after a
+    resume, examples_seen counts from the restart).
+    """
+
+    def __init__(self, path: Path, examples_trained: Callable[[], int]):
+        self.path, self.examples_trained = path, examples_trained
         self.start = self.last_time = None
-        self.last_tokens = 0
-        self.first_step = self.last_step = 0
+        self.last_tokens = self.last_examples = 0
+        self.first_step = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = self.last_time = time.perf_counter()
-        self.last_tokens = state.num_input_tokens_seen
-        self.first_step = self.last_step = state.global_step
+        self.last_tokens, self.last_examples = state.num_input_tokens_seen, self.examples_trained()
+        self.first_step = state.global_step
         if state.global_step:
             report(f"resumed from checkpoint at step {state.global_step}")
 
@@ -113,18 +178,21 @@ class ProgressLog(TrainerCallback):
             elapsed = max(now - self.last_time, 1e-9)
             done = state.global_step - self.first_step
             eta = (now - self.start) / max(done, 1) * (state.max_steps - state.global_step)
-            samples = (state.global_step - self.last_step) * args.per_device_train_batch_size * args.gradient_accumulation_steps
+            examples = self.examples_trained()
             entry.update(
                 loss=logs["loss"],
                 grad_norm=logs.get("grad_norm"),
                 learning_rate=logs.get("learning_rate"),
                 tokens_per_s=round((tokens - self.last_tokens) * args.world_size / elapsed, 1),
-                samples_per_s=round(samples * args.world_size / elapsed, 2),
+                samples_per_s=round((examples - self.last_examples) * args.world_size / elapsed, 2),
                 eta_s=round(eta, 1),
+                elapsed_s=round(now - self.start, 3),
+                tokens_seen=tokens * args.world_size,
+                examples_seen=examples * args.world_size,
             )
             if torch.cuda.is_available():
                 entry["peak_gpu_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-            self.last_time, self.last_tokens, self.last_step = now, tokens, state.global_step
+            self.last_time, self.last_tokens, self.last_examples = now, tokens, examples
             memory = f"  {entry['peak_gpu_mem_gb']} GiB peak" if "peak_gpu_mem_gb" in entry else ""
             print(
                 f"step {state.global_step}/{state.max_steps}  loss {entry['loss']:.4f}  "
@@ -137,7 +205,8 @@ class ProgressLog(TrainerCallback):
             entry["val_loss"] = logs["eval_loss"]
             print(f"step {state.global_step}  validation loss {logs['eval_loss']:.4f}", file=sys.stderr, flush=True)
         elif "train_runtime" in logs:
-            entry.update(train_runtime_s=logs["train_runtime"], tokens_seen=tokens * args.world_size)
+            entry.update(train_runtime_s=logs["train_runtime"], tokens_seen=tokens * args.world_size,
+                         examples_seen=self.examples_trained() * args.world_size)
         else:
             return
         with open(self.path, "a", encoding="utf-8") as fh:
@@ -175,7 +244,7 @@ def prepare_checkpoint_dir(path: Path, expected: dict) -> bool:
 def training_arguments(s: dict, args: argparse.Namespace, precision: str, has_val: bool) -> TrainingArguments:
     return TrainingArguments(
         output_dir=args.checkpoint_dir,
-        per_device_train_batch_size=s["micro_batch_size"],
+        per_device_train_batch_size=1,  # one item of MicroBatchDataset is a whole micro-batch
         per_device_eval_batch_size=s["micro_batch_size"],
         gradient_accumulation_steps=s["gradient_accumulation_steps"],
         num_train_epochs=s["epochs"],
@@ -195,7 +264,6 @@ def training_arguments(s: dict, args: argparse.Namespace, precision: str, has_va
         eval_steps=s["eval_steps"],
         seed=s["seed"],
         data_seed=s["seed"],
-        train_sampling_strategy="group_by_length",
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False,
         report_to="none",
@@ -224,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    # Micro-batch shapes change every step; expandable segments keep the CUDA
+    # allocator from fragmenting (read at the first CUDA allocation, below).
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     precision = resolve_precision(s["precision"])
     tokenizer = load_tokenizer(args.base_model, args.trust_remote_code)
     train_records = read_records(args.train, "labelled")
@@ -234,10 +305,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ERROR {args.train} has no records to train on", file=sys.stderr)
         return 2
     lengths = [len(f["input_ids"]) for f in train_features]
+    batches = micro_batches(lengths, s["micro_batch_size"], s["micro_batch_tokens"], s["seed"])
+    train_dataset = MicroBatchDataset(train_features, batches)
     report(
         f"train {len(train_features)} examples ({sum(lengths):,} tokens, longest {max(lengths)}), "
         f"val {len(val_features)}; article cut to fit max_seq_length {s['max_seq_length']}: "
-        f"{train_cut} train, {val_cut} val examples; precision {precision}, base loaded as {s['load_in']}"
+        f"{train_cut} train, {val_cut} val examples; precision {precision}, base loaded as {s['load_in']}; "
+        f"{len(batches)} micro-batches of {len(train_features) / len(batches):.1f} examples on average"
     )
 
     set_seed(s["seed"])  # before the LoRA weights are initialised, so a run is reproducible
@@ -259,16 +333,16 @@ def main(argv: list[str] | None = None) -> int:
     report(f"LoRA: {trainable:,} trainable of {total:,} parameters")
 
     log_path = Path(args.log_jsonl)
-    trainer = Trainer(
+    trainer = ExampleCountingTrainer(
         model=model,
         args=training_arguments(s, args, precision, bool(val_features)),
-        train_dataset=train_features,
+        train_dataset=train_dataset,
         eval_dataset=val_features or None,
         data_collator=AnswerOnlyCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
-        callbacks=[ProgressLog(log_path)],
     )
     trainer.remove_callback(PrinterCallback)  # ProgressLog prints a readable line instead
+    trainer.add_callback(ProgressLog(log_path, lambda: trainer.examples_trained))
     # Rank 0 decides whether to resume (and cleans up); the Trainer has set up
     # the process group, so every rank then follows the same decision.
     checkpoint_dir = Path(args.checkpoint_dir)
@@ -279,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     if not resume and trainer.is_world_process_zero():
         log_path.unlink(missing_ok=True)
     world = trainer.args.world_size
-    steps_per_epoch = math.ceil(len(train_features) / (s["micro_batch_size"] * s["gradient_accumulation_steps"] * world))
+    steps_per_epoch = math.ceil(len(batches) / (s["gradient_accumulation_steps"] * world))
     report(f"about {steps_per_epoch} optimizer steps per epoch on {world} process(es)")
     try:
         trainer.train(resume_from_checkpoint=bool(resume))

@@ -1,0 +1,68 @@
+"""How training examples are cut into micro-batches (token budget, example cap, seed)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from train_lora import AnswerOnlyCollator, MicroBatchDataset, micro_batches
+
+
+def lengths(n: int = 3000, seed: int = 0) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randint(20, 512) for _ in range(n)]
+
+
+def padded(batch: list[int], lens: list[int]) -> int:
+    return len(batch) * -(-max(lens[i] for i in batch) // 8) * 8
+
+
+@pytest.mark.parametrize("max_examples, max_tokens", [(64, 8192), (16, 0), (1, 0), (200, 2048)])
+def test_every_example_once_and_every_batch_within_its_limits(max_examples, max_tokens):
+    lens = lengths()
+    batches = micro_batches(lens, max_examples, max_tokens, seed=1)
+    assert sorted(i for b in batches for i in b) == list(range(len(lens)))
+    assert all(1 <= len(b) <= max_examples for b in batches)
+    if max_tokens:
+        assert all(padded(b, lens) <= max_tokens for b in batches)
+
+
+def test_token_budget_fills_batches_of_short_examples():
+    lens = lengths()
+    batches = micro_batches(lens, 256, 8192, seed=1)
+    # A batch closes only when one more example would not fit; only the last
+    # batch of each group of 1024 examples (3 here) may be partly filled.
+    assert sum(padded(b, lens) < 8192 - 512 for b in batches) <= 3
+    short = [b for b in batches if max(lens[i] for i in b) <= 128]
+    assert len(short) > 3 and sum(len(b) < 8192 // 128 for b in short) <= 3
+
+
+def test_similar_lengths_share_a_batch():
+    lens = lengths()
+    batches = micro_batches(lens, 16, 0, seed=1)
+    padding = sum(padded(b, lens) for b in batches) / sum(lens) - 1
+    assert padding < 0.05  # random batches of 16 would pad about 50%
+
+
+def test_an_example_longer_than_the_budget_trains_alone():
+    lens = [100, 900, 100, 100]
+    batches = micro_batches(lens, 8, 512, seed=0)
+    assert [1] in batches and sorted(i for b in batches for i in b) == [0, 1, 2, 3]
+
+
+def test_seed_fixes_the_batches():
+    lens = lengths()
+    assert micro_batches(lens, 64, 8192, seed=5) == micro_batches(lens, 64, 8192, seed=5)
+    assert micro_batches(lens, 64, 8192, seed=5) != micro_batches(lens, 64, 8192, seed=6)
+
+
+def test_a_micro_batch_item_is_collated_like_its_examples():
+    features = [{"input_ids": [5] * n, "attention_mask": [1] * n, "labels": [-100] * (n - 2) + [7, 2]}
+                for n in (9, 4, 6)]
+    dataset = MicroBatchDataset(features, [[0, 2], [1]])
+    collate = AnswerOnlyCollator(pad_token_id=0)
+    item = collate([dataset[0]])
+    expected = collate([features[0], features[2]])
+    assert all(item[k].equal(expected[k]) for k in expected)
+    assert item["input_ids"].shape == (2, 16)
