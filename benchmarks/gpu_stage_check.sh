@@ -17,7 +17,7 @@ for mode in bf16:none fp16:8bit; do
   settings=$(python -c "import json, sys; print(json.dumps({
     'lora_r': 16, 'lora_alpha': 32, 'lora_dropout': 0.05, 'modules_to_save': [], 'learning_rate': 0.002,
     'target_modules': ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'],
-    'epochs': 3, 'warmup_ratio': 0.03, 'lr_scheduler': 'cosine', 'weight_decay': 0.0, 'micro_batch_size': 8,
+    'epochs': 3, 'warmup_ratio': 0.03, 'lr_scheduler': 'cosine', 'weight_decay': 0.0, 'micro_batch_size': 8, 'micro_batch_tokens': 8192,
     'gradient_accumulation_steps': 1, 'max_seq_length': 256, 'seed': 42, 'precision': '$precision',
     'load_in': '$load_in', 'gradient_checkpointing': '$load_in' != 'none', 'checkpoint_steps': 20,
     'eval_steps': 20, 'logging_steps': 10}))")

@@ -1,12 +1,13 @@
-"""Merge a LoRA adapter into its base model, one checkpoint shard at a time.
+"""Merge a LoRA adapter into its base model, shard by shard, block by block.
 
     merge_lora.py --base-model PATH_OR_HUB_ID --adapter ADAPTER_DIR --out MERGED_DIR [--threads N]
 
 For every base weight with a LoRA pair, W' = W + scale * B @ A is computed in
 fp32 and cast back to W's dtype; modules_to_save weights replace the base
 ones. Shards are merged in parallel (up to --threads at a time), each one
-streamed in blocks of rows: read, merge, written at its place in the output.
-Peak memory is the adapter plus a few blocks per thread, never a whole shard.
+streamed in blocks of rows: read, merged and appended to its output shard.
+Peak memory is the adapter plus 20 MB per shard in progress, never a whole
+safetensors shard (.bin shards are memory-mapped, so their pages add up).
 .bin shards are read with torch.load(weights_only=True): no pickled code runs.
 Output: safetensors shards + index, config, generation config, tokenizer.
 """
@@ -33,7 +34,7 @@ from mcqa.progress import format_duration
 PEFT_PREFIX = "base_model.model."
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
-BLOCK_BYTES = 32 * 2**20  # rows read, merged and written at a time; memory is a few of these per thread
+BLOCK_BYTES = 4 * 2**20  # rows read, merged and written at a time: cache-sized, and reused
 MAX_PARALLEL_SHARDS = 8
 
 
@@ -62,7 +63,8 @@ def shard_map(checkpoint: Path) -> dict[str, list[str]]:
             return shards
     for single in SINGLE_FILES:
         if (checkpoint / single).exists():
-            return {single: ShardReader(checkpoint / single).names}
+            with ShardReader(checkpoint / single) as reader:
+                return {single: reader.names}
     raise MergeError(f"{checkpoint}: no model.safetensors(.index.json) or pytorch_model.bin(.index.json) found")
 
 
@@ -77,9 +79,8 @@ TORCH_DTYPES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 class ShardReader:
     """One checkpoint shard, read tensor by tensor, in blocks of rows.
 
-    safetensors shards are read with positioned reads into fresh buffers (no
-    memory map, so only the blocks in hand are resident); .bin shards through
-    torch.load(mmap=True).
+    safetensors shards are read with positioned reads (no memory map, so only
+    the block in hand is resident); .bin shards through torch.load(mmap=True).
     """
 
     def __init__(self, path: Path):
@@ -93,38 +94,48 @@ class ShardReader:
             self._data_start = 8 + size
             self._entries = {name: (TORCH_DTYPES[e["dtype"]], tuple(e["shape"]), e["data_offsets"][0])
                              for name, e in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])}
-            self.names = list(self._entries)
         else:
             self._state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            self.names = list(self._state)
+            self._entries = {name: (t.dtype, tuple(t.shape), None) for name, t in self._state.items()}
+        self.names = list(self._entries)
 
     def meta(self, name: str) -> torch.Tensor:
         """A tensor on the meta device with the stored dtype and shape (no data read)."""
-        if self.safetensors:
-            dtype, shape, _ = self._entries[name]
-            return torch.empty(shape, dtype=dtype, device="meta")
-        return self._state[name].to("meta")
+        dtype, shape, _ = self._entries[name]
+        return torch.empty(shape, dtype=dtype, device="meta")
 
-    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows start:stop of a tensor as (rows, elements per row); a 0-d tensor is one row of one."""
-        if not self.safetensors:
-            tensor = self._state[name]
-            return (tensor[start:stop] if tensor.dim() else tensor).reshape(stop - start, -1)
+    def rows(self, name: str, start: int, stop: int, buffer: torch.Tensor) -> torch.Tensor:
+        """Rows start:stop of a tensor as (rows, elements per row), read into `buffer` (bytes).
+
+        A 0-d tensor is one row of one element. A block larger than the
+        buffer gets a buffer of its own.
+        """
         dtype, shape, offset = self._entries[name]
         row_elements = math.prod(shape[1:])
         itemsize = torch.empty((), dtype=dtype).element_size()
-        buffer = torch.empty((stop - start) * row_elements * itemsize, dtype=torch.uint8)
-        view, position = memoryview(buffer.numpy()), self._data_start + offset + start * row_elements * itemsize
-        while view:
-            got = os.preadv(self._fd, [view], position)
-            if not got:
-                raise MergeError(f"{self.path}: file ends inside tensor {name}; the shard is truncated")
-            view, position = view[got:], position + got
-        return buffer.view(dtype).reshape(stop - start, row_elements)
+        size = (stop - start) * row_elements * itemsize
+        block = (buffer if size <= buffer.numel() else torch.empty(size, dtype=torch.uint8))[:size]
+        if self.safetensors:
+            view, position = memoryview(block.numpy()), self._data_start + offset + start * row_elements * itemsize
+            while view:
+                got = os.preadv(self._fd, [view], position)
+                if not got:
+                    raise MergeError(f"{self.path}: file ends inside tensor {name}; the shard is truncated")
+                view, position = view[got:], position + got
+        else:
+            tensor = self._state[name]
+            block.view(dtype).copy_((tensor[start:stop] if tensor.dim() else tensor).reshape(-1))
+        return block.view(dtype).reshape(stop - start, row_elements)
 
     def close(self) -> None:
         if self.safetensors:
             os.close(self._fd)
+
+    def __enter__(self) -> "ShardReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def row_blocks(meta: torch.Tensor) -> Iterator[tuple[int, int]]:
@@ -201,8 +212,8 @@ def check_fit(checkpoint: Path, shards: dict[str, list[str]], pairs: dict, repla
     """Fail before writing anything if the adapter was made for another base."""
     shapes: dict[str, tuple[int, ...]] = {}
     for shard, names in shards.items():
-        reader = ShardReader(checkpoint / shard)
-        shapes.update({n: tuple(reader.meta(n).shape) for n in names})
+        with ShardReader(checkpoint / shard) as reader:
+            shapes.update({n: tuple(reader.meta(n).shape) for n in names})
     problems = []
     for weight, pair in pairs.items():
         if weight not in shapes:
@@ -224,30 +235,40 @@ def check_fit(checkpoint: Path, shards: dict[str, list[str]], pairs: dict, repla
         raise MergeError("the adapter does not fit this base model:\n  " + "\n  ".join(problems))
 
 
-def merge_tensor(name: str, weight: torch.Tensor, pairs: dict, replacements: dict, first_row: int = 0) -> torch.Tensor:
-    """Rows first_row: of the merged weight (`weight` holds those rows of the base), in the base dtype."""
+def merge_tensor(name: str, weight: torch.Tensor, pairs: dict, replacements: dict, first_row: int = 0,
+                 scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows first_row: of the merged weight, written over `weight` (those rows of the base) and returned.
+
+    The sum is taken in fp32 (in `scratch` when it is big enough) and rounded
+    once to the base dtype.
+    """
     rows = slice(first_row, first_row + weight.shape[0])
     if name in replacements:
-        return replacements[name].reshape(-1, *weight.shape[1:])[rows].to(weight.dtype)
-    if name in pairs:
-        pair = pairs[name]
-        # W' rows r = W rows r + scale * (B @ A) rows r; with fan_in_fan_out W is stored transposed.
-        delta = (pair["B"] @ pair["A"][:, rows]).T if pair["transpose"] else pair["B"][rows] @ pair["A"]
-        return weight.float().add_(delta.reshape(weight.shape), alpha=pair["scale"]).to(weight.dtype)
-    return weight
+        return weight.copy_(replacements[name].reshape(-1, *weight.shape[1:])[rows])
+    if name not in pairs:
+        return weight
+    pair = pairs[name]
+    fits = scratch is not None and scratch.numel() >= weight.numel()
+    merged = scratch[: weight.numel()].view(weight.shape) if fits else torch.empty(weight.shape)
+    merged.copy_(weight)
+    # W' rows = W rows + scale * (B @ A) rows; with fan_in_fan_out W is stored transposed.
+    if pair["transpose"]:
+        merged.addmm_(pair["A"][:, rows].T, pair["B"].T, alpha=pair["scale"])
+    else:
+        merged.addmm_(pair["B"][rows], pair["A"], alpha=pair["scale"])
+    return weight.copy_(merged)
 
 
 def merge_shard(source: Path, names: list[str], target: Path, pairs: dict, replacements: dict) -> int:
     """Merge one shard into target, block by block; returns the data bytes written."""
-    reader = ShardReader(source)
-    try:
+    buffer = torch.empty(BLOCK_BYTES, dtype=torch.uint8)
+    scratch = torch.empty(BLOCK_BYTES, dtype=torch.float32)  # a block's elements in fp32, whatever its dtype
+    with ShardReader(source) as reader:
         def blocks(name: str, meta: torch.Tensor) -> Iterator[torch.Tensor]:
             for start, stop in row_blocks(meta):
-                yield merge_tensor(name, reader.rows(name, start, stop), pairs, replacements, start)
+                yield merge_tensor(name, reader.rows(name, start, stop, buffer), pairs, replacements, start, scratch)
 
         return write_safetensors(target, [(name, reader.meta(name)) for name in names], blocks)
-    finally:
-        reader.close()
 
 
 def copy_side_files(checkpoint: Path, adapter_dir: Path, out: Path) -> None:
