@@ -350,12 +350,12 @@ def main() -> int:
     results.update(device_info())
     stages = {"setup": lambda: setup(args, args.work, SHAPES[args.shape]), "train": lambda: train(args, args.work, results),
               "merge": lambda: merge(args, args.work, results), "answer": lambda: answer(args, args.work, results)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     for stage in args.stages.split(","):
         log(f"stage {stage}")
         results[stage] = stages[stage]()
-        state.write_text(json.dumps(results, indent=1))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1))
+        for path in (state, args.out):  # after every stage, so a run cut short keeps what it measured
+            path.write_text(json.dumps(results, indent=1))
     print(json.dumps({k: results[k] for k in ("device", "setup", "train", "merge", "answer") if k in results}, indent=1))
     return 0
 

@@ -12,7 +12,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from build_demo_model import build_model
-from mcqa.modeling import load_tokenizer
+from mcqa.modeling import load_tokenizer, without_attention_mask
 from mcqa.records import read_records
 from train_lora import micro_batches, tokenize
 
@@ -156,10 +156,17 @@ def test_answer_only_batches_give_the_full_forward_loss():
     batch = AnswerOnlyCollator(pad_token_id=2)(features)
     assert batch["input_ids"].shape == (3, 16)
     assert batch["logits_to_keep"].tolist() == [2, 3, 6, 7, 11, 12]  # the positions before each label
-    batched = model(**batch).loss
     per_token = [model(input_ids=torch.tensor([f["input_ids"]]), labels=torch.tensor([f["labels"]])).loss
                  for f in features]
-    torch.testing.assert_close(batched, torch.stack(per_token).mean(), rtol=1e-5, atol=1e-5)
+    gradients = []
+    # With right padding the attention mask changes neither the loss nor its gradients.
+    for inputs in (batch, without_attention_mask(batch)):
+        model.zero_grad()
+        loss = model(**inputs).loss
+        torch.testing.assert_close(loss, torch.stack(per_token).mean(), rtol=1e-5, atol=1e-5)
+        loss.backward()
+        gradients.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(gradients[0], gradients[1], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])

@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from mcqa.modeling import load_model, load_tokenizer, pad_right, resolve_precision
+from mcqa.modeling import load_model, load_tokenizer, pad_right, resolve_precision, without_attention_mask
 from mcqa.progress import format_duration
 from mcqa.prompt import answer_token_ids, encode_training_example
 from mcqa.records import read_records
@@ -98,14 +98,23 @@ class MicroBatchDataset(torch.utils.data.Dataset):
         return [self.features[i] for i in self.batches[index]]
 
 
-class ExampleCountingTrainer(Trainer):
-    """A Trainer that counts the examples it has trained on (micro-batches vary in size)."""
+class RightPaddedTrainer(Trainer):
+    """A Trainer for right-padded batches of a causal LM; counts the examples trained on.
+
+    The forward pass gets no attention mask: see mcqa.modeling.pad_right for
+    why that changes nothing the loss sees and lets attention run its fused
+    causal kernel. The mask stays in the batch so the Trainer counts real
+    tokens. Examples are counted because micro-batches vary in size.
+    """
 
     examples_trained = 0
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self.examples_trained += len(inputs["input_ids"])
         return super().training_step(model, inputs, num_items_in_batch)
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        return super().compute_loss(model, without_attention_mask(inputs), *args, **kwargs)
 
 
 class TrainingDiverged(RuntimeError):
@@ -121,7 +130,7 @@ class AnswerOnlyCollator:
     any row of the batch, and `shift_labels` gives each row's target at those
     positions (-100 where that row has none). Right padding, as in answering,
     leaves no fully masked attention rows, which can turn half-precision
-    gradients into NaN.
+    gradients into NaN, and makes the attention mask unnecessary (pad_right).
     """
 
     def __init__(self, pad_token_id: int, multiple_of: int = 8):
@@ -333,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     report(f"LoRA: {trainable:,} trainable of {total:,} parameters")
 
     log_path = Path(args.log_jsonl)
-    trainer = ExampleCountingTrainer(
+    trainer = RightPaddedTrainer(
         model=model,
         args=training_arguments(s, args, precision, bool(val_features)),
         train_dataset=train_dataset,

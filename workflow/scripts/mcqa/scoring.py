@@ -26,9 +26,10 @@ def encode_all(tokenizer, records: list[dict], max_seq_length: int) -> tuple[lis
 def answer_log_probs(model, tokenizer, encoded: list[list[int]], batch_size: int, meter: Meter | None = None) -> torch.Tensor:
     """(N, 4) log-probabilities over the whole vocabulary of '1'..'4' after each prompt.
 
-    Prompts are sorted by length and padded on the right, so a batch carries
-    little padding and a row's logits do not depend on its neighbours. Only
-    the answer position goes through the output layer.
+    Prompts are sorted by length and padded on the right (no attention mask
+    needed, see pad_right), so a batch carries little padding and a row's
+    logits do not depend on its neighbours. Only the answer position goes
+    through the output layer.
     """
     answers = torch.tensor(answer_token_ids(tokenizer))
     decoder, head = model.get_decoder(), model.get_output_embeddings()
@@ -39,8 +40,7 @@ def answer_log_probs(model, tokenizer, encoded: list[list[int]], batch_size: int
         rows = order[start : start + batch_size]
         lengths = torch.tensor([len(encoded[i]) for i in rows])
         ids = pad_right([encoded[i] for i in rows], tokenizer.pad_token_id)
-        mask = pad_right([[1] * len(encoded[i]) for i in rows], 0)
-        hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+        hidden = decoder(input_ids=ids.to(device)).last_hidden_state
         last = hidden[torch.arange(len(rows), device=device), (lengths - 1).to(device)]
         log_probs = torch.log_softmax(head(last).float(), dim=-1)[:, answers.to(device)]
         result[rows] = log_probs.cpu()
