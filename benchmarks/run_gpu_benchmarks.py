@@ -232,9 +232,8 @@ def random_adapter(base: Path, out: Path) -> Path:
 
 
 def merge(args, work: Path, results: dict) -> dict:
-    adapter = work / "train_ours/adapter"
-    if not adapter.exists():
-        adapter = random_adapter(work / "base", work / "random_adapter")
+    trained = sorted(work.glob("train_ours_*/adapter"))  # the values do not change the speed
+    adapter = trained[0] if trained else random_adapter(work / "base", work / "random_adapter")
     shards = sorted((work / "base").glob("*.safetensors"))
     largest = max(p.stat().st_size for p in shards) / 2**30
     adapter_gb = (adapter / "adapter_model.safetensors").stat().st_size / 2**30
@@ -253,7 +252,7 @@ def merge(args, work: Path, results: dict) -> dict:
         reference = measured([sys.executable, REPO / "benchmarks/reference_merge.py", work / "base", adapter,
                               work / "merged_reference"], "merge_reference", work)
         shutil.rmtree(work / "merged_reference", ignore_errors=True)
-    result = {"ours_seconds": ours["seconds"], "ours_peak_rss_gb": ours["peak_rss_gb"],
+    result = {"adapter": str(adapter.relative_to(work)), "ours_seconds": ours["seconds"], "ours_peak_rss_gb": ours["peak_rss_gb"],
               "reference_seconds": reference["seconds"], "reference_peak_rss_gb": reference["peak_rss_gb"],
               "copy_seconds": round(copy_seconds, 2), "largest_shard_gb": round(largest, 3),
               "adapter_gb": round(adapter_gb, 3), "checkpoint_gb": round(sum(p.stat().st_size for p in shards) / 2**30, 2)}

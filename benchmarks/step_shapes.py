@@ -8,7 +8,9 @@ bf16, answer-only logits) for micro-batches of about 8k tokens in several
 shapes, each once with every row the same length (no padding) and once with
 lengths spread over the bottom 8% of the row (as length-grouped batches
 have). Differences tell whether a slow step comes from its shape (rows x
-padded length) or from padding itself.
+padded length) or from padding itself. `--rotate N` instead takes a new
+shape every step, N rounds through all of them, as training does: the first
+round shows what a shape costs the first time it is seen.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--tiny", action="store_true", help="a toy width, to try the script on a CPU")
+    parser.add_argument("--rotate", type=int, default=0, help="rounds through the shapes, one step per shape")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     from peft import LoraConfig, get_peft_model
@@ -59,28 +62,40 @@ def main() -> int:
                                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                              "up_proj", "down_proj"]))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    def step(inputs: dict) -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        model(**inputs).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    def entry(inputs: dict, spread: bool, seconds: float) -> dict:
+        rows, padded = inputs["input_ids"].shape
+        return {"rows": rows, "padded_length": padded, "lengths_spread": spread,
+                "answer_positions": len(inputs["logits_to_keep"]), "ms": round(seconds * 1e3, 2),
+                "us_per_padded_token": round(seconds * 1e6 / (rows * padded), 2)}
+
+    def inputs_for(rows: int, length: int, spread: bool) -> dict:
+        return {k: v.to(device) for k, v in without_attention_mask(batch(rows, length, spread, width["vocab_size"])).items()}
+
     results = []
-    for rows, length in SHAPES:
+    if args.rotate:
+        step(inputs_for(16, 512, False))  # warm-up on the full-length shape only
+        for round_ in range(args.rotate):
+            for rows, length in SHAPES:
+                inputs = inputs_for(rows, length, True)
+                results.append({"round": round_, **entry(inputs, True, step(inputs))})
+                print(json.dumps(results[-1]), flush=True)
+    for rows, length in SHAPES if not args.rotate else []:
         for spread in (False, True):
-            inputs = {k: v.to(device) for k, v in
-                      without_attention_mask(batch(rows, length, spread, width["vocab_size"])).items()}
-            times = []
-            for _ in range(args.repeats + 2):
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                model(**inputs).loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - start)
-            seconds = statistics.median(times[2:])
-            entry = {"rows": rows, "padded_length": inputs["input_ids"].shape[1], "tokens": rows * length,
-                     "lengths_spread": spread, "answer_positions": len(inputs["logits_to_keep"]),
-                     "ms": round(seconds * 1e3, 2), "us_per_padded_token": round(seconds * 1e6 / inputs["input_ids"].numel(), 2)}
-            results.append(entry)
-            print(json.dumps(entry), flush=True)
+            inputs = inputs_for(rows, length, spread)
+            times = [step(inputs) for _ in range(args.repeats + 2)]
+            results.append(entry(inputs, spread, statistics.median(times[2:])))
+            print(json.dumps(results[-1]), flush=True)
     args.out.write_text(json.dumps({"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                                     "layers": args.layers, "results": results}, indent=1))
     return 0
