@@ -156,7 +156,8 @@ class ProgressLog(TrainerCallback):
     Rates are over the interval since the previous line; the running totals
     `elapsed_s`, `tokens_seen` (real tokens) and `examples_seen`, all
     processes together, let a reader take any other interval (after a
-    resume, examples_seen counts from the restart).
+    resume, elapsed_s and examples_seen count from the restart, tokens_seen
+    goes on).
     """
 
     def __init__(self, path: Path, examples_trained: Callable[[], int]):
