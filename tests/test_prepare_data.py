@@ -63,6 +63,13 @@ def prepare_train(tmp_path: Path, table: Path, *extra: str):
     return result, out
 
 
+def prepared_train(tmp_path: Path, table: Path, *extra: str) -> tuple[Path, dict]:
+    """prepare_train that must succeed: its output folder and its report."""
+    result, out = prepare_train(tmp_path, table, *extra)
+    assert result.returncode == 0, result.stderr
+    return out, json.loads((out / "report.json").read_text())
+
+
 def prepare_test(tmp_path: Path, table: Path, *extra: str):
     out = tmp_path / "out"
     result = run_script("prepare_data.py", "test", "--input", table, "--out", out / "test.json",
@@ -73,12 +80,10 @@ def prepare_test(tmp_path: Path, table: Path, *extra: str):
 def test_numeric_and_missing_options_keep_their_text(tmp_path):
     rows = good_train_rows()
     rows[0]["選項4"] = None
-    result, out = prepare_train(tmp_path, write_xlsx(tmp_path / "t.xlsx", rows), "--val-fraction", "0")
-    assert result.returncode == 0, result.stderr
+    out, report = prepared_train(tmp_path, write_xlsx(tmp_path / "t.xlsx", rows), "--val-fraction", "0")
     first = json.loads((out / "train.json").read_text())[0]
     assert first["input"] == build_input("文章內容0", "問題0？", ["甲", "2013", "0.5", ""])
     assert "nan" not in first["input"] and "2013.0" not in first["input"]
-    report = json.loads((out / "report.json").read_text())
     assert report["fixed"] == {"option_missing": 1}
     assert report["fixed_where"]["option_missing"] == ["row 2 (ID 1) 選項4"]
 
@@ -117,10 +122,8 @@ def test_bad_labels_and_empty_cells_name_column_and_row(tmp_path):
 def test_skip_leaves_bad_rows_out_and_lists_them(tmp_path):
     rows = good_train_rows()
     rows[1]["正確答案"] = "選項9"
-    result, out = prepare_train(tmp_path, write_xlsx(tmp_path / "t.xlsx", rows), "--on-invalid", "skip",
-                                "--val-fraction", "0")
-    assert result.returncode == 0, result.stderr
-    report = json.loads((out / "report.json").read_text())
+    out, report = prepared_train(tmp_path, write_xlsx(tmp_path / "t.xlsx", rows), "--on-invalid", "skip",
+                                 "--val-fraction", "0")
     assert (report["rows_read"], report["rows_kept"], report["rows_skipped"]) == (6, 5, 1)
     assert report["skipped"][0]["row"] == 3 and report["skipped"][0]["id"] == "2"
     assert "正確答案" in report["skipped"][0]["reasons"][0]
@@ -152,17 +155,13 @@ def test_file_that_is_not_a_spreadsheet_fails(tmp_path):
 def test_csv_input_is_accepted(tmp_path):
     table = tmp_path / "t.csv"
     pd.DataFrame(good_train_rows()).to_csv(table, index=False)
-    result, out = prepare_train(tmp_path, table, "--val-fraction", "0")
-    assert result.returncode == 0, result.stderr
-    report = json.loads((out / "report.json").read_text())
+    out, report = prepared_train(tmp_path, table, "--val-fraction", "0")
     assert report["fixed"] == {}
     assert [r["output"] for r in json.loads((out / "train.json").read_text())] == ["1", "2", "3", "4", "1", "2"]
 
 
 def test_sample_quirks_are_fixed_and_counted(tmp_path):
-    result, out = prepare_train(tmp_path, SAMPLE / "train.xlsx")
-    assert result.returncode == 0, result.stderr
-    report = json.loads((out / "report.json").read_text())
+    _, report = prepared_train(tmp_path, SAMPLE / "train.xlsx")
     assert report["rows_kept"] == report["rows_read"] == 180
     assert sum(v for k, v in report["fixed"].items() if k.startswith("label_")) == 5
     assert report["fixed"]["option_missing"] == 1
@@ -170,9 +169,7 @@ def test_sample_quirks_are_fixed_and_counted(tmp_path):
 
 @needs_real_data
 def test_real_training_file_counts_and_article_split(tmp_path):
-    result, out = prepare_train(tmp_path, SHARED_DATA / "AI.xlsx")
-    assert result.returncode == 0, result.stderr
-    report = json.loads((out / "report.json").read_text())
+    out, report = prepared_train(tmp_path, SHARED_DATA / "AI.xlsx")
     assert report["rows_read"] == report["rows_kept"] == 13550
     assert sum(v for k, v in report["fixed"].items() if k.startswith("label_")) == 50
     assert report["skipped"] == []
@@ -187,9 +184,8 @@ def test_real_training_file_counts_and_article_split(tmp_path):
 
 @needs_real_data
 def test_row_split_leaks_articles_as_the_recipe_did(tmp_path):
-    result, out = prepare_train(tmp_path, SHARED_DATA / "AI.xlsx", "--split-by", "row")
-    assert result.returncode == 0, result.stderr
-    assert json.loads((out / "report.json").read_text())["split"]["articles_on_both_sides"] > 100
+    _, report = prepared_train(tmp_path, SHARED_DATA / "AI.xlsx", "--split-by", "row")
+    assert report["split"]["articles_on_both_sides"] > 100
 
 
 @needs_real_data

@@ -112,7 +112,7 @@ class ShardReader:
         """
         dtype, shape, offset = self._entries[name]
         row_elements = math.prod(shape[1:])
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         size = (stop - start) * row_elements * itemsize
         block = (buffer if size <= buffer.numel() else torch.empty(size, dtype=torch.uint8))[:size]
         if self.safetensors:
