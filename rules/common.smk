@@ -1,28 +1,102 @@
+import copy
 import json
 import re
 from pathlib import Path
 
+import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-validate(config, "../workflow/schemas/config.schema.yaml")
+SCHEMAS = Path(workflow.basedir) / "workflow" / "schemas"
+# What the user wrote, before validation fills in defaults: the demo's small
+# sizes must not override a training key the user set.
+USER_TRAINING = copy.deepcopy(config.get("training") or {})
+
+
+def resolve_ref(schema, path):
+    """The schema a `$ref` points to (in this file or another in workflow/schemas/), and its file."""
+    file, _, pointer = schema["$ref"].partition("#")
+    path = path.parent / file if file else path
+    target = yaml.safe_load(path.read_text())
+    for part in filter(None, pointer.split("/")):
+        target = target[part]
+    return target, path
+
+
+def integers_as_int(data, schema, path):
+    """Cast 8.0 to 8 wherever the schema (read from `path`) wants an integer.
+
+    JSON Schema counts 8.0 as an integer (8.5 is refused), but Python code
+    given 8.0 for a batch size or rank fails late, after hours of work.
+    """
+    if "$ref" in schema:
+        return integers_as_int(data, *resolve_ref(schema, path))
+    if schema.get("type") == "integer" and isinstance(data, float):
+        return int(data)
+    if isinstance(data, dict):
+        extra = schema.get("additionalProperties")
+        for key, value in data.items():
+            sub = schema.get("properties", {}).get(key, extra if isinstance(extra, dict) else None)
+            if sub is not None:
+                data[key] = integers_as_int(value, sub, path)
+    return data
+
+
+def validated(data, schema_file, where):
+    """Data checked against a schema in workflow/schemas/ (defaults filled, integers as int)."""
+    try:
+        validate(data, str(SCHEMAS / schema_file))
+    except WorkflowError as exc:
+        raise WorkflowError(f"{where}: {exc}") from None
+    path = SCHEMAS / schema_file
+    return integers_as_int(data, yaml.safe_load(path.read_text()), path)
+
+
+validated(config, "config.schema.yaml", "config")
 
 SCRIPTS = Path(workflow.basedir) / "workflow" / "scripts"
 # Every model and data script imports the shared mcqa package; an edit to it
 # must make their outputs stale, so it is an input of each rule.
 LIB = sorted(str(p) for p in (SCRIPTS / "mcqa").glob("*.py"))
 DEMO_MODEL = "resources/models/demo"
+IS_DEMO = config["base_model"] == "demo"
 HAS_VAL = config["data"]["val_fraction"] > 0
 
 
+def check_base_model(name):
+    """A base_model that names a local folder must hold a Hugging Face checkpoint; say so before any job runs.
+
+    Absolute paths, paths starting with . or ~, paths with two or more
+    slashes and anything that exists are local; `org/name` or `name` that
+    does not exist is a hub id.
+    """
+    if name == "demo":
+        return
+    path = Path(name).expanduser()
+    if not (path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1 or path.exists()):
+        return
+    if not path.is_dir():
+        raise WorkflowError(
+            f"config base_model: {name} does not exist. Point it at a folder holding a Hugging Face "
+            "checkpoint (config.json, *.safetensors, tokenizer files), or at a hub id such as hfl/chinese-llama-2-7b."
+        )
+    if not (path / "config.json").is_file():
+        raise WorkflowError(
+            f"config base_model: {name} holds no config.json, so it is not a Hugging Face checkpoint "
+            f"(it holds: {', '.join(sorted(p.name for p in path.iterdir())[:10]) or 'nothing'}). "
+            "Point base_model at the folder that save_pretrained wrote."
+        )
+
+
+check_base_model(config["base_model"])
+
+
 def run_settings(run):
-    """The run's training settings: config `training` with the run's overrides, validated."""
-    settings = {**config["training"], **(config["runs"][run] or {})}
-    try:
-        validate(settings, "../workflow/schemas/training.schema.yaml")
-    except WorkflowError as exc:
-        raise WorkflowError(f"config runs.{run}: {exc}") from None
-    return settings
+    """The run's training settings, validated: schema defaults, then the demo's sizes
+    (base_model: demo only), then the config's `training` keys, then the run's own."""
+    demo = config["demo_model"]["training"] if IS_DEMO else {}
+    settings = {**config["training"], **demo, **USER_TRAINING, **(config["runs"][run] or {})}
+    return validated(settings, "training.schema.yaml", f"config runs.{run}")
 
 
 RUNS = {run: run_settings(run) for run in config["runs"]}
@@ -38,12 +112,12 @@ def as_json(settings):
 
 
 def base_model_path():
-    return DEMO_MODEL if config["base_model"] == "demo" else config["base_model"]
+    return DEMO_MODEL if IS_DEMO else config["base_model"]
 
 
 def base_model_input(wildcards):
     """The demo model is built by the workflow; another base is a path or hub id the user owns."""
-    return DEMO_MODEL if config["base_model"] == "demo" else []
+    return DEMO_MODEL if IS_DEMO else []
 
 
 def remote_code_flag():

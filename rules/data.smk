@@ -17,10 +17,10 @@ rule prepare_train_data:
     conda:
         "../envs/data.yaml"
     shell:
-        "python {input.script} train --input {input.table:q} --train-out {output.train} "
-        "--val-out {output.val} --report-out {output.report} --val-fraction {params.val_fraction} "
+        "python {input.script:q} train --input {input.table:q} --train-out {output.train:q} "
+        "--val-out {output.val:q} --report-out {output.report:q} --val-fraction {params.val_fraction} "
         "--split-seed {params.split_seed} --split-by {params.split_by} "
-        "--on-invalid {params.on_invalid} > {log} 2>&1"
+        "--on-invalid {params.on_invalid} > {log:q} 2>&1"
 
 
 rule prepare_test_data:
@@ -31,15 +31,13 @@ rule prepare_test_data:
     output:
         test="results/data/test.json",
         report="results/data/test_report.json",
-    params:
-        on_invalid=config["data"]["on_invalid"],
     log:
         "logs/prepare_test_data.log",
     conda:
         "../envs/data.yaml"
     shell:
-        "python {input.script} test --input {input.table:q} --out {output.test} "
-        "--report-out {output.report} --on-invalid {params.on_invalid} > {log} 2>&1"
+        "python {input.script:q} test --input {input.table:q} --out {output.test:q} "
+        "--report-out {output.report:q} > {log:q} 2>&1"
 
 
 rule summarize_data:
@@ -54,4 +52,4 @@ rule summarize_data:
     conda:
         "../envs/data.yaml"
     shell:
-        "python {input.script} --train {input.train} --test {input.test} --out {output} > {log} 2>&1"
+        "python {input.script:q} --train {input.train:q} --test {input.test:q} --out {output:q} > {log:q} 2>&1"

@@ -11,14 +11,14 @@ rule build_demo_model:
     output:
         directory(DEMO_MODEL),
     params:
-        settings=as_json(config["demo_model"]),
+        settings=as_json({k: v for k, v in config["demo_model"].items() if k != "training"}),
     log:
         "logs/build_demo_model.log",
     conda:
         "../envs/train.yaml"
     shell:
-        "python {input.script} --train {input.train} --out {output} "
-        "--settings {params.settings:q} > {log} 2>&1"
+        "python {input.script:q} --train {input.train:q} --out {output:q} "
+        "--settings {params.settings:q} > {log:q} 2>&1"
 
 
 rule train_lora:
@@ -52,10 +52,10 @@ rule train_lora:
     conda:
         "../envs/train.yaml"
     shell:
-        "{params.launcher} {input.script} --train {input.train} --val {input.val} "
-        "--base-model {params.base_model:q} --out {output.adapter} --log-jsonl {output.log_jsonl} "
-        "--checkpoint-dir {params.checkpoint_dir} --deepspeed-config {input.deepspeed} "
-        "--settings {params.settings:q} {params.remote_code} > {log} 2>&1"
+        "{params.launcher} {input.script:q} --train {input.train:q} --val {input.val:q} "
+        "--base-model {params.base_model:q} --out {output.adapter:q} --log-jsonl {output.log_jsonl:q} "
+        "--checkpoint-dir {params.checkpoint_dir:q} --deepspeed-config {input.deepspeed:q} "
+        "--settings {params.settings:q} {params.remote_code} > {log:q} 2>&1"
 
 
 rule merge_lora:
@@ -80,8 +80,8 @@ rule merge_lora:
     conda:
         "../envs/merge.yaml"
     shell:
-        "python {input.script} --base-model {params.base_model:q} --adapter {input.adapter} "
-        "--out {output} --threads {threads} > {log} 2>&1"
+        "python {input.script:q} --base-model {params.base_model:q} --adapter {input.adapter:q} "
+        "--out {output:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule answer_questions:
@@ -109,9 +109,9 @@ rule answer_questions:
     conda:
         "../envs/answer.yaml"
     shell:
-        "python {input.script} --model {input.model} --test {input.test} --answers {output.answers} "
-        "--probs {output.probs} --max-seq-length {params.max_seq_length} "
-        "--settings {params.settings:q} {params.remote_code} > {log} 2>&1"
+        "python {input.script:q} --model {input.model:q} --test {input.test:q} --answers {output.answers:q} "
+        "--probs {output.probs:q} --max-seq-length {params.max_seq_length} "
+        "--settings {params.settings:q} {params.remote_code} > {log:q} 2>&1"
 
 
 rule evaluate_answers:
@@ -138,9 +138,9 @@ rule evaluate_answers:
     conda:
         "../envs/answer.yaml"
     shell:
-        "python {input.script} --model {input.model} --val {input.val} --out {output} "
+        "python {input.script:q} --model {input.model:q} --val {input.val:q} --out {output:q} "
         "--max-seq-length {params.max_seq_length} --settings {params.settings:q} "
-        "{params.remote_code} > {log} 2>&1"
+        "{params.remote_code} > {log:q} 2>&1"
 
 
 rule plot_training:
@@ -154,4 +154,4 @@ rule plot_training:
     conda:
         "../envs/data.yaml"
     shell:
-        "python {input.script} --log-jsonl {input.log_jsonl} --out {output} --title {wildcards.run} > {log} 2>&1"
+        "python {input.script:q} --log-jsonl {input.log_jsonl:q} --out {output:q} --title {wildcards.run:q} > {log:q} 2>&1"

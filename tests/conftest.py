@@ -54,8 +54,24 @@ def write_config(workdir: Path, **overrides) -> Path:
     return path
 
 
-def snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 900, background: bool = False):
-    """Run the repo's workflow with workdir as working directory and workdir/config.yaml.
+def workflow_copy(parent: Path) -> Path:
+    """The workflow's files copied under a folder whose name has a space and Chinese characters.
+
+    Every rule's shell command then sees such paths for its scripts, inputs
+    and outputs, as a user's checkout in "/home/me/my 專案" would.
+    """
+    copy = parent / "流程 copy"
+    copy.mkdir(parents=True)
+    for name in ("Snakefile", "config.yaml"):
+        shutil.copy2(REPO / name, copy / name)
+    for name in ("rules", "workflow", "envs", "profiles", "resources/deepspeed"):
+        shutil.copytree(REPO / name, copy / name, ignore=shutil.ignore_patterns("__pycache__"))
+    return copy
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 900, background: bool = False,
+              snakefile: Path = REPO / "Snakefile", configfiles: tuple[str, ...] = ("config.yaml",)):
+    """Run the workflow (the repo's unless `snakefile` says) in workdir with workdir's `configfiles`.
 
     Two cores and one GPU slot unless args name --cores or --resources. With
     background, return the running process (in its own process group).
@@ -66,8 +82,8 @@ def snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 900,
     if "--resources" not in args:
         defaults += ["--resources", "gpu=1"]
     cmd = [
-        str(BIN / "snakemake"), *args, "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
-        "--configfile", str(workdir / "config.yaml"), *defaults,
+        str(BIN / "snakemake"), *args, "-s", str(snakefile), "--directory", str(workdir),
+        "--configfile", *(str(workdir / name) for name in configfiles), *defaults,
     ]
     if background:
         return subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -78,14 +94,14 @@ def snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 900,
     return result
 
 
-def wait_for_checkpoint(workdir: Path, process: subprocess.Popen, timeout: float) -> list[int]:
-    """Steps of the complete training checkpoints once one exists; [] if the process ended first."""
+def wait_for_checkpoint(workdir: Path, process: subprocess.Popen, timeout: float, count: int = 1) -> list[int]:
+    """Steps of the complete training checkpoints once `count` exist; [] if the process ended first."""
     checkpoints = workdir / "results/default/checkpoints"
     deadline = time.time() + timeout
     while time.time() < deadline and process.poll() is None:
-        steps = [int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*")
-                 if (p / "trainer_state.json").exists()]
-        if steps:
+        steps = sorted(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*")
+                       if (p / "trainer_state.json").exists())
+        if len(steps) >= count:
             return steps
         time.sleep(0.2)
     return []
@@ -117,7 +133,10 @@ def sample_workdir(workdir: Path, source: Path = SAMPLE, **overrides) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory) -> Path:
-    """The default workflow, run once on the bundled sample with the demo model."""
-    workdir = sample_workdir(tmp_path_factory.mktemp("demo_run"))
-    snakemake(workdir)
+    """The default workflow, run once on the bundled sample with the demo model,
+    from a copy of the workflow and a working directory whose paths hold spaces and Chinese."""
+    root = tmp_path_factory.mktemp("demo_run")
+    snakefile = workflow_copy(root) / "Snakefile"
+    workdir = sample_workdir(root / "demo 示範")
+    snakemake(workdir, snakefile=snakefile)
     return workdir

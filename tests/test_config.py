@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import re
+import shlex
 
 import pytest
+import yaml
 from conftest import sample_workdir, snakemake
 
 
@@ -56,7 +59,6 @@ def test_no_validation_split_means_no_evaluation(tmp_path):
 
 
 def test_readme_documents_every_config_key():
-    import yaml
     from conftest import REPO
 
     schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
@@ -68,3 +70,83 @@ def test_readme_documents_every_config_key():
     for key in keys:
         top, _, leaf = key.partition(".")
         assert f"`{key}`" in table or (f"`{top}." in table and f"`{leaf}`" in table), key
+
+
+@pytest.mark.parametrize("name", ["..", ".", "data", "ensemble", "../escape", "a b"])
+def test_run_name_that_is_not_a_plain_folder_name_is_refused(tmp_path, name):
+    """A run named '..' would put its adapter, merged model and answers outside results/."""
+    workdir = sample_workdir(tmp_path, runs={name: {}})
+    result = dry_run(workdir)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "runs" in output and repr(name) in output, output[-1500:]
+
+
+def test_fresh_training_never_removes_what_it_did_not_write(tmp_path):
+    """Starting afresh clears only train_lora's own files from the checkpoint folder."""
+    from train_lora import FINGERPRINT, clear_owned, prepare_checkpoint_dir
+
+    folder = tmp_path / "checkpoints"
+    (folder / "checkpoint-40").mkdir(parents=True)
+    (folder / FINGERPRINT).write_text("{}")
+    (folder / "notes.txt").write_text("mine")
+    (folder / "checkpoint-data").mkdir()  # not ours either: checkpoint-N has a step number
+    assert prepare_checkpoint_dir(folder, {"settings": 1}) is None
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint-data", FINGERPRINT, "notes.txt"]
+    clear_owned(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint-data", "notes.txt"]
+
+
+@pytest.mark.parametrize("overrides, shown", [
+    ({"answering": {"batch_size": 32.0}}, '"batch_size": 32,'),
+    ({"training": {"lora_r": 8.0}}, '"lora_r": 8,'),
+    ({"runs": {"r8": {"micro_batch_tokens": 4096.0}}}, '"micro_batch_tokens": 4096,'),
+])
+def test_integer_settings_written_as_floats_reach_jobs_as_integers(tmp_path, overrides, shown):
+    result = dry_run(sample_workdir(tmp_path, **overrides), "-p")
+    assert result.returncode == 0, result.stderr
+    assert shown in result.stdout and shown.replace(",", ".0,") not in result.stdout
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    ({"answering": {"batch_size": 32.5}}, "batch_size"),
+    ({"training": {"lora_r": 8.5}}, "lora_r"),
+    ({"runs": {"r8": {"checkpoint_steps": 0.5}}}, "runs.r8"),
+])
+def test_fractional_integer_settings_are_refused_at_config_time(tmp_path, overrides, needle):
+    result = dry_run(sample_workdir(tmp_path, **overrides))
+    assert result.returncode != 0 and needle in result.stdout + result.stderr
+
+
+def fake_checkpoint(folder):
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    return folder
+
+
+def test_real_model_config_gets_recipe_sized_defaults_and_only_its_runs(tmp_path):
+    """A --configfile with base_model, training.epochs and one run, as the README shows:
+    none of the demo's sizes and no extra `default` run."""
+    base = fake_checkpoint(tmp_path / "models" / "my base")
+    workdir = sample_workdir(tmp_path / "work")
+    user = workdir / "real.yaml"
+    user.write_text(yaml.safe_dump({"base_model": str(base), "training": {"epochs": 2}, "runs": {"r48_2ep": {}}}))
+    result = snakemake(workdir, "-n", "-p", configfiles=("config.yaml", "real.yaml"))
+    commands = [line for line in result.stdout.splitlines() if "train_lora.py --train" in line]
+    assert len(commands) == 1 and "results/r48_2ep/adapter" in commands[0], commands
+    settings = json.loads(shlex.split(commands[0].split("--settings ")[1])[0])
+    assert (settings["epochs"], settings["learning_rate"], settings["max_seq_length"], settings["micro_batch_size"],
+            settings["lora_r"], settings["lora_alpha"]) == (2, 0.0002, 512, 64, 48, 64)
+    assert "build_demo_model" not in result.stdout
+
+
+@pytest.mark.parametrize("make, needle", [
+    (lambda tmp: tmp / "no such model", "does not exist"),
+    (lambda tmp: (tmp / "empty model").mkdir() or tmp / "empty model", "holds no config.json"),
+])
+def test_base_model_folder_without_a_model_fails_before_any_job(tmp_path, make, needle):
+    base = make(tmp_path)
+    result = dry_run(sample_workdir(tmp_path / "work", base_model=str(base)))
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert str(base) in output and needle in output, output[-1500:]

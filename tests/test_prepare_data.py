@@ -196,3 +196,83 @@ def test_real_test_file_keeps_order_and_ids(tmp_path):
     original = pd.read_excel(SHARED_DATA / "AI1000.xlsx", dtype=object)
     assert len(records) == 1000
     assert [r["id"] for r in records] == [str(v) for v in original["題號"]]
+
+
+def good_test_rows(n: int = 6) -> list[dict]:
+    return [{"題號": 100 + i, **{k: v for k, v in r.items() if k not in ("ID", "正確答案")}}
+            for i, r in enumerate(good_train_rows(n))]
+
+
+def test_test_file_keeps_every_question_even_with_skip(tmp_path):
+    """A submission must hold every test id: a question with an empty article is answered anyway."""
+    rows = good_test_rows()
+    rows[2]["文章"] = None
+    rows[4]["問題"] = " "
+    table = write_xlsx(tmp_path / "t.xlsx", rows)
+    result, out = prepare_test(tmp_path, table)
+    assert result.returncode == 0, result.stderr
+    records = json.loads((out / "test.json").read_text())
+    assert [r["id"] for r in records] == [str(100 + i) for i in range(6)]
+    report = json.loads((out / "report.json").read_text())
+    assert report["fixed"] == {"article_missing": 1, "question_missing": 1}
+    assert report["rows_kept"] == report["rows_read"] == 6
+
+
+def test_test_file_with_a_repeated_id_fails_whatever_on_invalid_says(tmp_path):
+    rows = good_test_rows()
+    rows[3]["題號"] = 101
+    table = write_xlsx(tmp_path / "t.xlsx", rows)
+    result = run_script("prepare_data.py", "test", "--input", table, "--out", tmp_path / "out/test.json",
+                        "--report-out", tmp_path / "out/report.json")
+    assert_clean_failure(result, tmp_path / "out", "row 5 (ID 101), column 題號: duplicate id, first used in row 3")
+
+
+def test_test_ids_are_stripped_and_a_line_break_in_an_id_is_refused(tmp_path):
+    rows = good_test_rows()
+    rows[0]["題號"] = "  A-100 "
+    out_ok = prepare_test(tmp_path / "ok", write_xlsx(tmp_path / "ok.xlsx", rows))[1]
+    assert json.loads((out_ok / "test.json").read_text())[0]["id"] == "A-100"
+    rows[1]["題號"] = "A-\n101"
+    result, out = prepare_test(tmp_path, write_xlsx(tmp_path / "t.xlsx", rows))
+    assert_clean_failure(result, out, "row 3 (ID A-\\n101), column 題號: the id holds a line break")
+
+
+@pytest.mark.parametrize("fraction, needle", [("0.99", "leaving none to train on"),
+                                              ("0.01", "validation would be empty")])
+def test_val_fraction_that_empties_one_side_is_refused(tmp_path, fraction, needle):
+    table = write_xlsx(tmp_path / "t.xlsx", good_train_rows())
+    result, out = prepare_train(tmp_path, table, "--val-fraction", fraction)
+    assert_clean_failure(result, out, str(table), f"data.val_fraction {fraction}", needle)
+
+
+def test_questions_on_another_sheet_name_the_sheets(tmp_path):
+    table = tmp_path / "t.xlsx"
+    with pd.ExcelWriter(table) as writer:
+        pd.DataFrame({"說明": ["這是說明"]}).to_excel(writer, sheet_name="說明", index=False)
+        pd.DataFrame(good_train_rows()).to_excel(writer, sheet_name="題目", index=False)
+    result, out = prepare_train(tmp_path, table)
+    assert_clean_failure(result, out, "the sheets '說明', '題目'", "Sheet '題目' has the columns")
+
+
+def test_formula_without_a_saved_value_is_reported_as_such(tmp_path):
+    """openpyxl and other programs write formulas without their values; pandas would read them as empty."""
+    import openpyxl
+
+    table = write_xlsx(tmp_path / "t.xlsx", good_train_rows())
+    workbook = openpyxl.load_workbook(table)
+    workbook.active["F3"] = "=B2&C2"  # 選項3 of row 3
+    workbook.save(table)
+    result, out = prepare_train(tmp_path, table, "--on-invalid", "error")
+    assert_clean_failure(result, out, "row 3 (ID 2), column 選項3: holds the formula =B2&C2 with no saved value")
+
+
+def test_duplicate_training_rows_are_counted_and_kept_on_one_side(tmp_path):
+    rows = good_train_rows(20)
+    rows[7] = dict(rows[3], ID=99)
+    rows[9] = dict(rows[3], ID=98, 正確答案=1)  # the same question with another label
+    out, report = prepared_train(tmp_path, write_xlsx(tmp_path / "t.xlsx", rows), "--split-by", "row",
+                                 "--val-fraction", "0.5")
+    assert report["duplicates"]["rows"] == 2 and report["duplicates"]["with_another_label"] == 1
+    assert report["duplicates"]["where"] == ["row 9 repeats row 5", "row 11 repeats row 5"]
+    sides = [{r["input"] for r in json.loads((out / name).read_text())} for name in ("train.json", "val.json")]
+    assert not sides[0] & sides[1]

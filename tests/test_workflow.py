@@ -6,12 +6,14 @@ import csv
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import pandas as pd
-from conftest import (INTERRUPTIBLE_TRAINING, REPO, logged_steps, resumed_steps, sample_workdir, snakemake,
-                      wait_for_checkpoint)
+import pytest
+from conftest import INTERRUPTIBLE_TRAINING, logged_steps, resumed_steps, sample_workdir, snakemake, wait_for_checkpoint
+
+from mcqa.modeling import load_tokenizer
+from mcqa.records import read_records
+from train_lora import tokenize
 
 
 def read_csv(path):
@@ -45,54 +47,92 @@ def test_default_workflow_writes_every_output(demo_run):
 
 
 def test_second_call_schedules_nothing(demo_run):
-    result = snakemake(demo_run, "-n")
+    result = snakemake(demo_run, "-n", snakefile=demo_run.parent / "流程 copy" / "Snakefile")
     assert "Nothing to be done" in result.stdout + result.stderr
 
 
-def test_labels_flow_from_xlsx_to_csv(tmp_path):
-    """With a cue in the question that names the answer, the trained demo model
-    answers held-out questions right; the untrained base is near chance."""
-    cue = tmp_path / "cue"
-    made = subprocess.run([sys.executable, REPO / "resources/sample/make_sample.py", "--out-dir", cue, "--cue",
-                           "--train-articles", "200", "--test-articles", "40"], capture_output=True, text=True)
-    assert made.returncode == 0, made.stderr
-    workdir = sample_workdir(tmp_path / "work", source=cue, data={"val_fraction": 0.1})
-    snakemake(workdir)
-    truth = {r["ID"]: r["Answer"] for r in read_csv(cue / "test_answers.csv")}
-    answers = read_csv(workdir / "results/default/answers.csv")
-    accuracy = sum(truth[a["ID"]] == a["Answer"] for a in answers) / len(answers)
-    assert len(answers) == 120 and accuracy >= 0.9, accuracy
+def accuracy(answers_csv, truth_csv) -> float:
+    truth = {r["ID"]: r["Answer"] for r in read_csv(truth_csv)}
+    answers = read_csv(answers_csv)
+    assert sorted(a["ID"] for a in answers) == sorted(truth)
+    return sum(truth[a["ID"]] == a["Answer"] for a in answers) / len(answers)
 
-    untrained = sample_workdir(tmp_path / "untrained", source=cue, data={"val_fraction": 0.1},
-                               training={"epochs": 0.01})
+
+def test_labels_flow_from_xlsx_to_csv(demo_run, tmp_path):
+    """The bundled sample's questions carry a cue that names the answer: the
+    demo model learns it and answers held-out questions right, while the
+    untrained base is near chance."""
+    truth = demo_run / "data/test_answers.csv"
+    assert accuracy(demo_run / "results/default/answers.csv", truth) >= 0.9
+    assert json.loads((demo_run / "results/default/metrics.json").read_text())["accuracy"] >= 0.9
+
+    untrained = sample_workdir(tmp_path / "untrained", demo_model={"training": {"epochs": 0.01}},
+                               data={"val_fraction": 0})
     snakemake(untrained)
-    answers = read_csv(untrained / "results/default/answers.csv")
-    chance = sum(truth[a["ID"]] == a["Answer"] for a in answers) / len(answers)
-    assert chance <= 0.45, chance
+    assert accuracy(untrained / "results/default/answers.csv", truth) <= 0.45
 
 
-def test_killed_training_resumes_from_its_checkpoint(tmp_path):
-    workdir = sample_workdir(tmp_path, training=INTERRUPTIBLE_TRAINING)
+@pytest.fixture(scope="module")
+def killed_training(tmp_path_factory):
+    """A training killed after two checkpoints, its newest checkpoint truncated, then rerun.
+
+    Returns the workdir, the complete checkpoints' steps at the kill, and
+    the training log of the rerun.
+    """
+    workdir = sample_workdir(tmp_path_factory.mktemp("killed"), training=INTERRUPTIBLE_TRAINING)
     process = snakemake(workdir, "results/default/adapter", background=True)
-    done = wait_for_checkpoint(workdir, process, timeout=300)
+    done = wait_for_checkpoint(workdir, process, timeout=300, count=2)
     assert done and process.poll() is None, "training finished before it could be killed"
     os.killpg(process.pid, signal.SIGKILL)  # as a lost node or a Slurm preemption would
     process.wait()
     assert not (workdir / "results/default/adapter").exists()
+    checkpoints = workdir / "results/default/checkpoints"
+    done = sorted(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*") if (p / "trainer_state.json").exists())
+    newest = checkpoints / f"checkpoint-{max(done)}/adapter_model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])  # a disk that filled up, a copy cut short
 
     snakemake(workdir, "--unlock")  # a killed Snakemake leaves its lock, as after a power loss
     snakemake(workdir, "results/default/adapter")
+    return workdir, done, (workdir / "logs/default/train_lora.log").read_text()
+
+
+def test_killed_training_resumes_from_its_checkpoint(killed_training):
+    workdir, done, log = killed_training
     resumed = resumed_steps(workdir)
-    assert resumed and resumed[0] >= max(done), (workdir / "logs/default/train_lora.log").read_text()[-2000:]
-    assert min(logged_steps(workdir)) > resumed[0]
+    assert resumed and resumed[0] >= min(done), log[-2000:]
     assert (workdir / "results/default/adapter/adapter_model.safetensors").exists()
+    assert not (workdir / "results/default/checkpoints").exists(), "checkpoints are removed after success"
+
+
+def test_corrupt_newest_checkpoint_is_set_aside(killed_training):
+    """A checkpoint that cannot be loaded does not block the resume: the one before it is taken."""
+    workdir, done, log = killed_training
+    assert f"as corrupt-checkpoint-{max(done)}: it cannot be loaded (adapter_model.safetensors" in log, log[-2000:]
+    assert resumed_steps(workdir) == [max(s for s in done if s < max(done))]
+
+
+def test_training_history_survives_a_resume(killed_training):
+    """train_log.jsonl covers every logging step exactly once, before and after the kill."""
+    workdir, _, _ = killed_training
+    entries = [json.loads(line) for line in (workdir / "results/default/train_log.jsonl").read_text().splitlines()]
+    (last,) = [e["step"] for e in entries if "train_runtime_s" in e]
+    every = INTERRUPTIBLE_TRAINING["logging_steps"]
+    assert [e["step"] for e in entries if "loss" in e] == list(range(every, last + 1, every))
+    totals = [e["elapsed_s"] for e in entries if "elapsed_s" in e]
+    assert totals == sorted(totals), "running totals go on across the resume"
 
 
 def test_several_gpus_train_data_parallel_through_torchrun(tmp_path):
-    """resources.train.gpu: 2 launches two ranks (here on CPU, with DDP); each sees half the data."""
-    workdir = sample_workdir(tmp_path, resources={"train": {"gpu": 2, "threads": 2}})
+    """resources.train.gpu: 2 launches two ranks (here on CPU, with DDP); each sees half the data,
+    and the log counts every token and example once, not once per rank."""
+    workdir = sample_workdir(tmp_path, resources={"train": {"gpu": 2, "threads": 2}}, training={"epochs": 3})
     snakemake(workdir, "results/default/adapter", "--resources", "gpu=2")
     log = (workdir / "logs/default/train_lora.log").read_text()
     assert "about 9 optimizer steps per epoch on 2 process(es)" in log  # 144 examples / (8 x 2)
     assert max(logged_steps(workdir)) == 27  # 3 epochs
     assert (workdir / "results/default/adapter/adapter_model.safetensors").exists()
+    records = read_records(workdir / "results/data/train.json", "labelled")
+    features, _ = tokenize(records, load_tokenizer(str(workdir / "resources/models/demo")), 256)
+    final = [json.loads(line) for line in (workdir / "results/default/train_log.jsonl").read_text().splitlines()][-1]
+    assert final["tokens_seen"] == 3 * sum(len(f["input_ids"]) for f in features)
+    assert final["examples_seen"] == 3 * len(features)

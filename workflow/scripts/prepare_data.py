@@ -4,8 +4,10 @@
     prepare_data.py test  --input AI1000.xlsx --out test.json --report-out r.json ...
 
 Bad rows stop the run with a message naming file, column and row (exit 2,
-no output written), or with --on-invalid skip are left out and listed in the
-report. Every fix made to a cell is counted in the report.
+no output written), or with --on-invalid skip (training files only) are left out
+and listed in the report. A test file is never cut short: a question with an
+empty article is still answered, and a bad or repeated id always stops the
+run. Every fix made to a cell is counted in the report.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections import defaultdict
 
 from mcqa.prompt import INSTRUCTION, build_input
 from mcqa.records import write_json_atomic
-from mcqa.spreadsheet import InputError, ReadResult, Row, read_questions
+from mcqa.spreadsheet import InputError, ReadResult, Row, duplicate_rows, read_questions
 
 
 def length_stats(values: list[int]) -> dict:
@@ -72,10 +74,14 @@ def base_report(result: ReadResult, path: str, skipped: list[dict]) -> dict:
 
 
 def split_rows(rows: list[Row], val_fraction: float, seed: int, split_by: str) -> tuple[list[Row], list[Row]]:
-    """Hold out about val_fraction of the rows; with split_by=article whole articles go to one side."""
+    """Hold out about val_fraction of the rows; with split_by=article whole articles go to one side.
+
+    With split_by=row, identical rows (same article, question and options)
+    still stay together, so validation never scores a question trained on.
+    """
     if val_fraction <= 0:
         return rows, []
-    key = (lambda r: r.article) if split_by == "article" else (lambda r: r.row)
+    key = (lambda r: r.article) if split_by == "article" else (lambda r: (r.article, r.question, tuple(r.options)))
     groups: dict[object, list[Row]] = defaultdict(list)
     for r in rows:
         groups[key(r)].append(r)
@@ -93,6 +99,17 @@ def split_rows(rows: list[Row], val_fraction: float, seed: int, split_by: str) -
     return train, val
 
 
+def check_split(train: list[Row], val: list[Row], val_fraction: float, path: str) -> None:
+    """Refuse a split that leaves training or validation with nothing."""
+    rows = len(train) + len(val)
+    if not train:
+        raise InputError(f"{path}: data.val_fraction {val_fraction} holds out all {rows} usable rows, leaving none "
+                         "to train on; lower data.val_fraction (0.2 is usual).")
+    if val_fraction > 0 and not val:
+        raise InputError(f"{path}: data.val_fraction {val_fraction} of {rows} usable rows is less than one row, so "
+                         "validation would be empty; raise data.val_fraction, or set it to 0 to train on everything.")
+
+
 def labelled_record(r: Row) -> dict:
     return {"instruction": INSTRUCTION, "input": build_input(r.article, r.question, r.options), "output": str(r.label)}
 
@@ -101,7 +118,9 @@ def prepare_train(args: argparse.Namespace) -> None:
     result = read_questions(args.input, labelled=True)
     skipped = check(result, args.input, args.on_invalid)
     train, val = split_rows(result.rows, args.val_fraction, args.split_seed, args.split_by)
+    check_split(train, val, args.val_fraction, args.input)
     report = base_report(result, args.input, skipped)
+    report["duplicates"] = duplicate_rows(result.rows)
     report["split"] = {
         "by": args.split_by,
         "val_fraction": args.val_fraction,
@@ -123,8 +142,13 @@ def prepare_train(args: argparse.Namespace) -> None:
 
 
 def prepare_test(args: argparse.Namespace) -> None:
+    """Every test question becomes a record, or the run fails: a submission must hold every id once.
+
+    Questions with an empty article or question are kept (counted as fixes);
+    an unusable id is an error whatever data.on_invalid says.
+    """
     result = read_questions(args.input, labelled=False)
-    skipped = check(result, args.input, args.on_invalid)
+    skipped = check(result, args.input, "error")
     records = [
         {"id": r.row_id, "instruction": INSTRUCTION, "input": build_input(r.article, r.question, r.options)}
         for r in result.rows
@@ -153,7 +177,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     test.add_argument("--input", required=True)
     test.add_argument("--out", required=True)
     test.add_argument("--report-out", required=True)
-    test.add_argument("--on-invalid", choices=["error", "skip"], default="error")
     return parser.parse_args(argv)
 
 

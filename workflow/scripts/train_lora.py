@@ -20,9 +20,11 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -35,6 +37,7 @@ from mcqa.prompt import answer_token_ids, encode_training_example
 from mcqa.records import read_records
 
 FINGERPRINT = "fingerprint.json"
+HISTORY = "train_log.jsonl"  # beside the checkpoints; copied to --log-jsonl at the end
 
 
 def report(message: str) -> None:
@@ -113,6 +116,11 @@ class RightPaddedTrainer(Trainer):
         self.examples_trained += len(inputs["input_ids"])
         return super().training_step(model, inputs, num_items_in_batch)
 
+    def examples_trained_all(self) -> int:
+        """Examples trained on by all processes together (every process must call it)."""
+        count = torch.tensor(self.examples_trained, device=self.accelerator.device)
+        return int(self.accelerator.reduce(count, reduction="sum"))
+
     def compute_loss(self, model, inputs, *args, **kwargs):
         return super().compute_loss(model, without_attention_mask(inputs), *args, **kwargs)
 
@@ -151,13 +159,15 @@ class AnswerOnlyCollator:
 
 
 class ProgressLog(TrainerCallback):
-    """Writes train_log.jsonl and a readable progress line (step, loss, lr, tokens/s, ETA).
+    """Writes the training history and a readable progress line (step, loss, lr, tokens/s, ETA).
 
+    Each entry is appended to `path` (kept beside the checkpoints, so a
+    resumed training continues the history its checkpoint belongs to).
     Rates are over the interval since the previous line; the running totals
     `elapsed_s`, `tokens_seen` (real tokens) and `examples_seen`, all
-    processes together, let a reader take any other interval (after a
-    resume, elapsed_s and examples_seen count from the restart, tokens_seen
-    goes on).
+    processes together, go on across a resume, so a reader can take any
+    interval. `examples_trained` must be called on every process (it sums
+    over them), so on_log does its counting before rank 0 alone writes.
     """
 
     def __init__(self, path: Path, examples_trained: Callable[[], int]):
@@ -165,20 +175,29 @@ class ProgressLog(TrainerCallback):
         self.start = self.last_time = None
         self.last_tokens = self.last_examples = 0
         self.first_step = 0
+        self.elapsed_before = self.examples_before = 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = self.last_time = time.perf_counter()
         self.last_tokens, self.last_examples = state.num_input_tokens_seen, self.examples_trained()
         self.first_step = state.global_step
         if state.global_step:
+            totals = [e for e in read_history(self.path) if "elapsed_s" in e]
+            if totals:
+                self.elapsed_before, self.examples_before = totals[-1]["elapsed_s"], totals[-1]["examples_seen"]
             report(f"resumed from checkpoint at step {state.global_step}")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
+        if not logs:
+            return
+        examples = self.examples_trained() if "loss" in logs or "train_runtime" in logs else 0
+        if not state.is_world_process_zero:
             return
         now = time.perf_counter()
-        tokens = state.num_input_tokens_seen
+        tokens = state.num_input_tokens_seen  # the Trainer sums it over processes
         entry = {"step": state.global_step, "epoch": round(state.epoch or 0, 4)}
+        totals = {"elapsed_s": round(self.elapsed_before + now - self.start, 3), "tokens_seen": tokens,
+                  "examples_seen": self.examples_before + examples}
         if "loss" in logs:
             if not all(math.isfinite(logs.get(k, 0.0)) for k in ("loss", "grad_norm")):
                 raise TrainingDiverged(
@@ -188,17 +207,14 @@ class ProgressLog(TrainerCallback):
             elapsed = max(now - self.last_time, 1e-9)
             done = state.global_step - self.first_step
             eta = (now - self.start) / max(done, 1) * (state.max_steps - state.global_step)
-            examples = self.examples_trained()
             entry.update(
                 loss=logs["loss"],
                 grad_norm=logs.get("grad_norm"),
                 learning_rate=logs.get("learning_rate"),
-                tokens_per_s=round((tokens - self.last_tokens) * args.world_size / elapsed, 1),
-                samples_per_s=round((examples - self.last_examples) * args.world_size / elapsed, 2),
+                tokens_per_s=round((tokens - self.last_tokens) / elapsed, 1),
+                samples_per_s=round((examples - self.last_examples) / elapsed, 2),
                 eta_s=round(eta, 1),
-                elapsed_s=round(now - self.start, 3),
-                tokens_seen=tokens * args.world_size,
-                examples_seen=examples * args.world_size,
+                **totals,
             )
             if torch.cuda.is_available():
                 entry["peak_gpu_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -215,12 +231,18 @@ class ProgressLog(TrainerCallback):
             entry["val_loss"] = logs["eval_loss"]
             print(f"step {state.global_step}  validation loss {logs['eval_loss']:.4f}", file=sys.stderr, flush=True)
         elif "train_runtime" in logs:
-            entry.update(train_runtime_s=logs["train_runtime"], tokens_seen=tokens * args.world_size,
-                         examples_seen=self.examples_trained() * args.world_size)
+            entry.update(train_runtime_s=logs["train_runtime"], **totals)
         else:
             return
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(entry) + "\n")
+
+
+def read_history(path: Path) -> list[dict]:
+    """The entries of a training history file ([] if there is none)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def fingerprint(settings: dict, args: argparse.Namespace) -> dict:
@@ -232,23 +254,86 @@ def fingerprint(settings: dict, args: argparse.Namespace) -> dict:
     return {"settings": settings, "base_model": args.base_model, "data_sha256": digest.hexdigest()}
 
 
-def prepare_checkpoint_dir(path: Path, expected: dict) -> bool:
-    """True when path holds a complete checkpoint of this very training; otherwise start afresh.
+# What train_lora.py writes into --checkpoint-dir besides these two files; nothing else there is ever removed.
+OWNED_DIR = re.compile(r"(corrupt-)?checkpoint-(\d+)")
 
-    A job killed while saving leaves a checkpoint without trainer_state.json
-    (written last); it is removed so the resume takes the one before it.
+
+def checkpoints_newest_first(path: Path) -> list[Path]:
+    """The Trainer's checkpoint-N folders in `path`, highest step first."""
+    found = [p for p in path.glob("checkpoint-*") if OWNED_DIR.fullmatch(p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: int(OWNED_DIR.fullmatch(p.name)[2]), reverse=True)
+
+
+def unloadable(checkpoint: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from, or None if every file in it reads back whole.
+
+    JSON must parse, safetensors must load, and torch's .pt/.pth/.bin files
+    (zip archives) must pass their CRC check, which catches truncation
+    without unpickling anything.
     """
-    for partial in path.glob("checkpoint-*"):
-        if not (partial / "trainer_state.json").exists():
-            shutil.rmtree(partial)
+    from safetensors import safe_open
+
+    if not (checkpoint / "trainer_state.json").exists():
+        return "no trainer_state.json (killed while saving)"
+    for file in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
+        try:
+            if file.suffix == ".json":
+                json.loads(file.read_text(encoding="utf-8"))
+            elif file.suffix == ".safetensors":
+                with safe_open(file, "pt") as tensors:
+                    for key in tensors.keys():
+                        tensors.get_tensor(key)
+            elif file.suffix in (".pt", ".pth", ".bin"):
+                with zipfile.ZipFile(file) as archive:
+                    if (bad := archive.testzip()) is not None:
+                        raise ValueError(f"member {bad} fails its CRC check")
+        except Exception as exc:  # any failure to read means the resume would fail the same way
+            return f"{file.relative_to(checkpoint)}: {type(exc).__name__}: {exc}"
+    return None
+
+
+def clear_owned(path: Path) -> None:
+    """Remove what train_lora.py put in `path`, and `path` itself once empty; never anything else."""
+    if not path.is_dir():
+        return
+    for entry in path.iterdir():
+        if OWNED_DIR.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        elif entry.name in (FINGERPRINT, HISTORY) and not entry.is_dir():
+            entry.unlink()
+    if not any(path.iterdir()):
+        path.rmdir()
+
+
+def prepare_checkpoint_dir(path: Path, expected: dict) -> Path | None:
+    """The newest loadable checkpoint of this very training, or None to start afresh.
+
+    A checkpoint a job was killed while saving (no trainer_state.json,
+    written last) is removed; one that is complete but does not read back
+    (a truncated file) is set aside as corrupt-checkpoint-N, with a log line,
+    and the one before it is taken. The training history is cut back to the
+    chosen checkpoint's step, so steps trained again are logged once.
+    """
     marker = path / FINGERPRINT
-    if marker.exists() and json.loads(marker.read_text()) == expected and any(path.glob("checkpoint-*")):
-        return True
-    if path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
+    if marker.exists() and json.loads(marker.read_text()) == expected:
+        for checkpoint in checkpoints_newest_first(path):
+            if (problem := unloadable(checkpoint)) is None:
+                step = int(OWNED_DIR.fullmatch(checkpoint.name)[2])
+                history = [e for e in read_history(path / HISTORY) if e["step"] <= step]
+                (path / HISTORY).write_text("".join(json.dumps(e) + "\n" for e in history), encoding="utf-8")
+                return checkpoint
+            if (checkpoint / "trainer_state.json").exists():
+                aside = path / f"corrupt-{checkpoint.name}"
+                shutil.rmtree(aside, ignore_errors=True)
+                checkpoint.rename(aside)
+                report(f"set aside {checkpoint} as {aside.name}: it cannot be loaded ({problem})")
+            else:
+                shutil.rmtree(checkpoint)
+        report(f"no loadable checkpoint in {path}; starting afresh")
+    clear_owned(path)
+    path.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps(expected, sort_keys=True))
-    return False
+    return None
 
 
 def training_arguments(s: dict, args: argparse.Namespace, precision: str, has_val: bool) -> TrainingArguments:
@@ -342,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     trainable, total = model.get_nb_trainable_parameters()
     report(f"LoRA: {trainable:,} trainable of {total:,} parameters")
 
-    log_path = Path(args.log_jsonl)
+    checkpoint_dir = Path(args.checkpoint_dir)
+    history = checkpoint_dir / HISTORY
     trainer = RightPaddedTrainer(
         model=model,
         args=training_arguments(s, args, precision, bool(val_features)),
@@ -352,28 +438,26 @@ def main(argv: list[str] | None = None) -> int:
         processing_class=tokenizer,
     )
     trainer.remove_callback(PrinterCallback)  # ProgressLog prints a readable line instead
-    trainer.add_callback(ProgressLog(log_path, lambda: trainer.examples_trained))
+    trainer.add_callback(ProgressLog(history, trainer.examples_trained_all))
     # Rank 0 decides whether to resume (and cleans up); the Trainer has set up
     # the process group, so every rank then follows the same decision.
-    checkpoint_dir = Path(args.checkpoint_dir)
     resume = [prepare_checkpoint_dir(checkpoint_dir, fingerprint(s, args)) if trainer.is_world_process_zero() else None]
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.broadcast_object_list(resume)
     resume = resume[0]
-    if not resume and trainer.is_world_process_zero():
-        log_path.unlink(missing_ok=True)
     world = trainer.args.world_size
     steps_per_epoch = math.ceil(len(batches) / (s["gradient_accumulation_steps"] * world))
     report(f"about {steps_per_epoch} optimizer steps per epoch on {world} process(es)")
     try:
-        trainer.train(resume_from_checkpoint=bool(resume))
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except TrainingDiverged as exc:
         print(f"ERROR {exc}", file=sys.stderr)
         return 3
     if trainer.is_world_process_zero():
         model.save_pretrained(args.out)
         tokenizer.save_pretrained(args.out)
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        shutil.copyfile(history, args.log_jsonl)
+        clear_owned(checkpoint_dir)
         print(f"adapter saved to {args.out}", file=sys.stderr)
     return 0
 

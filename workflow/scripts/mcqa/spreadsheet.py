@@ -115,13 +115,62 @@ def normalise_label(value) -> tuple[int | None, str | None]:
     return int(number), kind
 
 
+@dataclass(frozen=True)
+class Formula:
+    """A cell holding a formula whose value was never saved (the file was written by a program, not Excel)."""
+
+    text: str
+
+
+def sheet_hint(path: Path, required: tuple[str, ...]) -> str:
+    """Which sheets a workbook has, and which of them holds the required columns."""
+    import openpyxl
+
+    workbook = openpyxl.load_workbook(path, read_only=True)
+    try:
+        names = workbook.sheetnames
+        holding = [name for name in names[1:]
+                   if set(required) <= {str(c).strip() for c in next(workbook[name].iter_rows(max_row=1, values_only=True), ())}]
+    finally:
+        workbook.close()
+    hint = f" The workbook has the sheets {', '.join(repr(n) for n in names)}; only the first is read."
+    if holding:
+        hint += f" Sheet {holding[0]!r} has the columns: move it to the front in Excel, or save it as its own file."
+    return hint
+
+
+def mark_formulas(path: Path, frame: pd.DataFrame, columns: tuple[str, ...]) -> None:
+    """Put a Formula in each empty cell of `columns` that holds a formula with no saved value.
+
+    pandas reads such a cell as empty; without this it would become an empty
+    option or an 'empty article' and the real cause would stay hidden. Only
+    files with empty cells pay for the second read.
+    """
+    empty = [(index, column) for column in columns for index in frame.index[frame[column].isna()]]
+    if not empty:
+        return
+    import openpyxl
+
+    workbook = openpyxl.load_workbook(path, read_only=True, data_only=False)
+    try:
+        rows = list(workbook.worksheets[0].iter_rows(values_only=True))
+    finally:
+        workbook.close()
+    header = [str(c).strip() for c in rows[0]]
+    for index, column in empty:
+        value = rows[int(index) + HEADER_ROWS][header.index(column)]
+        if isinstance(value, str) and value.startswith("="):
+            frame.at[index, column] = Formula(value)
+
+
 def read_table(path: str | Path, required: tuple[str, ...]) -> pd.DataFrame:
     """Load a spreadsheet keeping each cell's own type; fail clearly on anything else."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: file not found. Set data.train / data.test in config.yaml to an existing file.")
+    is_csv = path.suffix.lower() == ".csv"
     try:
-        if path.suffix.lower() == ".csv":
+        if is_csv:
             frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
             # CSV has no cell types: a plain digit label is what an xlsx int is.
             if LABEL in frame.columns:
@@ -139,15 +188,27 @@ def read_table(path: str | Path, required: tuple[str, ...]) -> pd.DataFrame:
         raise InputError(
             f"{path}: missing column(s) {', '.join(missing)}. Found columns: {', '.join(frame.columns)}. "
             f"The first row must hold the column names {', '.join(required)}."
+            + ("" if is_csv else sheet_hint(path, required))
         )
     frame = frame.dropna(how="all")
     if frame.empty:
-        raise InputError(f"{path}: the sheet has no data rows under its header. Fill it or point the config at another file.")
+        raise InputError(f"{path}: the sheet has no data rows under its header. Fill it or point the config at another file."
+                         + ("" if is_csv else sheet_hint(path, required)))
+    if not is_csv:
+        mark_formulas(path, frame, tuple(c for c in required if c != TEST_ID))
     return frame
 
 
+FORMULA_HELP = "open the file in Excel or LibreOffice and save it (that stores the values), or paste the values in"
+
+
 def read_questions(path: str | Path, labelled: bool) -> ReadResult:
-    """Read a train (labelled) or test file into normalised rows and a list of problems."""
+    """Read a train (labelled) or test file into normalised rows and a list of problems.
+
+    A test question is answered even with an empty article or question (it is
+    counted as a fix); what makes it unusable is its id (empty, holding a
+    line break, or used twice) or a formula cell with no saved value.
+    """
     frame = read_table(path, TRAIN_COLUMNS if labelled else TEST_COLUMNS)
     id_column = TRAIN_ID if labelled else TEST_ID
     result = ReadResult(rows_read=len(frame))
@@ -159,21 +220,36 @@ def read_questions(path: str | Path, labelled: bool) -> ReadResult:
         problems: list[Problem] = []
         if not labelled and row_id is None:
             problems.append(Problem(row, None, TEST_ID, "the question id is empty; every test question needs its 題號"))
+        elif not labelled and re.search(r"[\r\n]", row_id):
+            problems.append(Problem(row, row_id.replace("\n", "\\n"), TEST_ID,
+                                    "the id holds a line break; remove it so the submission has one id per line"))
+        cell_columns = (ARTICLE, QUESTION, *OPTIONS, *((LABEL,) if labelled else ()))
+        for column in cell_columns:
+            if isinstance(cells[column], Formula):
+                problems.append(Problem(row, row_id, column, f"holds the formula {cells[column].text} with no saved "
+                                                             f"value; {FORMULA_HELP}"))
         texts = {}
-        for column in (ARTICLE, QUESTION):
-            if is_missing(cells[column]):
-                problems.append(Problem(row, row_id, column, "is empty"))
-            else:
+        for column, kind in ((ARTICLE, "article_missing"), (QUESTION, "question_missing")):
+            if isinstance(cells[column], Formula):
+                continue
+            if not is_missing(cells[column]):
                 texts[column] = cell_text(cells[column])
+            elif labelled:
+                problems.append(Problem(row, row_id, column, "is empty"))
+            else:  # still answerable from the question and options; counted, never dropped
+                texts[column] = ""
+                result.fix(kind, where)
         options = []
         for column in OPTIONS:
-            if is_missing(cells[column]):
+            if isinstance(cells[column], Formula):
+                options.append("")
+            elif is_missing(cells[column]):
                 options.append("")
                 result.fix("option_missing", f"{where} {column}")
             else:
                 options.append(cell_text(cells[column]))
         label = None
-        if labelled:
+        if labelled and not isinstance(cells[LABEL], Formula):
             label, kind = normalise_label(cells[LABEL])
             if label is None:
                 problems.append(
@@ -197,3 +273,17 @@ def read_questions(path: str | Path, labelled: bool) -> ReadResult:
         bad_rows = {p.row for p in result.problems}
         result.rows = [r for r in result.rows if r.row not in bad_rows]
     return result
+
+
+def duplicate_rows(rows: list[Row]) -> dict:
+    """Rows repeating an earlier row's article, question and options: how many, where, and how many disagree on the label."""
+    first: dict[tuple, Row] = {}
+    where, other_label = [], 0
+    for r in rows:
+        key = (r.article, r.question, tuple(r.options))
+        if key in first:
+            where.append(f"row {r.row} repeats row {first[key].row}")
+            other_label += r.label != first[key].label
+        else:
+            first[key] = r
+    return {"rows": len(where), "with_another_label": other_label, "where": where}
