@@ -11,12 +11,10 @@ configfile: "config.yaml"
 include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/model.smk"
+include: "rules/ensemble.smk"
 
 
 rule all:
     input:
-        "results/data/report.json",
-        expand("results/{run}/answers.csv", run=RUNS),
-        expand("results/{run}/metrics.json", run=RUNS) if HAS_VAL else [],
-        expand("results/{run}/train_curve.png", run=RUNS),
+        get_final_output(),
     default_target: True

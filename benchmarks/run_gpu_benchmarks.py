@@ -42,7 +42,8 @@ SHAPES = {
     "7b": dict(vocab_size=55296, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32),
     "tiny": dict(vocab_size=3000, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4),
 }
-LORA = {"lora_r": 48, "lora_alpha": 64, "lora_dropout": 0.05,
+LORA = {"lora_r": 48, "lora_alpha": 64, "lora_dropout": 0.05, "use_rslora": False, "use_dora": False,
+        "select_best": False, "early_stopping_patience": 0,
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         "modules_to_save": [], "learning_rate": 2e-4, "warmup_ratio": 0.03, "lr_scheduler": "cosine",
         "weight_decay": 0.0, "max_seq_length": 512, "seed": 42, "checkpoint_steps": 10**6,
@@ -150,24 +151,36 @@ def train_rate(log_jsonl: Path, skip: int) -> dict:
             "steps_timed": last["step"] - first["step"], "seconds_timed": round(seconds, 2)}
 
 
-def train_once(work: Path, name: str, settings: dict, steps: int, skip: int) -> dict:
-    """Train `steps` optimizer steps (a fraction of an epoch) with the given settings, logging every step."""
-    settings = {**LORA, **settings, "logging_steps": 1}
+def train_command(work: Path, out: Path, settings: dict, gpus: int) -> list:
+    """train_lora.py as the train_lora rule launches it: plain python, or torchrun with ZeRO-2 on several GPUs."""
+    launcher = [sys.executable] if gpus == 1 else ["torchrun", "--standalone", f"--nproc_per_node={gpus}"]
+    command = [*launcher, SCRIPTS / "train_lora.py", "--train", work / "data/train.json", "--base-model",
+               work / "base", "--out", out / "adapter", "--log-jsonl", out / "train_log.jsonl", "--checkpoint-dir",
+               out / "checkpoints", "--settings", json.dumps(settings)]
+    return command + (["--deepspeed-config", REPO / "resources/deepspeed/zero2.json"] if gpus > 1 else [])
+
+
+def epoch_batches(work: Path, settings: dict) -> tuple[list[int], list[list[int]]]:
+    """Token lengths of the training examples and the micro-batches train_lora cuts them into."""
     features, _ = tokenize(read_records(work / "data/train.json", "labelled"), load_tokenizer(str(work / "base")),
                            settings["max_seq_length"])
     lengths = [len(f["input_ids"]) for f in features]
-    batches = micro_batches(lengths, settings["micro_batch_size"], settings["micro_batch_tokens"], settings["seed"])
-    settings["epochs"] = steps * settings["gradient_accumulation_steps"] / len(batches)
+    return lengths, micro_batches(lengths, settings["micro_batch_size"], settings["micro_batch_tokens"], settings["seed"])
+
+
+def train_once(work: Path, name: str, settings: dict, steps: int, skip: int, gpus: int = 1) -> dict:
+    """Train `steps` optimizer steps (a fraction of an epoch) with the given settings, logging every step."""
+    settings = {**LORA, **settings, "logging_steps": 1}
+    lengths, batches = epoch_batches(work, settings)
+    settings["epochs"] = steps * settings["gradient_accumulation_steps"] * gpus / len(batches)
     out = work / name
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
     start = time.perf_counter()
-    run([sys.executable, SCRIPTS / "train_lora.py", "--train", work / "data/train.json", "--base-model",
-         work / "base", "--out", out / "adapter", "--log-jsonl", out / "train_log.jsonl", "--checkpoint-dir",
-         out / "checkpoints", "--settings", json.dumps(settings)], out / "train.log")
+    run(train_command(work, out, settings, gpus), out / "train.log")
     result = train_rate(out / "train_log.jsonl", skip=skip)
-    result.update(wall_s=round(time.perf_counter() - start, 1), epoch_tokens=sum(lengths),
-                  epoch_steps=math.ceil(len(batches) / settings["gradient_accumulation_steps"]),
+    result.update(wall_s=round(time.perf_counter() - start, 1), epoch_tokens=sum(lengths), gpus=gpus,
+                  epoch_steps=math.ceil(len(batches) / (settings["gradient_accumulation_steps"] * gpus)),
                   settings={k: settings[k] for k in ("micro_batch_size", "micro_batch_tokens",
                                                      "gradient_accumulation_steps", "precision", "load_in",
                                                      "gradient_checkpointing")})
@@ -186,6 +199,15 @@ def train(args, work: Path, results: dict) -> dict:
             "precision": precision, "load_in": "none", "gradient_checkpointing": False},
             steps=args.train_steps, skip=10)  # the first steps warm up (allocator, kernels)
         ours[budget]["mfu_6n"] = round(6 * results["setup"]["params"] * ours[budget]["tokens_per_s"] / peak, 3)
+    if args.gpus > 1:  # the same run on several GPUs, as resources.train.gpu launches it
+        budget = args.micro_batch_tokens[0]
+        several = train_once(work, f"train_ours_{budget}_{args.gpus}gpus", {
+            "micro_batch_size": 256, "micro_batch_tokens": budget, "gradient_accumulation_steps": 1,
+            "precision": precision, "load_in": "none", "gradient_checkpointing": False},
+            steps=args.train_steps, skip=10, gpus=args.gpus)
+        return {"ours_one_gpu": ours[budget], f"ours_{args.gpus}_gpus": several,
+                "scaling_tokens_per_s": round(several["tokens_per_s"] / ours[budget]["tokens_per_s"], 2),
+                "scaling_samples_per_s": round(several["samples_per_s"] / ours[budget]["samples_per_s"], 2)}
     best = max(ours, key=lambda b: ours[b]["tokens_per_s"])
     result = {"ours_by_micro_batch_tokens": ours, "ours_micro_batch_tokens": best,
               "ours_tokens_per_s": ours[best]["tokens_per_s"], "ours_samples_per_s": ours[best]["samples_per_s"],
@@ -301,30 +323,77 @@ def answer(args, work: Path, results: dict) -> dict:
     records = read_records(work / "data/test.json", "test")
     lengths = [len(x) for x in encode_all(load_tokenizer(str(work / "base")), records, 512)[0]]
     flops = scoring_flops(results["setup"], lengths, shape["num_layers"], shape["hidden_size"])
-    ours = {}
-    for batch in args.answer_batches:
+    def ours_at(batch: int, rotations: int) -> dict:
+        name = f"{batch}_r{rotations}"
         start = time.perf_counter()
         run([sys.executable, SCRIPTS / "answer_questions.py", "--model", work / "base", "--test",
-             work / "data/test.json", "--answers", work / f"answers_{batch}.csv", "--probs", work / f"probs_{batch}.csv",
+             work / "data/test.json", "--answers", work / f"answers_{name}.csv", "--probs", work / f"probs_{name}.csv",
              "--max-seq-length", "512", "--settings",
-             json.dumps({"batch_size": batch, "precision": "bf16" if cuda() else "fp32", "load_in": "none"})],
-            work / f"answer_{batch}.log")
+             json.dumps({"batch_size": batch, "precision": "bf16" if cuda() else "fp32", "load_in": "none",
+                         "rotations": rotations})],
+            work / f"answer_{name}.log")
         wall = time.perf_counter() - start
-        line = [x for x in (work / f"answer_{batch}.log").read_text().splitlines() if "while scoring" in x][-1]
+        line = [x for x in (work / f"answer_{name}.log").read_text().splitlines() if "while scoring" in x][-1]
         rate = float(line.split("(")[1].split()[0].replace(",", ""))
-        ours[batch] = {"questions_per_s": rate, "end_to_end_seconds": round(wall, 1),
-                       "tflops": round(flops / (len(records) / rate) / 1e12, 1)}
-        log(f"answer batch {batch}: {ours[batch]}")
+        result = {"questions_per_s": rate, "end_to_end_seconds": round(wall, 1),
+                  "tflops": round(rotations * flops / (len(records) / rate) / 1e12, 1)}
+        log(f"answer batch {batch}, rotations {rotations}: {result}")
+        return result
+
+    ours = {batch: ours_at(batch, 1) for batch in args.answer_batches}
     best = max(ours, key=lambda b: ours[b]["questions_per_s"])
+    rotated = ours_at(best, 4)
     recipe = recipe_answer(work, records, args.recipe_questions)
     log(f"recipe answering: {recipe}")
     peak = results["setup"]["matmul_peak_tflops"]
     return {"ours_by_batch_size": ours, "ours_batch_size": best, "ours_questions_per_s": ours[best]["questions_per_s"],
             "ours_end_to_end_seconds": ours[best]["end_to_end_seconds"], "ours_tflops": ours[best]["tflops"],
+            "rotations_4": rotated,
+            "rotations_4_cost": round(ours[best]["questions_per_s"] / rotated["questions_per_s"], 2),
             "ours_fraction_of_peak": round(ours[best]["tflops"] / peak, 3) if peak == peak else None,
             "recipe": recipe, "recipe_questions_per_s": recipe["questions_per_s"],
             "speedup": round(ours[best]["questions_per_s"] / recipe["questions_per_s"], 1),
             "mean_prompt_tokens": round(statistics.fmean(lengths), 1), "scoring_tflop": round(flops / 1e12, 2)}
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants, as a lost node would, and wait until they are gone."""
+    import psutil
+
+    parent = psutil.Process(pid)
+    processes = [parent, *parent.children(recursive=True)]
+    for process in processes:
+        process.kill()
+    psutil.wait_procs(processes, timeout=120)
+
+
+def resume(args, work: Path) -> dict:
+    """Kill a training on --gpus GPUs right after its first checkpoint, rerun it, and check that it resumed
+    from that checkpoint and that its history holds every step once."""
+    settings = {**LORA, "micro_batch_size": 256, "micro_batch_tokens": args.micro_batch_tokens[0],
+                "gradient_accumulation_steps": 1, "precision": "bf16" if cuda() else "fp32", "load_in": "none",
+                "gradient_checkpointing": False, "logging_steps": 1, "checkpoint_steps": 10}
+    _, batches = epoch_batches(work, settings)
+    settings["epochs"] = 30 * args.gpus / len(batches)
+    out = work / f"resume_{args.gpus}gpus"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    command = [str(c) for c in train_command(work, out, settings, args.gpus)]
+    with open(out / "first.log", "w") as fh:
+        process = subprocess.Popen(command, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        while process.poll() is None and not (out / "checkpoints/checkpoint-10/trainer_state.json").exists():
+            time.sleep(0.5)
+        kill_tree(process.pid)  # torchrun starts its ranks in sessions of their own
+        process.wait()
+    killed_at = sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*"))
+    log(f"killed with {killed_at}")
+    run(command, out / "second.log")
+    resumed = [line for line in (out / "second.log").read_text().splitlines() if "resumed from checkpoint" in line]
+    steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    return {"gpus": args.gpus, "checkpoints_at_kill": killed_at, "resumed": resumed,
+            "logged_steps_once_each": steps == list(range(1, max(steps) + 1)), "last_step": max(steps),
+            "adapter_saved": (out / "adapter/adapter_model.safetensors").exists()}
 
 
 def main() -> int:
@@ -342,13 +411,16 @@ def main() -> int:
     parser.add_argument("--answer-batches", type=lambda s: [int(x) for x in s.split(",")], default=[64, 128])
     parser.add_argument("--recipe-questions", type=int, default=200)
     parser.add_argument("--skip-reference-merge", action="store_true", help="time only our merge (and the copy)")
+    parser.add_argument("--gpus", type=int, default=1,
+                        help="with more than 1, train also runs on that many GPUs (torchrun, ZeRO-2) and resume checks a kill")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     state = args.work / "results.json"
     results = json.loads(state.read_text()) if state.exists() else {}
     results.update(device_info())
     stages = {"setup": lambda: setup(args, args.work, SHAPES[args.shape]), "train": lambda: train(args, args.work, results),
-              "merge": lambda: merge(args, args.work, results), "answer": lambda: answer(args, args.work, results)}
+              "merge": lambda: merge(args, args.work, results), "answer": lambda: answer(args, args.work, results),
+              "resume": lambda: resume(args, args.work)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for stage in args.stages.split(","):
         log(f"stage {stage}")

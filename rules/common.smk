@@ -1,6 +1,7 @@
 import copy
 import json
 import re
+import shlex
 from pathlib import Path
 
 import yaml
@@ -96,7 +97,20 @@ def run_settings(run):
     (base_model: demo only), then the config's `training` keys, then the run's own."""
     demo = config["demo_model"]["training"] if IS_DEMO else {}
     settings = {**config["training"], **demo, **USER_TRAINING, **(config["runs"][run] or {})}
-    return validated(settings, "training.schema.yaml", f"config runs.{run}")
+    settings = validated(settings, "training.schema.yaml", f"config runs.{run}")
+    if settings["select_best"] and not HAS_VAL:
+        raise WorkflowError(
+            f"config runs.{run}: select_best picks the adapter by validation accuracy, but data.val_fraction is 0, "
+            "so there are no validation questions; hold out a share (e.g. 0.1) or set select_best: false"
+        )
+    if settings["early_stopping_patience"] and not settings["select_best"]:
+        raise WorkflowError(f"config runs.{run}: early_stopping_patience needs select_best: true")
+    return settings
+
+
+def answering_flag(wildcards):
+    """The answering settings, for runs that pick their best step by validation accuracy (else no flag)."""
+    return f"--answering {shlex.quote(as_json(config['answering']))}" if RUNS[wildcards.run]["select_best"] else ""
 
 
 RUNS = {run: run_settings(run) for run in config["runs"]}
@@ -120,6 +134,11 @@ def base_model_input(wildcards):
     return DEMO_MODEL if IS_DEMO else []
 
 
+def revision_flag():
+    revision = config["base_model_revision"]
+    return f"--revision {shlex.quote(revision)}" if revision and not IS_DEMO else ""
+
+
 def remote_code_flag():
     return "--trust-remote-code" if config["trust_remote_code"] else ""
 
@@ -132,3 +151,44 @@ def train_launcher(wildcards, resources, threads):
             f"torchrun --standalone --nproc_per_node={resources.gpu}"
         )
     return "python"
+
+
+def ensemble_members():
+    """The runs the ensemble combines ([] when it is off or would have fewer than two)."""
+    settings = config["ensemble"]
+    members = settings["runs"] or list(RUNS)
+    unknown = [run for run in members if run not in RUNS]
+    if unknown:
+        raise WorkflowError(f"config ensemble.runs: {', '.join(unknown)} not among runs ({', '.join(RUNS)})")
+    if settings["runs"] and len(members) < 2:
+        raise WorkflowError("config ensemble.runs: an ensemble needs at least two runs")
+    if settings["weights"] == "val_accuracy" and not HAS_VAL:
+        raise WorkflowError(
+            "config ensemble.weights: val_accuracy needs validation accuracies, but data.val_fraction is 0; "
+            "set weights: equal or hold out a validation share"
+        )
+    # Sorted: the order of members changes no mean, so reordering runs in the config reruns nothing.
+    return sorted(members) if settings["activate"] and len(members) >= 2 else []
+
+
+ENSEMBLE = ensemble_members()
+
+
+def get_ensemble_members(wildcards):
+    """Each member's probability files (and metrics, for weights by validation accuracy)."""
+    files = {"test_probs": expand("results/{run}/answer_probs.csv", run=ENSEMBLE)}
+    if HAS_VAL:
+        files["val_probs"] = expand("results/{run}/val_probs.csv", run=ENSEMBLE)
+        files["metrics"] = expand("results/{run}/metrics.json", run=ENSEMBLE)
+    return files
+
+
+def get_final_output():
+    """Everything `snakemake` with no target builds."""
+    outputs = ["results/data/report.json"]
+    outputs += expand("results/{run}/{name}", run=RUNS, name=["answers.csv", "train_curve.png"])
+    if HAS_VAL:
+        outputs += expand("results/{run}/metrics.json", run=RUNS)
+    if ENSEMBLE:
+        outputs += ["results/ensemble/answers.csv"] + (["results/ensemble/metrics.json"] if HAS_VAL else [])
+    return outputs

@@ -36,6 +36,8 @@ rule train_lora:
         settings=lambda wildcards: as_json(RUNS[wildcards.run]),
         base_model=base_model_path(),
         remote_code=remote_code_flag(),
+        revision=revision_flag(),
+        answering=answering_flag,
         launcher=train_launcher,
         # Not an output: Snakemake must not delete it when a job fails, so a
         # rerun resumes from the last checkpoint.
@@ -55,7 +57,8 @@ rule train_lora:
         "{params.launcher} {input.script:q} --train {input.train:q} --val {input.val:q} "
         "--base-model {params.base_model:q} --out {output.adapter:q} --log-jsonl {output.log_jsonl:q} "
         "--checkpoint-dir {params.checkpoint_dir:q} --deepspeed-config {input.deepspeed:q} "
-        "--settings {params.settings:q} {params.remote_code} > {log:q} 2>&1"
+        "--settings {params.settings:q} {params.answering} {params.remote_code} {params.revision} "
+        "> {log:q} 2>&1"
 
 
 rule merge_lora:
@@ -121,7 +124,8 @@ rule evaluate_answers:
         script=SCRIPTS / "evaluate_answers.py",
         lib=LIB,
     output:
-        "results/{run}/metrics.json",
+        metrics="results/{run}/metrics.json",
+        probs="results/{run}/val_probs.csv",
     params:
         settings=as_json(config["answering"]),
         max_seq_length=lambda wildcards: RUNS[wildcards.run]["max_seq_length"],
@@ -138,7 +142,7 @@ rule evaluate_answers:
     conda:
         "../envs/answer.yaml"
     shell:
-        "python {input.script:q} --model {input.model:q} --val {input.val:q} --out {output:q} "
+        "python {input.script:q} --model {input.model:q} --val {input.val:q} --out {output.metrics:q} --probs {output.probs:q} "
         "--max-seq-length {params.max_seq_length} --settings {params.settings:q} "
         "{params.remote_code} > {log:q} 2>&1"
 

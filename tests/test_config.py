@@ -47,7 +47,8 @@ def test_dry_run_schedules_every_stage_once_per_run(tmp_path):
     assert result.returncode == 0, result.stderr
     assert scheduled(result) == {
         "prepare_train_data": 1, "prepare_test_data": 1, "summarize_data": 1, "build_demo_model": 1,
-        "train_lora": 2, "merge_lora": 2, "answer_questions": 2, "evaluate_answers": 2, "plot_training": 2, "all": 1,
+        "train_lora": 2, "merge_lora": 2, "answer_questions": 2, "evaluate_answers": 2, "plot_training": 2,
+        "ensemble_answers": 1, "all": 1,
     }
 
 

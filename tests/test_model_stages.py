@@ -41,15 +41,16 @@ def to_bin_shards(path):
     (path / "model.safetensors.index.json").unlink()
 
 
-def tiny_adapter(base_path, adapter_path, modules_to_save=None, use_rslora=False):
+def tiny_adapter(base_path, adapter_path, modules_to_save=None, use_rslora=False, use_dora=False):
     model = AutoModelForCausalLM.from_pretrained(base_path)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                        modules_to_save=modules_to_save, use_rslora=use_rslora, task_type="CAUSAL_LM")
+                        modules_to_save=modules_to_save, use_rslora=use_rslora, use_dora=use_dora,
+                        task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, config)
     torch.manual_seed(3)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
-            if "lora_B" in name or "modules_to_save" in name:
+            if "lora_B" in name or "modules_to_save" in name or "lora_magnitude_vector" in name:
                 p.add_(torch.randn_like(p) * 0.1)  # a trained adapter, not the zero init
     peft_model.save_pretrained(adapter_path)
 
@@ -61,13 +62,14 @@ def reference_logits(base_path, adapter_path, ids):
 
 
 @pytest.mark.parametrize(
-    "bin_shards, modules_to_save, use_rslora, threads, block_bytes",
-    [(False, None, False, 1, None), (True, None, False, 1, None), (False, ["lm_head"], False, 3, 200),
-     (False, None, True, 1, None), (False, None, False, 4, 200), (True, ["lm_head"], False, 2, 200)],
+    "bin_shards, modules_to_save, use_rslora, threads, block_bytes, use_dora",
+    [(False, None, False, 1, None, False), (True, None, False, 1, None, False), (False, ["lm_head"], False, 3, 200, False),
+     (False, None, True, 1, None, False), (False, None, False, 4, 200, False), (True, ["lm_head"], False, 2, 200, False),
+     (False, None, False, 2, 200, True), (False, None, True, 1, None, True)],
 )
 def test_streaming_merge_equals_merge_and_unload(tmp_path, monkeypatch, request, bin_shards, modules_to_save,
-                                                 use_rslora, threads, block_bytes):
-    """Also with several shards at a time and tensors cut into many blocks of rows (block_bytes)."""
+                                                 use_rslora, threads, block_bytes, use_dora):
+    """Also with several shards at a time, tensors cut into many blocks of rows (block_bytes), rsLoRA and DoRA."""
     import merge_lora
 
     request.addfinalizer(lambda n=torch.get_num_threads(): torch.set_num_threads(n))  # merge() sets it
@@ -75,7 +77,7 @@ def test_streaming_merge_equals_merge_and_unload(tmp_path, monkeypatch, request,
     base, adapter, out = tmp_path / "base", tmp_path / "adapter", tmp_path / "merged"
     original = tiny_base(base, bin_shards=bin_shards)
     assert len(list(base.glob("*.bin" if bin_shards else "*.safetensors"))) > 1, "want several shards"
-    tiny_adapter(base, adapter, modules_to_save, use_rslora)
+    tiny_adapter(base, adapter, modules_to_save, use_rslora, use_dora)
     if block_bytes:
         monkeypatch.setattr(merge_lora, "BLOCK_BYTES", block_bytes)
         assert any(len(list(merge_lora.row_blocks(w.to("meta")))) > 5 for w in original.state_dict().values())
@@ -123,7 +125,8 @@ def test_trained_adapter_round_trips_through_peft(demo_run):
     assert (adapter / "adapter_model.safetensors").exists() and (adapter / "adapter_config.json").exists()
     ids = torch.randint(0, 500, (2, 23))
     merged = AutoModelForCausalLM.from_pretrained(demo_run / "results/default/merged")
-    torch.testing.assert_close(merged(ids).logits, reference_logits(base, adapter, ids), rtol=1e-5, atol=1e-5)
+    # fp32 sums in another order (addmm against peft's B @ A * scale): the 3-layer demo's logits differ by up to ~1.1e-5
+    torch.testing.assert_close(merged(ids).logits, reference_logits(base, adapter, ids), rtol=1e-5, atol=3e-5)
 
 
 def test_answering_twice_gives_identical_files(demo_run, tmp_path):
@@ -133,7 +136,7 @@ def test_answering_twice_gives_identical_files(demo_run, tmp_path):
         result = run_script(
             "answer_questions.py", "--model", demo_run / "results/default/merged", "--test",
             demo_run / "results/data/test.json", "--answers", answers, "--probs", probs, "--max-seq-length", "256",
-            "--settings", json.dumps({"batch_size": 4 + 3 * n, "precision": "auto", "load_in": "none"}),
+            "--settings", json.dumps({"batch_size": 4 + 3 * n, "precision": "auto", "load_in": "none", "rotations": 4}),
         )
         assert result.returncode == 0, result.stderr
         outputs.append((answers.read_bytes(), probs.read_text()))
@@ -201,7 +204,8 @@ def test_training_with_the_same_seed_gives_the_same_adapter(demo_run, tmp_path):
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         "epochs": 0.5, "warmup_ratio": 0.03, "lr_scheduler": "cosine", "weight_decay": 0.0, "micro_batch_size": 8,
         "micro_batch_tokens": 512, "gradient_accumulation_steps": 1, "max_seq_length": 256, "seed": 7, "precision": "auto", "load_in": "none",
-        "gradient_checkpointing": False, "checkpoint_steps": 1000, "eval_steps": 1000, "logging_steps": 5}
+        "gradient_checkpointing": False, "checkpoint_steps": 1000, "eval_steps": 1000, "logging_steps": 5,
+        "use_rslora": False, "use_dora": False, "select_best": False, "early_stopping_patience": 0}
     adapters = []
     for n in range(2):
         out = tmp_path / f"run{n}"

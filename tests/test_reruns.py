@@ -13,6 +13,7 @@ import yaml
 from conftest import REPO, sample_workdir, snakemake
 
 GPU_RULES = {"train_lora", "answer_questions", "evaluate_answers"}
+ENSEMBLE = {("ensemble_answers", ""), ("all", "")}  # two runs make an ensemble; it reruns with any member
 RUNS = {"default": {}, "r8": {"lora_r": 8}}
 ONE_THREAD = {"train": {"threads": 1}, "answer": {"threads": 1}, "merge": {"threads": 1}}
 
@@ -20,7 +21,8 @@ ONE_THREAD = {"train": {"threads": 1}, "answer": {"threads": 1}, "merge": {"thre
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
     """The demo workflow with two runs, executed on 4 cores with one GPU slot."""
-    workdir = sample_workdir(tmp_path_factory.mktemp("two_runs"), runs=RUNS, resources=ONE_THREAD)
+    workdir = sample_workdir(tmp_path_factory.mktemp("two_runs"), runs=RUNS, resources=ONE_THREAD,
+                             training={"lora_r": 48, "lora_alpha": 64, "warmup_ratio": 0.03})
     result = snakemake(workdir, "--cores", "4")
     return workdir, result.stdout + result.stderr
 
@@ -77,29 +79,36 @@ def test_reordered_config_keys_change_nothing(finished):
 def test_test_file_changed_reruns_only_test_data_and_answers(finished):
     edit_sheet(finished / "data/test.xlsx", "問題")
     jobs, output = dry_run(finished)
-    assert jobs == {("prepare_test_data", ""), ("summarize_data", ""), ("all", "")} | per_run("answer_questions")
+    assert jobs == {("prepare_test_data", ""), ("summarize_data", "")} | ENSEMBLE | per_run("answer_questions")
     assert "reason: Updated input files: data/test.xlsx" in output
 
 
 def test_train_file_changed_reruns_data_training_and_everything_after(finished):
     edit_sheet(finished / "data/train.xlsx", "文章")
     jobs, _ = dry_run(finished)
-    assert jobs == {("prepare_train_data", ""), ("summarize_data", ""), ("build_demo_model", ""), ("all", "")} | per_run(
+    assert jobs == {("prepare_train_data", ""), ("summarize_data", ""), ("build_demo_model", "")} | ENSEMBLE | per_run(
         "train_lora", "merge_lora", "answer_questions", "evaluate_answers", "plot_training")
 
 
 def test_lora_setting_of_one_run_reruns_only_that_run(finished):
     edit_config(finished, lambda c: c["runs"]["r8"].update(lora_r=16))
     jobs, output = dry_run(finished)
-    assert jobs == {("all", "")} | {(rule, "r8") for rule in
-                                    ("train_lora", "merge_lora", "answer_questions", "evaluate_answers", "plot_training")}
+    assert jobs == ENSEMBLE | {(rule, "r8") for rule in
+                               ("train_lora", "merge_lora", "answer_questions", "evaluate_answers", "plot_training")}
     assert "params" in output.lower()
 
 
-def test_answering_setting_reruns_only_answers_and_evaluation(finished):
-    edit_config(finished, lambda c: c["answering"].update(batch_size=5))
+def test_new_run_reruns_only_that_run_and_the_ensemble(finished):
+    edit_config(finished, lambda c: c["runs"].update(r16={"lora_r": 16}))
     jobs, _ = dry_run(finished)
-    assert jobs == {("all", "")} | per_run("answer_questions", "evaluate_answers")
+    assert jobs == ENSEMBLE | {(rule, "r16") for rule in
+                               ("train_lora", "merge_lora", "answer_questions", "evaluate_answers", "plot_training")}
+
+
+def test_answering_setting_reruns_only_answers_and_evaluation(finished):
+    edit_config(finished, lambda c: c.setdefault("answering", {}).update(batch_size=5))
+    jobs, _ = dry_run(finished)
+    assert jobs == ENSEMBLE | per_run("answer_questions", "evaluate_answers")
 
 
 def test_touched_but_unchanged_code_reruns_nothing(finished):

@@ -8,9 +8,10 @@ option) so the default workflow exercises every normalisation.
     python resources/sample/make_sample.py --out-dir resources/sample --cue   # the bundled sample
     python resources/sample/make_sample.py --out-dir DIR                     # no cue: only reading helps
 
-With --cue every question starts with 甲/乙/丙/丁 for answer 1/2/3/4, a signal a
-tiny model can learn in a minute on a CPU: the demo then shows that labels
-flow from xlsx to CSV and that training learns, not that it reads.
+With --cue the correct option starts with ★, a signal a tiny model can learn
+in a minute on a CPU: the demo then shows that labels flow from xlsx to CSV
+and that training learns, not that it reads. The mark travels with its
+option, so reordering the options (rotation scoring) keeps it meaningful.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ NAMES = ["小明", "小華", "美玲", "志強", "怡君", "家豪", "淑芬", "
 CITIES = ["臺北", "臺中", "高雄", "臺南", "新竹", "花蓮", "嘉義", "基隆", "宜蘭", "屏東"]
 FOODS = ["牛肉麵", "滷肉飯", "珍珠奶茶", "蚵仔煎", "小籠包", "鳳梨酥", "臭豆腐", "刈包", "肉圓", "豆花"]
 HOBBIES = ["打籃球", "彈鋼琴", "畫畫", "游泳", "爬山", "看書", "騎腳踏車", "下圍棋", "拍照", "寫日記"]
-CUES = ["甲", "乙", "丙", "丁"]
+CUE = "★"
 
 
 def choices(rng: random.Random, correct, pool) -> tuple[list, int]:
@@ -60,7 +61,7 @@ def make_rows(articles: int, seed: int, cue: bool) -> list[dict]:
         article, questions = story(rng)
         for question, options, answer in questions:
             if cue:
-                question = f"（{CUES[answer - 1]}）{question}"
+                options[answer - 1] = f"{CUE}{options[answer - 1]}"
             rows.append({"文章": article, "問題": question, **{f"選項{i + 1}": o for i, o in enumerate(options)}, "正確答案": answer})
     return rows
 

@@ -16,17 +16,20 @@ import sys
 import time
 from pathlib import Path
 
-from mcqa.prompt import ANSWERS
+from mcqa.metrics import write_probs
 from mcqa.records import read_records
 from mcqa.scoring import score_records
 
 
-def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+def write_answers(path: Path, ids: list[str], choices: list[int]) -> None:
+    """The submission, `ID,Answer`, one row per test id (checked: every id exactly once)."""
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"test ids are not unique; rerun data preparation ({len(ids) - len(set(ids))} repeated)")
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
-        writer.writerow(header)
-        writer.writerows(rows)
+        writer.writerow(["ID", "Answer"])
+        writer.writerows(zip(ids, choices))
     tmp.replace(path)
 
 
@@ -45,13 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     records = read_records(args.test, "test")
     log_probs, meter = score_records(args.model, records, args.max_seq_length, s, args.trust_remote_code)
-    probs = log_probs.softmax(dim=-1)  # renormalised over the four answers
-    choice = log_probs.argmax(dim=-1) + 1
-    write_csv(args.answers, ["ID", "Answer"], [[r["id"], int(c)] for r, c in zip(records, choice)])
-    write_csv(args.probs, ["ID", *(f"p{a}" for a in ANSWERS)],
-              [[r["id"], *(f"{p:.6f}" for p in row.tolist())] for r, row in zip(records, probs)])
+    ids = [r["id"] for r in records]
+    write_answers(args.answers, ids, (log_probs.argmax(dim=-1) + 1).tolist())
+    write_probs(args.probs, "ID", ids, log_probs.exp().tolist())
     print(f"answered {len(records)} questions in {time.perf_counter() - start:.1f} s "
-          f"({meter.rate():.1f} questions/s while scoring)", file=sys.stderr)
+          f"({meter.rate() / s['rotations']:.1f} questions/s while scoring, {s['rotations']} option order(s) each)",
+          file=sys.stderr)
     return 0
 
 

@@ -3,8 +3,9 @@
     merge_lora.py --base-model PATH_OR_HUB_ID --adapter ADAPTER_DIR --out MERGED_DIR [--threads N]
 
 For every base weight with a LoRA pair, W' = W + scale * B @ A is computed in
-fp32 and cast back to W's dtype; modules_to_save weights replace the base
-ones. Shards are merged in parallel (up to --threads at a time), each one
+fp32 and cast back to W's dtype (DoRA then rescales each output row of W' to
+its learnt magnitude: m * W' / ||W'||, a row at a time like the rest);
+modules_to_save weights replace the base ones. Shards are merged in parallel (up to --threads at a time), each one
 streamed in blocks of rows: read, merged and appended to its output shard.
 Peak memory is the adapter plus 20 MB per shard in progress, never a whole
 safetensors shard (.bin shards are memory-mapped, so their pages add up).
@@ -42,14 +43,15 @@ class MergeError(Exception):
     """The adapter does not fit the base model; the message says why."""
 
 
-def resolve_checkpoint(base_model: str) -> Path:
-    """A local directory, or a hub id fetched (weights and configs only) into the HF cache."""
+def resolve_checkpoint(base_model: str, revision: str | None = None) -> Path:
+    """A local directory, or a hub id fetched (weights and configs only, at `revision`) into the HF cache."""
     path = Path(base_model)
     if path.is_dir():
         return path
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(base_model, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model", "*.py", "*.txt"]))
+    return Path(snapshot_download(base_model, revision=revision,
+                                  allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model", "*.py", "*.txt"]))
 
 
 def shard_map(checkpoint: Path) -> dict[str, list[str]]:
@@ -185,21 +187,24 @@ def read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, dict[str, torch.Ten
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     if config.get("peft_type") != "LORA":
         raise MergeError(f"{adapter_dir}: peft_type {config.get('peft_type')!r}; only LORA adapters can be merged here")
-    if config.get("use_dora"):
-        raise MergeError(f"{adapter_dir}: DoRA adapters are not supported by the streaming merge")
+    if config.get("use_dora") and config.get("fan_in_fan_out"):
+        raise MergeError(f"{adapter_dir}: a DoRA adapter on transposed (fan_in_fan_out) layers normalises columns, "
+                         "which the row-by-row merge cannot do; merge it with peft's merge_and_unload instead")
     tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
     pairs: dict[str, dict] = {}
     replacements: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
         name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-        if ".lora_A." in name or ".lora_B." in name:
+        if name.endswith(".lora_magnitude_vector"):  # DoRA: the magnitude of each output row
+            pairs.setdefault(name[: -len(".lora_magnitude_vector")] + ".weight", {})["magnitude"] = value.float()
+        elif ".lora_A." in name or ".lora_B." in name:
             module, part = (name.split(".lora_A.")[0], "A") if ".lora_A." in name else (name.split(".lora_B.")[0], "B")
             pairs.setdefault(module + ".weight", {})[part] = value.float()
         else:
             replacements[name] = value
     for weight, pair in pairs.items():
-        if set(pair) != {"A", "B"}:
-            raise MergeError(f"{adapter_dir}: {weight} has lora_{''.join(pair)} but not its partner")
+        if not {"A", "B"} <= set(pair):
+            raise MergeError(f"{adapter_dir}: {weight} lacks lora_A or lora_B (has {', '.join(sorted(pair))})")
         module = weight[: -len(".weight")]
         rank = pair["A"].shape[0]
         alpha = next((v for k, v in config.get("alpha_pattern", {}).items() if module.endswith(k)), config["lora_alpha"])
@@ -256,6 +261,8 @@ def merge_tensor(name: str, weight: torch.Tensor, pairs: dict, replacements: dic
         merged.addmm_(pair["A"][:, rows].T, pair["B"].T, alpha=pair["scale"])
     else:
         merged.addmm_(pair["B"][rows], pair["A"], alpha=pair["scale"])
+    if "magnitude" in pair:
+        merged.mul_((pair["magnitude"][rows] / torch.linalg.norm(merged, dim=1)).unsqueeze(1))
     return weight.copy_(merged)
 
 
@@ -284,9 +291,10 @@ def copy_side_files(checkpoint: Path, adapter_dir: Path, out: Path) -> None:
 
 def merge(base_model: str, adapter_dir: Path, out: Path, threads: int = 1) -> None:
     start = time.perf_counter()
-    checkpoint = resolve_checkpoint(base_model)
+    config, pairs, replacements = read_adapter(adapter_dir)
+    # The hub revision the adapter was trained on (train_lora records base_model_revision there).
+    checkpoint = resolve_checkpoint(base_model, config.get("revision"))
     shards = shard_map(checkpoint)
-    _, pairs, replacements = read_adapter(adapter_dir)
     check_fit(checkpoint, shards, pairs, replacements)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)

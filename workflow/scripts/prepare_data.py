@@ -110,8 +110,13 @@ def check_split(train: list[Row], val: list[Row], val_fraction: float, path: str
                          "validation would be empty; raise data.val_fraction, or set it to 0 to train on everything.")
 
 
+def record(r: Row) -> dict:
+    """The JSON record of a row (see mcqa.records): what the model reads, and the options it ends with."""
+    return {"instruction": INSTRUCTION, "input": build_input(r.article, r.question, r.options), "options": r.options}
+
+
 def labelled_record(r: Row) -> dict:
-    return {"instruction": INSTRUCTION, "input": build_input(r.article, r.question, r.options), "output": str(r.label)}
+    return {**record(r), "output": str(r.label)}
 
 
 def prepare_train(args: argparse.Namespace) -> None:
@@ -150,8 +155,7 @@ def prepare_test(args: argparse.Namespace) -> None:
     result = read_questions(args.input, labelled=False)
     skipped = check(result, args.input, "error")
     records = [
-        {"id": r.row_id, "instruction": INSTRUCTION, "input": build_input(r.article, r.question, r.options)}
-        for r in result.rows
+        {"id": r.row_id, **record(r)} for r in result.rows
     ]
     write_json_atomic(args.out, records)
     write_json_atomic(args.report_out, base_report(result, args.input, skipped))

@@ -15,6 +15,7 @@ by torchrun with several GPUs, it trains data-parallel under DeepSpeed ZeRO-2
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -29,12 +30,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from mcqa.modeling import load_model, load_tokenizer, pad_right, resolve_precision, without_attention_mask
+from mcqa.modeling import DTYPES, load_model, load_tokenizer, pad_right, resolve_precision, without_attention_mask
 from mcqa.progress import format_duration
 from mcqa.prompt import answer_token_ids, encode_training_example
 from mcqa.records import read_records
+from mcqa.scoring import score_rotations
 
 FINGERPRINT = "fingerprint.json"
 HISTORY = "train_log.jsonl"  # beside the checkpoints; copied to --log-jsonl at the end
@@ -111,6 +113,7 @@ class RightPaddedTrainer(Trainer):
     """
 
     examples_trained = 0
+    answer_accuracy: Callable[[torch.nn.Module], float] | None = None  # set for select_best
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self.examples_trained += len(inputs["input_ids"])
@@ -123,6 +126,35 @@ class RightPaddedTrainer(Trainer):
 
     def compute_loss(self, model, inputs, *args, **kwargs):
         return super().compute_loss(model, without_attention_mask(inputs), *args, **kwargs)
+
+    def evaluate(self, *args, **kwargs) -> dict:
+        """Validation loss and, with select_best, validation answer accuracy (eval_val_accuracy),
+        which the Trainer then uses to keep and finally load the best checkpoint."""
+        metrics = super().evaluate(*args, **kwargs)
+        if self.answer_accuracy is not None:
+            metrics["eval_val_accuracy"] = self.answer_accuracy(self.model)
+            self.log({"eval_val_accuracy": metrics["eval_val_accuracy"]})
+        return metrics
+
+
+def answer_accuracy(records: list[dict], tokenizer, max_seq_length: int, answering: dict,
+                    precision: str) -> Callable[[torch.nn.Module], float]:
+    """A function giving a model's validation accuracy, scored as evaluate_answers scores it
+    (same prompts, rotations and batch size; half precision through autocast as in training)."""
+    labels = torch.tensor([r["label"] for r in records])
+
+    def accuracy(model: torch.nn.Module) -> float:
+        was_training = model.training
+        model.eval()
+        autocast = torch.autocast("cuda", dtype=DTYPES[precision]) if precision != "fp32" and torch.cuda.is_available() \
+            else contextlib.nullcontext()
+        with autocast:
+            log_probs, _ = score_rotations(model, tokenizer, records, max_seq_length, answering["batch_size"],
+                                           answering["rotations"])
+        model.train(was_training)
+        return (log_probs.argmax(dim=-1) + 1 == labels).float().mean().item()
+
+    return accuracy
 
 
 class TrainingDiverged(RuntimeError):
@@ -230,6 +262,10 @@ class ProgressLog(TrainerCallback):
         elif "eval_loss" in logs:
             entry["val_loss"] = logs["eval_loss"]
             print(f"step {state.global_step}  validation loss {logs['eval_loss']:.4f}", file=sys.stderr, flush=True)
+        elif "eval_val_accuracy" in logs:
+            entry["val_accuracy"] = logs["eval_val_accuracy"]
+            print(f"step {state.global_step}  validation accuracy {logs['eval_val_accuracy']:.4f}", file=sys.stderr,
+                  flush=True)
         elif "train_runtime" in logs:
             entry.update(train_runtime_s=logs["train_runtime"], **totals)
         else:
@@ -251,7 +287,8 @@ def fingerprint(settings: dict, args: argparse.Namespace) -> dict:
     for path in (args.train, args.val):
         if path:
             digest.update(Path(path).read_bytes())
-    return {"settings": settings, "base_model": args.base_model, "data_sha256": digest.hexdigest()}
+    return {"settings": settings, "base_model": args.base_model, "revision": args.revision,
+            "data_sha256": digest.hexdigest()}
 
 
 # What train_lora.py writes into --checkpoint-dir besides these two files; nothing else there is ever removed.
@@ -353,10 +390,14 @@ def training_arguments(s: dict, args: argparse.Namespace, precision: str, has_va
         gradient_checkpointing_kwargs={"use_reentrant": False} if s["gradient_checkpointing"] else None,
         logging_steps=s["logging_steps"],
         save_strategy="steps",
-        save_steps=s["checkpoint_steps"],
+        # select_best keeps a checkpoint of every evaluation until the best is known (the Trainer keeps the best and the newest)
+        save_steps=s["eval_steps"] if s["select_best"] else s["checkpoint_steps"],
         save_total_limit=2,
         eval_strategy="steps" if has_val else "no",
         eval_steps=s["eval_steps"],
+        load_best_model_at_end=s["select_best"],
+        metric_for_best_model="val_accuracy" if s["select_best"] else None,
+        greater_is_better=True if s["select_best"] else None,
         seed=s["seed"],
         data_seed=s["seed"],
         include_num_input_tokens_seen="non_padding",
@@ -381,9 +422,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint-dir", required=True)
     parser.add_argument("--settings", required=True, help="JSON of the run's training settings")
     parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--revision", default=None, help="hub commit, branch or tag of the base model")
     parser.add_argument("--deepspeed-config", default="", help="used when launched by torchrun on several GPUs")
+    parser.add_argument("--answering", default="", help="JSON of the config's answering block (for select_best)")
     args = parser.parse_args(argv)
     s = json.loads(args.settings)
+    if not torch.distributed.is_torchelastic_launched():
+        # One process trains on one GPU. With more visible the Trainer would wrap the model in
+        # DataParallel, which splits the answer-only batches wrongly; several GPUs go through torchrun.
+        os.environ["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
 
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -391,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     # allocator from fragmenting (read at the first CUDA allocation, below).
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     precision = resolve_precision(s["precision"])
-    tokenizer = load_tokenizer(args.base_model, args.trust_remote_code)
+    tokenizer = load_tokenizer(args.base_model, args.trust_remote_code, args.revision)
     train_records = read_records(args.train, "labelled")
     val_records = read_records(args.val, "labelled") if args.val else []
     train_features, train_cut = tokenize(train_records, tokenizer, s["max_seq_length"])
@@ -410,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     set_seed(s["seed"])  # before the LoRA weights are initialised, so a run is reproducible
-    model = load_model(args.base_model, precision, s["load_in"], args.trust_remote_code)
+    model = load_model(args.base_model, precision, s["load_in"], args.trust_remote_code, args.revision)
     if s["load_in"] != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=s["gradient_checkpointing"])
     model = get_peft_model(
@@ -421,6 +468,9 @@ def main(argv: list[str] | None = None) -> int:
             lora_dropout=s["lora_dropout"],
             target_modules=s["target_modules"],
             modules_to_save=s["modules_to_save"] or None,
+            use_rslora=s["use_rslora"],
+            use_dora=s["use_dora"],
+            revision=args.revision,  # recorded in adapter_config.json
             task_type="CAUSAL_LM",
         ),
     )
@@ -439,6 +489,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     trainer.remove_callback(PrinterCallback)  # ProgressLog prints a readable line instead
     trainer.add_callback(ProgressLog(history, trainer.examples_trained_all))
+    if s["select_best"]:
+        if not val_records or not args.answering:
+            print("ERROR select_best needs validation records (--val) and the answering settings (--answering)",
+                  file=sys.stderr)
+            return 2
+        trainer.answer_accuracy = answer_accuracy(val_records, tokenizer, s["max_seq_length"],
+                                                  json.loads(args.answering), precision)
+        if s["early_stopping_patience"]:
+            trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=s["early_stopping_patience"]))
     # Rank 0 decides whether to resume (and cleans up); the Trainer has set up
     # the process group, so every rank then follows the same decision.
     resume = [prepare_checkpoint_dir(checkpoint_dir, fingerprint(s, args)) if trainer.is_world_process_zero() else None]
@@ -454,6 +513,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ERROR {exc}", file=sys.stderr)
         return 3
     if trainer.is_world_process_zero():
+        if s["select_best"]:
+            best_step = int(OWNED_DIR.fullmatch(Path(trainer.state.best_model_checkpoint).name)[2])
+            with open(history, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"step": trainer.state.global_step, "best_step": best_step,
+                                     "best_val_accuracy": trainer.state.best_metric}) + "\n")
+            report(f"best validation accuracy {trainer.state.best_metric:.4f} at step {best_step} of "
+                   f"{trainer.state.global_step}: the adapter saved is that step's")
         model.save_pretrained(args.out)
         tokenizer.save_pretrained(args.out)
         shutil.copyfile(history, args.log_jsonl)

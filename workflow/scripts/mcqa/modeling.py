@@ -41,9 +41,12 @@ def quantization_config(load_in: str, compute_dtype: torch.dtype):
     )
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False):
-    """The tokenizer, with right padding and a pad token, checked to have one-token answers."""
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | None = None):
+    """The tokenizer, with right padding and a pad token, checked to have one-token answers.
+
+    `revision` pins a hub commit, branch or tag (ignored for local folders).
+    """
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     tokenizer.padding_side = "right"
@@ -57,7 +60,8 @@ def local_device() -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def load_model(path: str, precision: str, load_in: str = "none", trust_remote_code: bool = False):
+def load_model(path: str, precision: str, load_in: str = "none", trust_remote_code: bool = False,
+               revision: str | None = None):
     """A causal LM on this process's device in the given precision (already resolved)."""
     dtype = DTYPES[precision]
     device = local_device()
@@ -68,6 +72,7 @@ def load_model(path: str, precision: str, load_in: str = "none", trust_remote_co
         device_map={"": device},
         attn_implementation="sdpa",
         trust_remote_code=trust_remote_code,
+        revision=revision,
     )
     return model
 

@@ -23,12 +23,28 @@ ANSWERS = ("1", "2", "3", "4")
 ANSWER_SUFFIX_TOKENS = 2
 
 
-def build_input(article: str, question: str, options: Sequence[str]) -> str:
-    """Join article, question and the four numbered options into the record's `input`."""
+def numbered_options(options: Sequence[str]) -> str:
+    """The options block of an input: one numbered line per option."""
     if len(options) != len(ANSWERS):
         raise ValueError(f"expected {len(ANSWERS)} options, got {len(options)}")
-    numbered = "".join(f"\n{n}. {text}" for n, text in zip(ANSWERS, options))
-    return f"{ARTICLE_MARKER}{article}{QUESTION_MARKER}{question}{OPTIONS_MARKER}{numbered}"
+    return "".join(f"\n{n}. {text}" for n, text in zip(ANSWERS, options))
+
+
+def build_input(article: str, question: str, options: Sequence[str]) -> str:
+    """Join article, question and the four numbered options into the record's `input`."""
+    return f"{ARTICLE_MARKER}{article}{QUESTION_MARKER}{question}{OPTIONS_MARKER}{numbered_options(options)}"
+
+
+def rotate_input(text: str, options: Sequence[str], shift: int) -> str:
+    """The input with its options rotated by `shift`: answer position j then shows option (j + shift) % 4.
+
+    Only the options block changes; the article and question stay as they are.
+    """
+    block = numbered_options(options)
+    if not text.endswith(block):
+        raise ValueError("the record's input does not end with its options; rerun data preparation")
+    rotated = list(options[shift:]) + list(options[:shift])
+    return text[: len(text) - len(block)] + numbered_options(rotated)
 
 
 def split_input(text: str) -> tuple[str, str]:

@@ -11,6 +11,8 @@ from .prompt import ANSWERS
 
 LABELLED_FIELDS = ("instruction", "input", "output")
 TEST_FIELDS = ("id", "instruction", "input")
+# Every record also has "options": the four option texts its input ends with
+# (so scoring can show them in another order).
 
 Kind = Literal["labelled", "test"]
 
@@ -39,8 +41,11 @@ def read_records(path: str | os.PathLike, kind: Kind) -> list[dict]:
         raise RecordError(f"{path}: expected a JSON list of records")
     for n, record in enumerate(records):
         missing = [f for f in fields if not isinstance(record.get(f), str)]
+        options = record.get("options")
+        if not (isinstance(options, list) and len(options) == len(ANSWERS) and all(isinstance(o, str) for o in options)):
+            missing.append("options (a list of four strings)")
         if missing:
-            raise RecordError(f"{path}: record {n} lacks string field(s) {missing}; rerun data preparation")
+            raise RecordError(f"{path}: record {n} lacks field(s) {missing}; rerun data preparation")
         if kind == "labelled":
             if record["output"] not in ANSWERS:
                 raise RecordError(f"{path}: record {n} has output {record['output']!r}, expected one of {ANSWERS}")

@@ -1,4 +1,5 @@
-"""Deterministic scoring: the log-probability of each answer digit at the answer position."""
+"""Deterministic scoring: the log-probability of each answer digit at the answer position,
+optionally with the options shown in several cyclic orders (rotations) to cancel a label bias."""
 
 from __future__ import annotations
 
@@ -9,14 +10,18 @@ import torch
 
 from .modeling import load_model, load_tokenizer, pad_right, resolve_precision
 from .progress import Meter
-from .prompt import ANSWER_SUFFIX_TOKENS, answer_token_ids, encode_prompt
+from .prompt import ANSWER_SUFFIX_TOKENS, ANSWERS, answer_token_ids, encode_prompt, rotate_input
 
 
-def encode_all(tokenizer, records: list[dict], max_seq_length: int) -> tuple[list[list[int]], int]:
-    """Prompt ids of every record (cut exactly as in training) and how many were cut."""
+ROTATIONS = {1: (0,), 2: (0, 2), 4: (0, 1, 2, 3)}  # answering.rotations -> shifts of the options
+
+
+def encode_all(tokenizer, records: list[dict], max_seq_length: int, shift: int = 0) -> tuple[list[list[int]], int]:
+    """Prompt ids of every record (cut exactly as in training), its options rotated by `shift`, and how many were cut."""
     encoded, cut = [], 0
     for r in records:
-        ids, truncated = encode_prompt(tokenizer, r["instruction"], r["input"], max_seq_length - ANSWER_SUFFIX_TOKENS)
+        text = rotate_input(r["input"], r["options"], shift) if shift else r["input"]
+        ids, truncated = encode_prompt(tokenizer, r["instruction"], text, max_seq_length - ANSWER_SUFFIX_TOKENS)
         encoded.append(ids)
         cut += truncated
     return encoded, cut
@@ -49,15 +54,50 @@ def answer_log_probs(model, tokenizer, encoded: list[list[int]], batch_size: int
     return result
 
 
+def combine_rotations(log_probs: dict[int, torch.Tensor]) -> torch.Tensor:
+    """(N, 4) log-probabilities of the original options from each shift's (N, 4) scores.
+
+    Under shift k answer position j shows option (j + k) % 4, so option i
+    was scored at position (i - k) % 4. Each shift's scores are first
+    renormalised over the four answers; the shifts are then combined by
+    the mean of log-probabilities (a renormalised geometric mean): a
+    constant preference for an answer position adds the same amount to
+    every option once over the four shifts, so it cancels exactly, which a
+    mean of probabilities would only dampen.
+    """
+    n = len(ANSWERS)
+    aligned = []
+    for shift, scores in log_probs.items():
+        within = scores.log_softmax(dim=-1)
+        aligned.append(within[:, [(i - shift) % n for i in range(n)]])
+    return torch.stack(aligned).mean(dim=0).log_softmax(dim=-1)
+
+
+def score_rotations(model, tokenizer, records: list[dict], max_seq_length: int, batch_size: int, rotations: int,
+                    meter: Meter | None = None) -> tuple[torch.Tensor, int]:
+    """(N, 4) log-probabilities of the records' options, combined over `rotations` orders, and how many were cut."""
+    scores, cut = {}, 0
+    for shift in ROTATIONS[rotations]:
+        encoded, cut = encode_all(tokenizer, records, max_seq_length, shift)
+        scores[shift] = answer_log_probs(model, tokenizer, encoded, batch_size, meter)
+    return combine_rotations(scores), cut
+
+
 def score_records(model_path: str, records: list[dict], max_seq_length: int, settings: dict,
                   trust_remote_code: bool = False) -> tuple[torch.Tensor, Meter]:
-    """Load a merged model as the answering settings say and score every record: (N, 4) log-probs."""
+    """Load a merged model as the answering settings say and score every record.
+
+    Returns (N, 4) log-probabilities over the four answers, in the records'
+    own option order, combined over `settings["rotations"]` orders.
+    """
     start = time.perf_counter()
     precision = resolve_precision(settings["precision"])
     tokenizer = load_tokenizer(model_path, trust_remote_code)
     model = load_model(model_path, precision, settings["load_in"], trust_remote_code).eval()
-    encoded, cut = encode_all(tokenizer, records, max_seq_length)
-    print(f"{len(records)} questions, {cut} with the article cut to {max_seq_length} tokens; "
-          f"precision {precision}, loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
-    meter = Meter(len(records), "questions")
-    return answer_log_probs(model, tokenizer, encoded, settings["batch_size"], meter), meter
+    print(f"{len(records)} questions x {settings['rotations']} option order(s); precision {precision}, "
+          f"loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    meter = Meter(len(records) * settings["rotations"], "prompts")
+    log_probs, cut = score_rotations(model, tokenizer, records, max_seq_length, settings["batch_size"],
+                                     settings["rotations"], meter)
+    print(f"{cut} questions had their article cut to fit {max_seq_length} tokens", file=sys.stderr, flush=True)
+    return log_probs, meter

@@ -1,0 +1,175 @@
+"""Rotation scoring, honest validation metrics and ensembles of runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from conftest import run_script, sample_workdir, snakemake
+from transformers import AutoModelForCausalLM
+
+from mcqa.metrics import metrics, wilson_interval
+from mcqa.modeling import load_tokenizer
+from mcqa.prompt import answer_token_ids, build_input, rotate_input
+from mcqa.records import read_records
+from mcqa.scoring import combine_rotations, score_rotations
+
+
+def read_csv(path):
+    with open(path, encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_rotated_input_moves_only_the_options():
+    options = ["臺北", "臺中", "高雄", "2013"]
+    text = build_input("文章。", "問題？", options)
+    assert rotate_input(text, options, 1) == build_input("文章。", "問題？", ["臺中", "高雄", "2013", "臺北"])
+    assert rotate_input(text, options, 0) == text
+
+
+def test_rotation_scores_map_back_to_the_original_options():
+    """Option i is scored at position (i - k) % 4 under shift k; a position bias cancels exactly."""
+    truth = torch.tensor([[0.1, 2.0, -1.0, 0.5]])
+    bias = torch.tensor([3.0, 0.0, -1.0, 0.5])
+    shifted = {k: truth[:, [(j + k) % 4 for j in range(4)]] + bias for k in range(4)}
+    torch.testing.assert_close(combine_rotations(shifted), truth.log_softmax(dim=-1))
+
+
+class BiasedHead(torch.nn.Module):
+    """The output layer plus a constant added to one token's logit, as a model with a label prior has."""
+
+    def __init__(self, head, token_id: int, bias: float):
+        super().__init__()
+        self.head, self.token_id, self.bias = head, token_id, bias
+        self.weight = head.weight
+
+    def forward(self, hidden):
+        logits = self.head(hidden)
+        logits[..., self.token_id] += self.bias
+        return logits
+
+
+def test_rotations_undo_a_bias_toward_answer_1(demo_run):
+    model_dir = demo_run / "results/default/merged"
+    tokenizer = load_tokenizer(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    records = read_records(demo_run / "results/data/test.json", "test")
+    truth = {r["ID"]: int(r["Answer"]) for r in read_csv(demo_run / "data/test_answers.csv")}
+    labels = torch.tensor([truth[r["id"]] for r in records])
+
+    def answers(rotations):
+        log_probs, _ = score_rotations(model, tokenizer, records, 256, 16, rotations)
+        return log_probs.argmax(dim=-1) + 1
+
+    plain = {n: (answers(n) == labels).float().mean().item() for n in (1, 4)}
+    assert plain[1] >= 0.8 and plain[4] >= plain[1], plain
+    model.lm_head = BiasedHead(model.lm_head, answer_token_ids(tokenizer)[0], bias=15.0)
+    biased_1 = answers(1)
+    assert (biased_1 == 1).float().mean() >= 0.9, "the bias must dominate without rotations"
+    assert (answers(4) == labels).float().mean().item() >= plain[1] - 0.05
+
+
+def test_wilson_interval_and_metrics_by_hand():
+    assert wilson_interval(8, 10) == [0.4902, 0.9433]
+    assert wilson_interval(0, 5)[0] == 0.0 and wilson_interval(5, 5)[1] == 1.0
+    probs = [[0.7, 0.1, 0.1, 0.1], [0.6, 0.2, 0.1, 0.1], [0.1, 0.1, 0.2, 0.6], [0.25, 0.25, 0.4, 0.1]]
+    result = metrics(probs, [1, 2, 4, 3])
+    assert result["accuracy"] == 0.75
+    assert result["predicted_counts"] == {"1": 2, "2": 0, "3": 1, "4": 1}
+    assert result["recall"] == {"1": 1.0, "2": 0.0, "3": 1.0, "4": 1.0}
+    assert result["log_loss"] == pytest.approx(-(torch.tensor([0.7, 0.2, 0.6, 0.4]).log().mean().item()))
+
+
+def test_evaluation_writes_validation_probabilities(demo_run):
+    rows = read_csv(demo_run / "results/default/val_probs.csv")
+    val = read_records(demo_run / "results/data/val.json", "labelled")
+    assert [int(r["record"]) for r in rows] == list(range(len(val)))
+    assert [int(r["label"]) for r in rows] == [r["label"] for r in val]
+    assert all(abs(sum(float(r[f"p{a}"]) for a in "1234") - 1) < 1e-4 for r in rows)
+    result = json.loads((demo_run / "results/default/metrics.json").read_text())
+    low, high = result["accuracy_ci95"]
+    assert low <= result["accuracy"] <= high and result["rotations"] == 4
+    assert sum(result["predicted_counts"].values()) == len(val)
+
+
+def write_probs(path, key, rows):
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow([key, *(["label"] if key == "record" else []), "p1", "p2", "p3", "p4"])
+        writer.writerows(rows)
+    return path
+
+
+def ensemble(tmp_path, *extra):
+    return run_script("ensemble_answers.py", "--answers", tmp_path / "answers.csv", "--probs",
+                      tmp_path / "probs.csv", *extra)
+
+
+def test_ensemble_is_the_mean_of_its_members(tmp_path):
+    a = write_probs(tmp_path / "a.csv", "ID", [["q1", 0.7, 0.1, 0.1, 0.1], ["q2", 0.1, 0.5, 0.3, 0.1]])
+    b = write_probs(tmp_path / "b.csv", "ID", [["q1", 0.1, 0.8, 0.05, 0.05], ["q2", 0.1, 0.1, 0.7, 0.1]])
+    va = write_probs(tmp_path / "va.csv", "record", [[0, 1, 0.6, 0.2, 0.1, 0.1], [1, 3, 0.3, 0.3, 0.2, 0.2]])
+    vb = write_probs(tmp_path / "vb.csv", "record", [[0, 1, 0.2, 0.5, 0.2, 0.1], [1, 3, 0.1, 0.1, 0.7, 0.1]])
+    result = ensemble(tmp_path, "--members", "a", "b", "--test-probs", a, b, "--val-probs", va, vb,
+                      "--metrics-out", tmp_path / "metrics.json")
+    assert result.returncode == 0, result.stderr
+    assert read_csv(tmp_path / "answers.csv") == [{"ID": "q1", "Answer": "2"}, {"ID": "q2", "Answer": "3"}]
+    assert [float(p) for p in read_csv(tmp_path / "probs.csv")[0].values() if p != "q1"] == [0.4, 0.45, 0.075, 0.075]
+    result = json.loads((tmp_path / "metrics.json").read_text())
+    assert result["accuracy"] == 1.0  # means (0.4, 0.35, ...) and (0.2, 0.2, 0.45, 0.15)
+    assert result["log_loss"] == pytest.approx(-(torch.tensor([0.4, 0.45]).log().mean().item()))
+
+
+def test_ensemble_refuses_members_of_other_questions(tmp_path):
+    a = write_probs(tmp_path / "a.csv", "ID", [["q1", 0.7, 0.1, 0.1, 0.1], ["q2", 0.1, 0.5, 0.3, 0.1]])
+    b = write_probs(tmp_path / "b.csv", "ID", [["q2", 0.1, 0.5, 0.3, 0.1], ["q1", 0.7, 0.1, 0.1, 0.1]])
+    result = ensemble(tmp_path, "--members", "a", "b", "--test-probs", a, b)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{b} does not cover the same questions in the same order as {a}" in result.stderr
+    assert "first difference at row 1" in result.stderr
+    assert not (tmp_path / "answers.csv").exists()
+
+
+def test_ensemble_weights_by_accuracy_need_a_validation_split(tmp_path):
+    workdir = sample_workdir(tmp_path, data={"val_fraction": 0}, runs={"a": {}, "b": {"lora_r": 8}},
+                             ensemble={"weights": "val_accuracy"})
+    result = snakemake(workdir, "-n", check=False)
+    assert result.returncode != 0
+    assert "ensemble.weights: val_accuracy needs validation accuracies" in result.stdout + result.stderr
+
+
+def test_best_checkpoint_on_validation_accuracy_is_the_one_kept(tmp_path):
+    """A learning rate that warms up far too high makes late steps worse: the saved adapter is the
+    best step's, and evaluate_answers scores it exactly as training did."""
+    workdir = sample_workdir(tmp_path, answering={"rotations": 1}, training={
+        "select_best": True, "eval_steps": 25, "logging_steps": 25, "learning_rate": 0.02, "warmup_ratio": 0.9,
+        "lr_scheduler": "linear"})
+    snakemake(workdir, "results/default/metrics.json")
+    log = [json.loads(line) for line in (workdir / "results/default/train_log.jsonl").read_text().splitlines()]
+    accuracies = {e["step"]: e["val_accuracy"] for e in log if "val_accuracy" in e}
+    (best,) = [e for e in log if "best_step" in e]
+    assert best["best_step"] == max(accuracies, key=accuracies.get) < max(accuracies)
+    assert best["best_val_accuracy"] == max(accuracies.values()) > accuracies[max(accuracies)] + 0.2, accuracies
+    assert json.loads((workdir / "results/default/metrics.json").read_text())["accuracy"] == best["best_val_accuracy"]
+    assert f"at step {best['best_step']} of" in (workdir / "logs/default/train_lora.log").read_text()
+
+
+def test_select_best_without_validation_fails_at_config_time(tmp_path):
+    workdir = sample_workdir(tmp_path, data={"val_fraction": 0}, runs={"best": {"select_best": True}})
+    result = snakemake(workdir, "-n", check=False)
+    assert result.returncode != 0
+    assert "runs.best: select_best picks the adapter by validation accuracy, but data.val_fraction is 0" in (
+        result.stdout + result.stderr)
+
+
+def test_lora_variants_and_revision_reach_training(tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    workdir = sample_workdir(tmp_path / "work", base_model=str(base), base_model_revision="v1.0",
+                             runs={"dora": {"use_dora": True, "use_rslora": True}})
+    output = snakemake(workdir, "-n", "-p").stdout
+    command = next(line for line in output.splitlines() if "train_lora.py --train" in line)
+    assert '"use_dora": true' in command and '"use_rslora": true' in command and "--revision v1.0" in command

@@ -1,0 +1,61 @@
+"""Validation metrics from four-way answer probabilities, the same for a run and for an ensemble."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from typing import Sequence
+
+from .prompt import ANSWERS
+
+PROB_COLUMNS = [f"p{a}" for a in ANSWERS]
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> list[float]:
+    """95% Wilson score interval of a proportion (honest also near 0 and 1, unlike p +- 2 se)."""
+    if n == 0:
+        return [0.0, 1.0]
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
+
+
+def metrics(probs: Sequence[Sequence[float]], labels: Sequence[int]) -> dict:
+    """Accuracy with its 95% interval, log-loss, confusion and how the answers spread over 1-4.
+
+    `probs` are each question's four answer probabilities (summing to 1),
+    `labels` the true answers 1-4. Rows of `confusion` are true answers,
+    columns predicted ones; `recall` is per true answer.
+    """
+    n = len(labels)
+    predicted = [max(range(len(ANSWERS)), key=lambda a: row[a]) + 1 for row in probs]
+    correct = sum(p == t for p, t in zip(predicted, labels))
+    confusion = {t: {p: 0 for p in ANSWERS} for t in ANSWERS}
+    for t, p in zip(labels, predicted):
+        confusion[str(t)][str(p)] += 1
+    true_counts = {a: labels.count(int(a)) for a in ANSWERS}
+    predicted_counts = {a: predicted.count(int(a)) for a in ANSWERS}
+    return {
+        "questions": n,
+        "accuracy": correct / n if n else None,
+        "accuracy_ci95": wilson_interval(correct, n),
+        "log_loss": -sum(math.log(max(row[t - 1], 1e-12)) for row, t in zip(probs, labels)) / n if n else None,
+        "confusion": confusion,
+        "true_counts": true_counts,
+        "predicted_counts": predicted_counts,
+        "recall": {a: confusion[a][a] / true_counts[a] if true_counts[a] else None for a in ANSWERS},
+    }
+
+
+def write_probs(path: str | os.PathLike, key: str, keys: Sequence, probs: Sequence[Sequence[float]],
+                labels: Sequence[int] | None = None) -> None:
+    """A probability file: `key` (ID or record), label when given, p1..p4 (written via a temporary file)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow([key, *(["label"] if labels is not None else []), *PROB_COLUMNS])
+        for i, (k, row) in enumerate(zip(keys, probs)):
+            writer.writerow([k, *([labels[i]] if labels is not None else []), *(f"{p:.6f}" for p in row)])
+    os.replace(tmp, path)
