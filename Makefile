@@ -1,6 +1,7 @@
 # Two commands on a fresh machine with python3 and make:
 #   make run    create .venv, then run the workflow (extra snakemake arguments: make run ARGS="-n")
 #   make test   create .venv with the test extras, then run the tests
+#   make report after a run: results/report.html, every figure and table in one page
 # On a CUDA machine, `make run GPU=1` also installs bitsandbytes and deepspeed.
 VENV ?= .venv
 REQUIREMENTS := requirements$(if $(GPU),-gpu).txt
@@ -8,7 +9,7 @@ BIN := $(abspath $(VENV))/bin
 ARGS ?=
 export PATH := $(BIN):$(PATH)
 
-.PHONY: run test lint clean
+.PHONY: run test lint report clean
 
 $(VENV)/.runtime: $(REQUIREMENTS) requirements.txt
 	test -x $(BIN)/python || python3 -m venv $(VENV)
@@ -30,3 +31,6 @@ lint: $(VENV)/.runtime
 
 clean:
 	rm -rf results logs benchmarks/default resources/models .snakemake
+
+report: $(VENV)/.runtime
+	snakemake --cores 1 --report results/report.html $(ARGS)

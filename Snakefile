@@ -8,10 +8,14 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/model.smk"
 include: "rules/ensemble.smk"
+include: "rules/report.smk"
 
 
 rule all:

@@ -330,7 +330,7 @@ def answer(args, work: Path, results: dict) -> dict:
              work / "data/test.json", "--answers", work / f"answers_{name}.csv", "--probs", work / f"probs_{name}.csv",
              "--max-seq-length", "512", "--settings",
              json.dumps({"batch_size": batch, "precision": "bf16" if cuda() else "fp32", "load_in": "none",
-                         "rotations": rotations})],
+                         "rotations": rotations, "prompt_format": "plain"})],
             work / f"answer_{name}.log")
         wall = time.perf_counter() - start
         line = [x for x in (work / f"answer_{name}.log").read_text().splitlines() if "while scoring" in x][-1]

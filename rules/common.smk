@@ -92,6 +92,30 @@ def check_base_model(name):
 check_base_model(config["base_model"])
 
 
+def check_chat_template(name):
+    """prompt_format: chat needs a chat template; a local base or the demo is checked before any job runs
+    (a hub id is checked when training loads its tokenizer)."""
+    if config["prompt_format"] != "chat":
+        return
+    if name == "demo":
+        raise WorkflowError("config prompt_format: chat, but the demo model has no chat template; use plain")
+    path = Path(name).expanduser()
+    if path.is_dir():
+        tokenizer_config = path / "tokenizer_config.json"
+        has_template = (path / "chat_template.jinja").exists() or (path / "chat_template.json").exists() or (
+            tokenizer_config.exists() and json.loads(tokenizer_config.read_text()).get("chat_template"))
+        if not has_template:
+            raise WorkflowError(
+                f"config prompt_format: chat, but base_model {name} has no chat template (no chat_template in "
+                "tokenizer_config.json, no chat_template.jinja); use prompt_format: plain or an instruction-tuned base"
+            )
+
+
+check_chat_template(config["base_model"])
+# What answering and evaluation (and select_best during training) score with.
+ANSWERING = {**config["answering"], "prompt_format": config["prompt_format"]}
+
+
 def run_settings(run):
     """The run's training settings, validated: schema defaults, then the demo's sizes
     (base_model: demo only), then the config's `training` keys, then the run's own."""
@@ -110,7 +134,7 @@ def run_settings(run):
 
 def answering_flag(wildcards):
     """The answering settings, for runs that pick their best step by validation accuracy (else no flag)."""
-    return f"--answering {shlex.quote(as_json(config['answering']))}" if RUNS[wildcards.run]["select_best"] else ""
+    return f"--answering {shlex.quote(as_json(ANSWERING))}" if RUNS[wildcards.run]["select_best"] else ""
 
 
 RUNS = {run: run_settings(run) for run in config["runs"]}
@@ -118,6 +142,7 @@ RUNS = {run: run_settings(run) for run in config["runs"]}
 
 wildcard_constraints:
     run="|".join(re.escape(run) for run in RUNS),
+    member="|".join(re.escape(run) for run in [*RUNS, "ensemble"]),
 
 
 def as_json(settings):
@@ -183,12 +208,23 @@ def get_ensemble_members(wildcards):
     return files
 
 
+def get_experiment_inputs(wildcards):
+    """What the experiments table reads: each run's training log, metrics and the ensemble's metrics."""
+    files = {"train_logs": expand("results/{run}/train_log.jsonl", run=RUNS)}
+    if HAS_VAL:
+        files["metrics"] = expand("results/{run}/metrics.json", run=RUNS)
+        if ENSEMBLE:
+            files["ensemble"] = "results/ensemble/metrics.json"
+    return files
+
+
 def get_final_output():
     """Everything `snakemake` with no target builds."""
-    outputs = ["results/data/report.json"]
+    outputs = ["results/data/report.json", "results/data/report.html", "results/experiments.html"]
     outputs += expand("results/{run}/{name}", run=RUNS, name=["answers.csv", "train_curve.png"])
+    members = list(RUNS) + (["ensemble"] if ENSEMBLE else [])
     if HAS_VAL:
-        outputs += expand("results/{run}/metrics.json", run=RUNS)
+        outputs += expand("results/{member}/{name}", member=members, name=["metrics.json", "confusion.png"])
     if ENSEMBLE:
-        outputs += ["results/ensemble/answers.csv"] + (["results/ensemble/metrics.json"] if HAS_VAL else [])
+        outputs += ["results/ensemble/answers.csv"]
     return outputs

@@ -45,11 +45,19 @@ rule summarize_data:
         train="results/data/train_report.json",
         test="results/data/test_report.json",
         script=SCRIPTS / "summarize_data.py",
+        lib=LIB,
     output:
-        "results/data/report.json",
+        json="results/data/report.json",
+        html=report(
+            "results/data/report.html",
+            caption="../workflow/report/data_report.rst",
+            category="Data",
+            labels={"figure": "rows read, kept, fixed, skipped"},
+        ),
     log:
         "logs/summarize_data.log",
     conda:
         "../envs/data.yaml"
     shell:
-        "python {input.script:q} --train {input.train:q} --test {input.test:q} --out {output:q} > {log:q} 2>&1"
+        "python {input.script:q} --train {input.train:q} --test {input.test:q} --out {output.json:q} "
+        "--html {output.html:q} > {log:q} 2>&1"

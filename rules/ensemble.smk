@@ -4,7 +4,12 @@ rule ensemble_answers:
         script=SCRIPTS / "ensemble_answers.py",
         lib=LIB,
     output:
-        answers="results/ensemble/answers.csv",
+        answers=report(
+            "results/ensemble/answers.csv",
+            caption="../workflow/report/answers.rst",
+            category="Answers",
+            labels={"run": "ensemble", "file": "answers.csv"},
+        ),
         probs="results/ensemble/answer_probs.csv",
         metrics="results/ensemble/metrics.json" if HAS_VAL else [],
     params:

@@ -38,6 +38,7 @@ rule train_lora:
         remote_code=remote_code_flag(),
         revision=revision_flag(),
         answering=answering_flag,
+        prompt_format=config["prompt_format"],
         launcher=train_launcher,
         # Not an output: Snakemake must not delete it when a job fails, so a
         # rerun resumes from the last checkpoint.
@@ -57,7 +58,8 @@ rule train_lora:
         "{params.launcher} {input.script:q} --train {input.train:q} --val {input.val:q} "
         "--base-model {params.base_model:q} --out {output.adapter:q} --log-jsonl {output.log_jsonl:q} "
         "--checkpoint-dir {params.checkpoint_dir:q} --deepspeed-config {input.deepspeed:q} "
-        "--settings {params.settings:q} {params.answering} {params.remote_code} {params.revision} "
+        "--settings {params.settings:q} --prompt-format {params.prompt_format} {params.answering} "
+        "{params.remote_code} {params.revision} "
         "> {log:q} 2>&1"
 
 
@@ -94,10 +96,15 @@ rule answer_questions:
         script=SCRIPTS / "answer_questions.py",
         lib=LIB,
     output:
-        answers="results/{run}/answers.csv",
+        answers=report(
+            "results/{run}/answers.csv",
+            caption="../workflow/report/answers.rst",
+            category="Answers",
+            labels={"run": "{run}", "file": "answers.csv"},
+        ),
         probs="results/{run}/answer_probs.csv",
     params:
-        settings=as_json(config["answering"]),
+        settings=as_json(ANSWERING),
         max_seq_length=lambda wildcards: RUNS[wildcards.run]["max_seq_length"],
         remote_code=remote_code_flag(),
     threads: ANSWER_RES["threads"]
@@ -124,10 +131,16 @@ rule evaluate_answers:
         script=SCRIPTS / "evaluate_answers.py",
         lib=LIB,
     output:
-        metrics="results/{run}/metrics.json",
+        metrics=report(
+            "results/{run}/metrics.json",
+            caption="../workflow/report/metrics.rst",
+            category="Validation",
+            subcategory="metrics",
+            labels={"run": "{run}", "figure": "metrics.json"},
+        ),
         probs="results/{run}/val_probs.csv",
     params:
-        settings=as_json(config["answering"]),
+        settings=as_json(ANSWERING),
         max_seq_length=lambda wildcards: RUNS[wildcards.run]["max_seq_length"],
         remote_code=remote_code_flag(),
     threads: ANSWER_RES["threads"]
@@ -152,7 +165,12 @@ rule plot_training:
         log_jsonl="results/{run}/train_log.jsonl",
         script=SCRIPTS / "plot_training.py",
     output:
-        "results/{run}/train_curve.png",
+        report(
+            "results/{run}/train_curve.png",
+            caption="../workflow/report/train_curve.rst",
+            category="Training",
+            labels={"run": "{run}", "figure": "training curve"},
+        ),
     log:
         "logs/{run}/plot_training.log",
     conda:

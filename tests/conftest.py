@@ -140,3 +140,17 @@ def demo_run(tmp_path_factory) -> Path:
     workdir = sample_workdir(root / "demo 示範")
     snakemake(workdir, snakefile=snakefile)
     return workdir
+
+
+TWO_RUNS = {"default": {}, "r8": {"lora_r": 8}}
+ONE_THREAD = {"train": {"threads": 1}, "answer": {"threads": 1}, "merge": {"threads": 1}}
+
+
+@pytest.fixture(scope="session")
+def two_runs(tmp_path_factory):
+    """The demo workflow with two runs and their ensemble, executed on 4 cores with one GPU slot:
+    the workdir and Snakemake's output."""
+    workdir = sample_workdir(tmp_path_factory.mktemp("two_runs"), runs=TWO_RUNS, resources=ONE_THREAD,
+                             training={"lora_r": 48, "lora_alpha": 64, "warmup_ratio": 0.03})
+    result = snakemake(workdir, "--cores", "4")
+    return workdir, result.stdout + result.stderr

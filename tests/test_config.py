@@ -151,3 +151,15 @@ def test_base_model_folder_without_a_model_fails_before_any_job(tmp_path, make, 
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert str(base) in output and needle in output, output[-1500:]
+
+
+def test_chat_prompts_need_a_base_with_a_chat_template(tmp_path):
+    demo = dry_run(sample_workdir(tmp_path / "demo", prompt_format="chat"))
+    assert demo.returncode != 0 and "the demo model has no chat template" in demo.stdout + demo.stderr
+    base = fake_checkpoint(tmp_path / "plain base")
+    (base / "tokenizer_config.json").write_text('{"model_max_length": 4096}')
+    result = dry_run(sample_workdir(tmp_path / "work", base_model=str(base), prompt_format="chat"))
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and f"base_model {base} has no chat template" in output, output[-1500:]
+    (base / "tokenizer_config.json").write_text('{"chat_template": "{{ messages[0].content }}"}')
+    assert dry_run(sample_workdir(tmp_path / "work2", base_model=str(base), prompt_format="chat")).returncode == 0

@@ -56,3 +56,23 @@ def test_every_rule_has_a_conda_env_and_a_log():
 def test_lint_is_clean():
     result = subprocess.run([str(BIN / "snakemake"), "--lint"], cwd=REPO, capture_output=True, text=True, env=env())
     assert "Congratulations, your workflow is in a good condition!" in result.stdout + result.stderr, result.stdout
+
+
+def test_every_file_the_docs_cite_is_committed():
+    """BENCHMARKS.md and the README cite result files and repository paths; each must be in git
+    (benchmarks/results/ was once git-ignored, and every cited result was lost)."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    names = {path.rsplit("/", 1)[-1] for path in tracked}
+    folders = {path.rsplit("/", 1)[0] for path in tracked if "/" in path}
+    missing = []
+    for doc in ("BENCHMARKS.md", "README.md"):
+        text = (REPO / doc).read_text()
+        for cited in set(re.findall(r"\b(\d{4}-\d{2}-\d{2}_[\w.-]+\.(?:jsonl|json|log|tsv|png))\b", text)):
+            if cited not in names:
+                missing.append(f"{doc}: {cited}")
+        for path in set(re.findall(r"`((?:benchmarks|resources|workflow|rules|profiles|tests|envs)/[\w./-]+)`", text)):
+            path = path.rstrip("/")
+            ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO).returncode == 0  # an output
+            if "NAME" not in path and not ignored and path not in tracked and path not in folders:
+                missing.append(f"{doc}: {path}")
+    assert not missing, missing

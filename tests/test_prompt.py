@@ -8,8 +8,8 @@ import pytest
 from conftest import SAMPLE, run_script
 
 from mcqa.modeling import load_tokenizer
-from mcqa.prompt import (ANSWER_SUFFIX_TOKENS, INSTRUCTION, answer_token_ids, build_input, encode_prompt,
-                         encode_training_example, split_input)
+from mcqa.prompt import (ANSWER_SUFFIX_TOKENS, INSTRUCTION, PLAIN, answer_token_ids, build_input, encode_prompt,
+                         encode_training_example, prompt_frame, split_input)
 from mcqa.scoring import encode_all
 
 DEMO_SETTINGS = '{"vocab_size": 600, "hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "num_heads": 2, "seed": 0}'
@@ -32,16 +32,54 @@ def record(article: str) -> dict:
             "label": 2}
 
 
-def test_training_prompt_up_to_the_answer_is_the_answering_prompt(tokenizer):
+# A Llama-3-style template, as instruction-tuned bases ship in tokenizer_config.json.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+@pytest.fixture(params=["plain", "chat"])
+def frame(request, tokenizer):
+    if request.param == "plain":
+        yield PLAIN
+        return
+    tokenizer.chat_template = CHAT_TEMPLATE
+    try:
+        yield prompt_frame(tokenizer, "chat")
+    finally:
+        tokenizer.chat_template = None
+
+
+def test_training_prompt_up_to_the_answer_is_the_answering_prompt(tokenizer, frame):
     answers = answer_token_ids(tokenizer)
     for article, max_len in [("小明住在臺中，每天騎腳踏車上學。", 512), ("很長的文章。" * 200, 128)]:
         r = record(article)
-        ids, labels, _ = encode_training_example(tokenizer, r["instruction"], r["input"], r["label"], max_len, answers)
-        (prompt,), _ = encode_all(tokenizer, [r], max_len)
+        ids, labels, _ = encode_training_example(tokenizer, r["instruction"], r["input"], r["label"], max_len, answers,
+                                                 frame)
+        (prompt,), _ = encode_all(tokenizer, [r], max_len, frame=frame)
         assert ids[: len(prompt)] == prompt
         assert ids[len(prompt)] == answers[r["label"] - 1]
         assert labels == [-100] * len(prompt) + [answers[1], tokenizer.eos_token_id]
         assert len(ids) <= max_len
+
+
+def test_chat_prompt_puts_the_question_in_the_user_turn_and_the_cue_in_the_assistant_turn(tokenizer):
+    tokenizer.chat_template = CHAT_TEMPLATE
+    try:
+        r = record("短文。")
+        ids, _ = encode_prompt(tokenizer, r["instruction"], r["input"], 510, prompt_frame(tokenizer, "chat"))
+    finally:
+        tokenizer.chat_template = None
+    assert tokenizer.decode(ids, skip_special_tokens=False) == (
+        f"<s><|start_header_id|>user<|end_header_id|>\n\n{INSTRUCTION}\n\n{r['input']}<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n答案：")
+
+
+def test_chat_format_without_a_template_names_the_model(tokenizer):
+    with pytest.raises(ValueError, match="has no chat template"):
+        prompt_frame(tokenizer, "chat")
 
 
 def test_long_article_is_cut_but_question_and_options_stay(tokenizer):

@@ -10,21 +10,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO, sample_workdir, snakemake
+from conftest import REPO, TWO_RUNS as RUNS, sample_workdir, snakemake
 
 GPU_RULES = {"train_lora", "answer_questions", "evaluate_answers"}
 ENSEMBLE = {("ensemble_answers", ""), ("all", "")}  # two runs make an ensemble; it reruns with any member
-RUNS = {"default": {}, "r8": {"lora_r": 8}}
-ONE_THREAD = {"train": {"threads": 1}, "answer": {"threads": 1}, "merge": {"threads": 1}}
-
-
-@pytest.fixture(scope="module")
-def two_runs(tmp_path_factory):
-    """The demo workflow with two runs, executed on 4 cores with one GPU slot."""
-    workdir = sample_workdir(tmp_path_factory.mktemp("two_runs"), runs=RUNS, resources=ONE_THREAD,
-                             training={"lora_r": 48, "lora_alpha": 64, "warmup_ratio": 0.03})
-    result = snakemake(workdir, "--cores", "4")
-    return workdir, result.stdout + result.stderr
 
 
 @pytest.fixture

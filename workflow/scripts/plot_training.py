@@ -1,4 +1,4 @@
-"""Plot training and validation loss from train_log.jsonl into a PNG.
+"""Plot training and validation loss (and validation accuracy with the step kept, when logged) into a PNG.
 
     plot_training.py --log-jsonl train_log.jsonl --out train_curve.png --title RUN
 """
@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
         entries = [json.loads(line) for line in fh if line.strip()]
     train = [(e["step"], e["loss"]) for e in entries if "loss" in e]
     val = [(e["step"], e["val_loss"]) for e in entries if "val_loss" in e]
+    accuracy = [(e["step"], e["val_accuracy"]) for e in entries if "val_accuracy" in e]
+    best = next((e["best_step"] for e in entries if "best_step" in e), None)
     fig, loss_ax = plt.subplots(figsize=(7, 4))
     if train:
         loss_ax.plot(*zip(*train), label="training loss (answer tokens)")
@@ -34,7 +36,17 @@ def main(argv: list[str] | None = None) -> int:
     loss_ax.set_ylabel("loss")
     loss_ax.set_title(f"LoRA training {args.title}")
     loss_ax.grid(alpha=0.3)
-    loss_ax.legend(loc="upper right")
+    handles, labels = loss_ax.get_legend_handles_labels()
+    if accuracy:
+        accuracy_ax = loss_ax.twinx()
+        handles += accuracy_ax.plot(*zip(*accuracy), "s-", color="tab:green", label="validation accuracy")
+        labels.append("validation accuracy")
+        accuracy_ax.set_ylabel("validation accuracy")
+        accuracy_ax.set_ylim(0, 1)
+    if best is not None:
+        handles.append(loss_ax.axvline(best, color="grey", linestyle="--"))
+        labels.append(f"adapter kept (step {best})")
+    loss_ax.legend(handles, labels, loc="upper right")
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
     print(f"plotted {len(train)} training and {len(val)} validation points to {args.out}", file=sys.stderr)

@@ -1,15 +1,39 @@
-"""Join the train and test data reports into results/data/report.json.
+"""Join the train and test data reports into results/data/report.json, and show them as an HTML page.
 
-    summarize_data.py --train train_report.json --test test_report.json --out report.json
+    summarize_data.py --train train_report.json --test test_report.json --out report.json --html report.html
 """
 
 from __future__ import annotations
 
 import argparse
+import html
 import json
 import sys
+from pathlib import Path
 
 from mcqa.records import write_json_atomic
+
+
+def as_html(report: dict) -> str:
+    """Rows read, kept, fixed and skipped per file, each fix and skipped row listed (the report viewer shows no JSON)."""
+    parts = []
+    for part, r in report.items():
+        counts = {"rows read": r["rows_read"], "rows kept": r["rows_kept"], "rows skipped": r["rows_skipped"],
+                  **{f"fixed: {kind}": n for kind, n in r["fixed"].items()}}
+        if "duplicates" in r:
+            counts["repeated rows"] = r["duplicates"]["rows"]
+        if "split" in r:
+            counts.update({"train records": r["split"]["train_records"], "validation records": r["split"]["val_records"],
+                           "articles on both sides": r["split"]["articles_on_both_sides"]})
+        rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{v}</td></tr>" for k, v in counts.items())
+        details = "".join(f"<li>{html.escape(kind)}: {html.escape(', '.join(where))}</li>"
+                          for kind, where in r["fixed_where"].items())
+        details += "".join(f"<li>skipped row {s['row']} (ID {html.escape(str(s['id']))}): "
+                           f"{html.escape('; '.join(s['reasons']))}</li>" for s in r["skipped"])
+        parts.append(f"<h2>{part}: {html.escape(r['file'])}</h2><table>{rows}</table><ul>{details}</ul>")
+    return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>Data report</title><style>"
+            "table{border-collapse:collapse;font-family:sans-serif}th,td{border:1px solid #ccc;padding:4px 8px}"
+            "th{text-align:left;background:#f0f0f0}</style></head><body>" + "".join(parts) + "</body></html>\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,12 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train", required=True)
     parser.add_argument("--test", required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--html", required=True)
     args = parser.parse_args(argv)
     report = {}
     for part in ("train", "test"):
         with open(getattr(args, part), encoding="utf-8") as fh:
             report[part] = json.load(fh)
     write_json_atomic(args.out, report)
+    Path(args.html).write_text(as_html(report), encoding="utf-8")
     print(f"read {report['train']['rows_read']} train and {report['test']['rows_read']} test rows", file=sys.stderr)
     return 0
 

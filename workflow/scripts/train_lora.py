@@ -34,7 +34,7 @@ from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, Traine
 
 from mcqa.modeling import DTYPES, load_model, load_tokenizer, pad_right, resolve_precision, without_attention_mask
 from mcqa.progress import format_duration
-from mcqa.prompt import answer_token_ids, encode_training_example
+from mcqa.prompt import PLAIN, PROMPT_FORMATS, PromptFrame, answer_token_ids, encode_training_example, prompt_frame
 from mcqa.records import read_records
 from mcqa.scoring import score_rotations
 
@@ -48,13 +48,13 @@ def report(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def tokenize(records: list[dict], tokenizer, max_seq_length: int) -> tuple[list[dict], int]:
+def tokenize(records: list[dict], tokenizer, max_seq_length: int, frame: PromptFrame = PLAIN) -> tuple[list[dict], int]:
     """Training features and how many examples lost part of their article."""
     answers = answer_token_ids(tokenizer)
     features, truncated = [], 0
     for r in records:
         ids, labels, cut = encode_training_example(
-            tokenizer, r["instruction"], r["input"], r["label"], max_seq_length, answers
+            tokenizer, r["instruction"], r["input"], r["label"], max_seq_length, answers, frame
         )
         truncated += cut
         features.append({"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)})
@@ -150,7 +150,7 @@ def answer_accuracy(records: list[dict], tokenizer, max_seq_length: int, answeri
             else contextlib.nullcontext()
         with autocast:
             log_probs, _ = score_rotations(model, tokenizer, records, max_seq_length, answering["batch_size"],
-                                           answering["rotations"])
+                                           answering["rotations"], frame=prompt_frame(tokenizer, answering["prompt_format"]))
         model.train(was_training)
         return (log_probs.argmax(dim=-1) + 1 == labels).float().mean().item()
 
@@ -425,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--revision", default=None, help="hub commit, branch or tag of the base model")
     parser.add_argument("--deepspeed-config", default="", help="used when launched by torchrun on several GPUs")
     parser.add_argument("--answering", default="", help="JSON of the config's answering block (for select_best)")
+    parser.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="plain")
     args = parser.parse_args(argv)
     s = json.loads(args.settings)
     if not torch.distributed.is_torchelastic_launched():
@@ -441,8 +442,13 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = load_tokenizer(args.base_model, args.trust_remote_code, args.revision)
     train_records = read_records(args.train, "labelled")
     val_records = read_records(args.val, "labelled") if args.val else []
-    train_features, train_cut = tokenize(train_records, tokenizer, s["max_seq_length"])
-    val_features, val_cut = tokenize(val_records, tokenizer, s["max_seq_length"])
+    try:
+        frame = prompt_frame(tokenizer, args.prompt_format)
+    except ValueError as exc:
+        print(f"ERROR {exc}", file=sys.stderr)
+        return 2
+    train_features, train_cut = tokenize(train_records, tokenizer, s["max_seq_length"], frame)
+    val_features, val_cut = tokenize(val_records, tokenizer, s["max_seq_length"], frame)
     if not train_features:
         print(f"ERROR {args.train} has no records to train on", file=sys.stderr)
         return 2

@@ -8,7 +8,7 @@ asked about later.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 INSTRUCTION = (
     "請閱讀以下文章，並根據文章內容回答問題。"
@@ -18,6 +18,7 @@ ARTICLE_MARKER = "文章："
 QUESTION_MARKER = "\n\n問題："
 OPTIONS_MARKER = "\n選項："
 ANSWER_CUE = "\n\n答案："
+CHAT_ANSWER_CUE = "答案："  # opens the assistant turn of a chat prompt
 ANSWERS = ("1", "2", "3", "4")
 # Tokens appended after the prompt in training: the answer digit and EOS.
 ANSWER_SUFFIX_TOKENS = 2
@@ -90,7 +91,38 @@ def answer_token_ids(tokenizer) -> list[int]:
     return ids
 
 
-def encode_prompt(tokenizer, instruction: str, text: str, max_tokens: int) -> tuple[list[int], bool]:
+class PromptFrame(NamedTuple):
+    """What surrounds instruction and input: text before them, text after the options up to the
+    answer digit, and whether the tokenizer's BOS token goes first."""
+
+    before: str
+    after: str
+    bos: bool
+
+
+PLAIN = PromptFrame("", ANSWER_CUE, True)
+PROMPT_FORMATS = ("plain", "chat")
+
+
+def prompt_frame(tokenizer, prompt_format: str) -> PromptFrame:
+    """The frame of a prompt format: `plain` as the recipe, or `chat`: the tokenizer's own chat template,
+    instruction and input as the user turn, the answer cue opening the assistant turn."""
+    if prompt_format == "plain":
+        return PLAIN
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"prompt_format: chat, but the tokenizer of {getattr(tokenizer, 'name_or_path', '')!r} has no chat "
+            "template; use prompt_format: plain, or an instruction-tuned base that ships one"
+        )
+    marker = "\x00USER_TURN\x00"
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False,
+                                             add_generation_prompt=True)
+    before, after = rendered.split(marker)
+    return PromptFrame(before, after + CHAT_ANSWER_CUE, False)  # a template writes its own BOS
+
+
+def encode_prompt(tokenizer, instruction: str, text: str, max_tokens: int,
+                  frame: PromptFrame = PLAIN) -> tuple[list[int], bool]:
     """Token ids of the prompt, at most `max_tokens` long, and whether the article was cut.
 
     Only the article is cut (from its end); instruction, question, options
@@ -98,10 +130,10 @@ def encode_prompt(tokenizer, instruction: str, text: str, max_tokens: int) -> tu
     oldest tokens of the question part go, which the caller counts as a cut.
     """
     article_part, question_part = split_input(text)
-    head = _encode(tokenizer, f"{instruction}\n\n")
+    head = _encode(tokenizer, f"{frame.before}{instruction}\n\n")
     article = _encode(tokenizer, article_part)
-    tail = _encode(tokenizer, f"{question_part}{ANSWER_CUE}")
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    tail = _encode(tokenizer, f"{question_part}{frame.after}")
+    bos = [tokenizer.bos_token_id] if frame.bos and tokenizer.bos_token_id is not None else []
     budget = max_tokens - len(bos) - len(head) - len(tail)
     if len(article) <= budget:
         return bos + head + article + tail, False
@@ -111,9 +143,10 @@ def encode_prompt(tokenizer, instruction: str, text: str, max_tokens: int) -> tu
 
 
 def encode_training_example(
-    tokenizer, instruction: str, text: str, answer: int, max_seq_length: int, answer_ids: Sequence[int]
+    tokenizer, instruction: str, text: str, answer: int, max_seq_length: int, answer_ids: Sequence[int],
+    frame: PromptFrame = PLAIN,
 ) -> tuple[list[int], list[int], bool]:
     """(input_ids, labels, truncated) for one labelled record; the loss sees only answer and EOS."""
-    prompt, truncated = encode_prompt(tokenizer, instruction, text, max_seq_length - ANSWER_SUFFIX_TOKENS)
+    prompt, truncated = encode_prompt(tokenizer, instruction, text, max_seq_length - ANSWER_SUFFIX_TOKENS, frame)
     target = [answer_ids[answer - 1], tokenizer.eos_token_id]
     return prompt + target, [-100] * len(prompt) + target, truncated

@@ -10,18 +10,19 @@ import torch
 
 from .modeling import load_model, load_tokenizer, pad_right, resolve_precision
 from .progress import Meter
-from .prompt import ANSWER_SUFFIX_TOKENS, ANSWERS, answer_token_ids, encode_prompt, rotate_input
+from .prompt import PLAIN, ANSWER_SUFFIX_TOKENS, ANSWERS, PromptFrame, answer_token_ids, encode_prompt, prompt_frame, rotate_input
 
 
 ROTATIONS = {1: (0,), 2: (0, 2), 4: (0, 1, 2, 3)}  # answering.rotations -> shifts of the options
 
 
-def encode_all(tokenizer, records: list[dict], max_seq_length: int, shift: int = 0) -> tuple[list[list[int]], int]:
+def encode_all(tokenizer, records: list[dict], max_seq_length: int, shift: int = 0,
+               frame: PromptFrame = PLAIN) -> tuple[list[list[int]], int]:
     """Prompt ids of every record (cut exactly as in training), its options rotated by `shift`, and how many were cut."""
     encoded, cut = [], 0
     for r in records:
         text = rotate_input(r["input"], r["options"], shift) if shift else r["input"]
-        ids, truncated = encode_prompt(tokenizer, r["instruction"], text, max_seq_length - ANSWER_SUFFIX_TOKENS)
+        ids, truncated = encode_prompt(tokenizer, r["instruction"], text, max_seq_length - ANSWER_SUFFIX_TOKENS, frame)
         encoded.append(ids)
         cut += truncated
     return encoded, cut
@@ -74,11 +75,11 @@ def combine_rotations(log_probs: dict[int, torch.Tensor]) -> torch.Tensor:
 
 
 def score_rotations(model, tokenizer, records: list[dict], max_seq_length: int, batch_size: int, rotations: int,
-                    meter: Meter | None = None) -> tuple[torch.Tensor, int]:
+                    meter: Meter | None = None, frame: PromptFrame = PLAIN) -> tuple[torch.Tensor, int]:
     """(N, 4) log-probabilities of the records' options, combined over `rotations` orders, and how many were cut."""
     scores, cut = {}, 0
     for shift in ROTATIONS[rotations]:
-        encoded, cut = encode_all(tokenizer, records, max_seq_length, shift)
+        encoded, cut = encode_all(tokenizer, records, max_seq_length, shift, frame)
         scores[shift] = answer_log_probs(model, tokenizer, encoded, batch_size, meter)
     return combine_rotations(scores), cut
 
@@ -94,10 +95,11 @@ def score_records(model_path: str, records: list[dict], max_seq_length: int, set
     precision = resolve_precision(settings["precision"])
     tokenizer = load_tokenizer(model_path, trust_remote_code)
     model = load_model(model_path, precision, settings["load_in"], trust_remote_code).eval()
-    print(f"{len(records)} questions x {settings['rotations']} option order(s); precision {precision}, "
+    print(f"{len(records)} questions x {settings['rotations']} option order(s), {settings['prompt_format']} prompts; "
+          f"precision {precision}, "
           f"loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     meter = Meter(len(records) * settings["rotations"], "prompts")
     log_probs, cut = score_rotations(model, tokenizer, records, max_seq_length, settings["batch_size"],
-                                     settings["rotations"], meter)
+                                     settings["rotations"], meter, prompt_frame(tokenizer, settings["prompt_format"]))
     print(f"{cut} questions had their article cut to fit {max_seq_length} tokens", file=sys.stderr, flush=True)
     return log_probs, meter

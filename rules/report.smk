@@ -1,0 +1,53 @@
+rule summarize_experiments:
+    input:
+        unpack(get_experiment_inputs),
+        script=SCRIPTS / "summarize_experiments.py",
+    output:
+        tsv="results/experiments.tsv",
+        html=report(
+            "results/experiments.html",
+            caption="../workflow/report/experiments_table.rst",
+            category="Validation",
+            subcategory="all runs",
+            labels={"figure": "experiments table"},
+        ),
+        png=report(
+            "results/experiments.png",
+            caption="../workflow/report/experiments_plot.rst",
+            category="Validation",
+            subcategory="all runs",
+            labels={"figure": "accuracy with 95% intervals"},
+        ),
+    params:
+        settings=as_json(RUNS),
+        metrics=lambda wildcards, input: ["--metrics", *input.metrics] if HAS_VAL else [],
+        ensemble=lambda wildcards, input: ["--ensemble-metrics", input.ensemble] if HAS_VAL and ENSEMBLE else [],
+    log:
+        "logs/summarize_experiments.log",
+    conda:
+        "../envs/data.yaml"
+    shell:
+        "python {input.script:q} --settings {params.settings:q} --train-logs {input.train_logs:q} "
+        "{params.metrics:q} {params.ensemble:q} --tsv {output.tsv:q} --html {output.html:q} --png {output.png:q} "
+        "> {log:q} 2>&1"
+
+
+rule plot_confusion:
+    input:
+        metrics="results/{member}/metrics.json",
+        script=SCRIPTS / "plot_confusion.py",
+        lib=LIB,
+    output:
+        report(
+            "results/{member}/confusion.png",
+            caption="../workflow/report/confusion.rst",
+            category="Validation",
+            subcategory="confusion matrices",
+            labels={"run": "{member}", "figure": "confusion matrix"},
+        ),
+    log:
+        "logs/{member}/plot_confusion.log",
+    conda:
+        "../envs/data.yaml"
+    shell:
+        "python {input.script:q} --metrics {input.metrics:q} --out {output:q} --title {wildcards.member:q} > {log:q} 2>&1"

@@ -1,0 +1,78 @@
+"""The experiments table and the Snakemake report, read as a user sees them: rendered in headless Chromium."""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import TWO_RUNS, snakemake
+
+PROBE = (Path(__file__).parent / "report" / "probe.html").read_text()
+CHROMIUM = shutil.which("chromium")
+
+
+def test_experiments_table_has_a_row_per_run_and_the_ensemble(two_runs):
+    workdir, _ = two_runs
+    with open(workdir / "results/experiments.tsv", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh, delimiter="\t"))
+    assert sorted(r["run"] for r in rows) == sorted([*TWO_RUNS, "ensemble"])
+    accuracies = [float(r["val accuracy"]) for r in rows]
+    assert accuracies == sorted(accuracies, reverse=True)
+    assert "lora_r" in rows[0] and "lora_alpha" not in rows[0], "only the settings that differ between runs"
+    for row in rows:
+        metrics = json.loads((workdir / f"results/{row['run']}/metrics.json").read_text())
+        assert float(row["val accuracy"]) == round(metrics["accuracy"], 4)
+        low, high = metrics["accuracy_ci95"]
+        assert row["95% interval"] == f"{low:.3f}-{high:.3f}"
+    assert all(float(r["tokens/s"]) > 0 for r in rows if r["run"] != "ensemble")
+    assert (workdir / "results/experiments.png").read_bytes()[:4] == b"\x89PNG"
+    for member in (*TWO_RUNS, "ensemble"):
+        assert (workdir / f"results/{member}/confusion.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def rendered(report, paths: list[list[str]]) -> dict[str, str]:
+    """What the report shows after following each path of clicks (see tests/report/probe.html)."""
+    probe = report.parent / "probe.html"
+    probe.write_text(PROBE.replace("__PATHS__", json.dumps(paths)).replace("__REPORT__", report.name))
+    dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
+                          "--virtual-time-budget=30000", "--dump-dom", str(probe)],
+                         capture_output=True, text=True, timeout=180).stdout
+    found = re.search(r'<pre id="out">(.*?)</pre>', dom, re.S)
+    assert found and found[1], dom[-2000:]
+    return json.loads(html.unescape(found[1]))
+
+
+@pytest.mark.skipif(not CHROMIUM, reason="no chromium (Debian's chromium package; .ci/run installs it)")
+def test_report_shows_every_run_figure_and_table_and_reruns_nothing(two_runs, tmp_path):
+    workdir, _ = two_runs
+    report = tmp_path / "report.html"
+    snakemake(workdir, "--report", str(report))
+    assert "Nothing to be done" in snakemake(workdir, "-n").stdout, "building the report made something stale"
+    shown = rendered(report, [
+        ["Validation", "all runs", "show:experiments table"],
+        ["Validation", "all runs", "show:accuracy with 95% intervals"],
+        ["Validation", "confusion matrices"],
+        ["Validation", "metrics"],
+        ["Training"],
+        ["Data", "show:rows read, kept, fixed, skipped"],
+        ["Answers"],
+    ])
+    assert not [path for path, text in shown.items() if text.startswith("ERROR")], shown
+    table = shown["Validation > all runs > show:experiments table"]
+    assert "Experiments, best validation accuracy first" in table and "95% interval" in table
+    for run in (*TWO_RUNS, "ensemble"):
+        assert re.search(rf"^\s*{run}\s*$", table, re.M), f"{run} missing from the experiments table"
+        assert re.search(rf"^{run}\tconfusion matrix", shown["Validation > confusion matrices"], re.M)
+        assert re.search(rf"^{run}\tanswers.csv", shown["Answers"], re.M)
+    for run in TWO_RUNS:
+        assert re.search(rf"^{run}\ttraining curve", shown["Training"], re.M)
+        assert re.search(rf"^{run}\tmetrics.json", shown["Validation > metrics"], re.M)
+    figure = shown["Validation > all runs > show:accuracy with 95% intervals"]
+    assert re.search(r"IMAGES .*\b770x\d+", figure), figure[-300:]  # the accuracy plot, drawn
+    assert "rows read" in shown["Data > show:rows read, kept, fixed, skipped"]
