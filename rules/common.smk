@@ -1,4 +1,5 @@
 import copy
+import functools
 import json
 import re
 import shlex
@@ -14,11 +15,16 @@ SCHEMAS = Path(workflow.basedir) / "workflow" / "schemas"
 USER_TRAINING = copy.deepcopy(config.get("training") or {})
 
 
+@functools.cache
+def read_schema(path):
+    return yaml.safe_load(path.read_text())
+
+
 def resolve_ref(schema, path):
     """The schema a `$ref` points to (in this file or another in workflow/schemas/), and its file."""
     file, _, pointer = schema["$ref"].partition("#")
     path = path.parent / file if file else path
-    target = yaml.safe_load(path.read_text())
+    target = read_schema(path)
     for part in filter(None, pointer.split("/")):
         target = target[part]
     return target, path
@@ -50,7 +56,7 @@ def validated(data, schema_file, where):
     except WorkflowError as exc:
         raise WorkflowError(f"{where}: {exc}") from None
     path = SCHEMAS / schema_file
-    return integers_as_int(data, yaml.safe_load(path.read_text()), path)
+    return integers_as_int(data, read_schema(path), path)
 
 
 validated(config, "config.schema.yaml", "config")
@@ -199,13 +205,9 @@ def ensemble_members():
 ENSEMBLE = ensemble_members()
 
 
-def get_ensemble_members(wildcards):
-    """Each member's probability files (and metrics, for weights by validation accuracy)."""
-    files = {"test_probs": expand("results/{run}/answer_probs.csv", run=ENSEMBLE)}
-    if HAS_VAL:
-        files["val_probs"] = expand("results/{run}/val_probs.csv", run=ENSEMBLE)
-        files["metrics"] = expand("results/{run}/metrics.json", run=ENSEMBLE)
-    return files
+def get_ensemble_weights_input(wildcards):
+    """The members' metrics.json when the ensemble weighs them by validation accuracy (else nothing)."""
+    return expand("results/{run}/metrics.json", run=ENSEMBLE) if config["ensemble"]["weights"] == "val_accuracy" else []
 
 
 def get_experiment_inputs(wildcards):

@@ -1,6 +1,7 @@
 rule ensemble_answers:
     input:
-        unpack(get_ensemble_members),
+        probs=expand("results/{run}/answer_probs.csv", run=ENSEMBLE),
+        metrics=get_ensemble_weights_input,
         script=SCRIPTS / "ensemble_answers.py",
         lib=LIB,
     output:
@@ -11,17 +12,35 @@ rule ensemble_answers:
             labels={"run": "ensemble", "file": "answers.csv"},
         ),
         probs="results/ensemble/answer_probs.csv",
-        metrics="results/ensemble/metrics.json" if HAS_VAL else [],
     params:
         members=ENSEMBLE,
         weights=config["ensemble"]["weights"],
-        val=lambda wildcards, input: ["--val-probs", *input.val_probs, "--metrics", *input.metrics] if HAS_VAL else [],
-        metrics_out=lambda wildcards, output: ["--metrics-out", output.metrics] if HAS_VAL else [],
+        metrics=lambda wildcards, input: ["--metrics", *input.metrics] if input.metrics else [],
     log:
         "logs/ensemble_answers.log",
     conda:
         "../envs/data.yaml"
     shell:
-        "python {input.script:q} --members {params.members:q} --weights {params.weights} "
-        "--test-probs {input.test_probs:q} {params.val:q} --answers {output.answers:q} --probs {output.probs:q} "
-        "{params.metrics_out:q} > {log:q} 2>&1"
+        "python {input.script:q} --members {params.members:q} --weights {params.weights} {params.metrics:q} "
+        "--test-probs {input.probs:q} --answers {output.answers:q} --probs {output.probs:q} > {log:q} 2>&1"
+
+
+rule evaluate_ensemble:
+    input:
+        probs=expand("results/{run}/val_probs.csv", run=ENSEMBLE),
+        metrics=get_ensemble_weights_input,
+        script=SCRIPTS / "ensemble_answers.py",
+        lib=LIB,
+    output:
+        "results/ensemble/metrics.json",
+    params:
+        members=ENSEMBLE,
+        weights=config["ensemble"]["weights"],
+        metrics=lambda wildcards, input: ["--metrics", *input.metrics] if input.metrics else [],
+    log:
+        "logs/evaluate_ensemble.log",
+    conda:
+        "../envs/data.yaml"
+    shell:
+        "python {input.script:q} --members {params.members:q} --weights {params.weights} {params.metrics:q} "
+        "--val-probs {input.probs:q} --metrics-out {output:q} > {log:q} 2>&1"

@@ -173,3 +173,20 @@ def test_lora_variants_and_revision_reach_training(tmp_path):
     output = snakemake(workdir, "-n", "-p").stdout
     command = next(line for line in output.splitlines() if "train_lora.py --train" in line)
     assert '"use_dora": true' in command and '"use_rslora": true' in command and "--revision v1.0" in command
+
+
+def test_rotations_compute_the_shared_prefix_once_with_the_same_scores(demo_run):
+    """The article and question, shared by the four orders, run once (key-value cache reused):
+    the same log-probabilities as scoring each order's full prompts."""
+    from mcqa.scoring import answer_log_probs, encode_all, rotation_log_probs, shared_prefix
+
+    model_dir = demo_run / "results/default/merged"
+    tokenizer = load_tokenizer(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    records = read_records(demo_run / "results/data/test.json", "test")
+    prompts = {k: encode_all(tokenizer, records, 256, k)[0] for k in range(4)}
+    shared = sum(shared_prefix([prompts[k][i] for k in range(4)]) for i in range(len(records)))
+    assert shared > 0.5 * sum(map(len, prompts[0])), "most of a prompt is shared by its four orders"
+    cached = rotation_log_probs(model, tokenizer, prompts, batch_size=7)
+    for k in range(4):
+        torch.testing.assert_close(cached[k], answer_log_probs(model, tokenizer, prompts[k], 7), rtol=0, atol=2e-4)

@@ -48,7 +48,7 @@ def test_dry_run_schedules_every_stage_once_per_run(tmp_path):
     assert scheduled(result) == {
         "prepare_train_data": 1, "prepare_test_data": 1, "summarize_data": 1, "build_demo_model": 1,
         "train_lora": 2, "merge_lora": 2, "answer_questions": 2, "evaluate_answers": 2, "plot_training": 2,
-        "ensemble_answers": 1, "all": 1,
+        "ensemble_answers": 1, "evaluate_ensemble": 1, "plot_confusion": 3, "summarize_experiments": 1, "all": 1,
     }
 
 

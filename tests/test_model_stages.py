@@ -212,10 +212,13 @@ def test_training_with_the_same_seed_gives_the_same_adapter(demo_run, tmp_path):
         out = tmp_path / f"run{n}"
         result = run_script("train_lora.py", "--train", demo_run / "results/data/train.json", "--base-model",
                             demo_run / "resources/models/demo", "--out", out / "adapter", "--log-jsonl",
-                            out / "log.jsonl", "--checkpoint-dir", out / "checkpoints", "--settings", json.dumps(settings))
+                            out / "log.jsonl", "--checkpoint-dir", out / "checkpoints", "--settings", json.dumps(settings),
+                            "--revision", "v1.0")
         assert result.returncode == 0, result.stderr
         adapters.append((out / "adapter/adapter_model.safetensors").read_bytes())
     assert adapters[0] == adapters[1]
+    # base_model_revision is recorded with the adapter, where the merge reads it
+    assert json.loads((out / "adapter/adapter_config.json").read_text())["revision"] == "v1.0"
     # Half an epoch of token-budget micro-batches: steps, examples and tokens as the batches say.
     records = read_records(demo_run / "results/data/train.json", "labelled")
     features, _ = tokenize(records, load_tokenizer(str(demo_run / "resources/models/demo")), 256)

@@ -13,7 +13,10 @@ import yaml
 from conftest import REPO, TWO_RUNS as RUNS, sample_workdir, snakemake
 
 GPU_RULES = {"train_lora", "answer_questions", "evaluate_answers"}
-ENSEMBLE = {("ensemble_answers", ""), ("all", "")}  # two runs make an ensemble; it reruns with any member
+# Two runs make an ensemble; its answers rerun with any member's answers, and everything that
+# reads validation results (its metrics, confusion matrices, the experiments table) with any member's.
+ENSEMBLE = {("ensemble_answers", ""), ("all", "")}
+VALIDATION = {("evaluate_ensemble", ""), ("plot_confusion", "ensemble"), ("summarize_experiments", "")}
 
 
 @pytest.fixture
@@ -30,7 +33,7 @@ def dry_run(workdir) -> tuple[set[tuple[str, str]], str]:
     jobs = set()
     for block in re.split(r"\n(?=\[.*\]\n(?:local)?rule )|\n(?=(?:local)?rule )", output):
         if match := re.search(r"^(?:local)?rule (\w+):", block, re.M):
-            wildcard = re.search(r"wildcards: run=(\S+)", block)
+            wildcard = re.search(r"wildcards: (?:run|member)=(\S+)", block)
             jobs.add((match[1], wildcard[1] if wildcard else ""))
     return jobs, output
 
@@ -75,29 +78,30 @@ def test_test_file_changed_reruns_only_test_data_and_answers(finished):
 def test_train_file_changed_reruns_data_training_and_everything_after(finished):
     edit_sheet(finished / "data/train.xlsx", "文章")
     jobs, _ = dry_run(finished)
-    assert jobs == {("prepare_train_data", ""), ("summarize_data", ""), ("build_demo_model", "")} | ENSEMBLE | per_run(
-        "train_lora", "merge_lora", "answer_questions", "evaluate_answers", "plot_training")
+    assert jobs == {("prepare_train_data", ""), ("summarize_data", ""), ("build_demo_model", "")} | ENSEMBLE | (
+        VALIDATION | per_run("train_lora", "merge_lora", "answer_questions", "evaluate_answers", "plot_training",
+                             "plot_confusion"))
 
 
 def test_lora_setting_of_one_run_reruns_only_that_run(finished):
     edit_config(finished, lambda c: c["runs"]["r8"].update(lora_r=16))
     jobs, output = dry_run(finished)
-    assert jobs == ENSEMBLE | {(rule, "r8") for rule in
-                               ("train_lora", "merge_lora", "answer_questions", "evaluate_answers", "plot_training")}
+    assert jobs == ENSEMBLE | VALIDATION | {(rule, "r8") for rule in (
+        "train_lora", "merge_lora", "answer_questions", "evaluate_answers", "plot_training", "plot_confusion")}
     assert "params" in output.lower()
 
 
 def test_new_run_reruns_only_that_run_and_the_ensemble(finished):
     edit_config(finished, lambda c: c["runs"].update(r16={"lora_r": 16}))
     jobs, _ = dry_run(finished)
-    assert jobs == ENSEMBLE | {(rule, "r16") for rule in
-                               ("train_lora", "merge_lora", "answer_questions", "evaluate_answers", "plot_training")}
+    assert jobs == ENSEMBLE | VALIDATION | {(rule, "r16") for rule in (
+        "train_lora", "merge_lora", "answer_questions", "evaluate_answers", "plot_training", "plot_confusion")}
 
 
 def test_answering_setting_reruns_only_answers_and_evaluation(finished):
     edit_config(finished, lambda c: c.setdefault("answering", {}).update(batch_size=5))
     jobs, _ = dry_run(finished)
-    assert jobs == ENSEMBLE | per_run("answer_questions", "evaluate_answers")
+    assert jobs == ENSEMBLE | VALIDATION | per_run("answer_questions", "evaluate_answers", "plot_confusion")
 
 
 def test_touched_but_unchanged_code_reruns_nothing(finished):

@@ -1,8 +1,10 @@
-"""Combine the runs' answer probabilities: results/ensemble/answers.csv, answer_probs.csv, metrics.json.
+"""Combine the runs' answer probabilities: results/ensemble/answers.csv and answer_probs.csv (test),
+or results/ensemble/metrics.json (validation).
 
     ensemble_answers.py --members a b --weights equal --test-probs a/answer_probs.csv b/answer_probs.csv \
-        [--val-probs a/val_probs.csv b/val_probs.csv --metrics a/metrics.json b/metrics.json \
-         --metrics-out metrics.json] --answers answers.csv --probs answer_probs.csv
+        --answers answers.csv --probs answer_probs.csv
+    ensemble_answers.py --members a b --weights val_accuracy --metrics a/metrics.json b/metrics.json \
+        --val-probs a/val_probs.csv b/val_probs.csv --metrics-out metrics.json
 
 No model runs: each question's four probabilities are the weighted mean of
 the members' (weights equal, or in proportion to validation accuracy), and
@@ -61,12 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--members", nargs="+", required=True, help="run names, in the order of the files")
     parser.add_argument("--weights", choices=["equal", "val_accuracy"], default="equal")
-    parser.add_argument("--test-probs", nargs="+", required=True)
-    parser.add_argument("--val-probs", nargs="*", default=[])
     parser.add_argument("--metrics", nargs="*", default=[], help="the members' metrics.json (for val_accuracy weights)")
-    parser.add_argument("--answers", required=True, type=Path)
-    parser.add_argument("--probs", required=True)
-    parser.add_argument("--metrics-out", default="")
+    parser.add_argument("--test-probs", nargs="*", default=[])
+    parser.add_argument("--answers", type=Path, help="with --test-probs")
+    parser.add_argument("--probs", help="with --test-probs")
+    parser.add_argument("--val-probs", nargs="*", default=[])
+    parser.add_argument("--metrics-out", help="with --val-probs")
     args = parser.parse_args(argv)
     try:
         if args.weights == "val_accuracy":
@@ -75,26 +77,26 @@ def main(argv: list[str] | None = None) -> int:
             weights = [json.loads(Path(path).read_text())["accuracy"] for path in args.metrics]
         else:
             weights = [1.0] * len(args.members)
-        _, ids, probs, _ = combine(args.test_probs, weights)
-        result = None
-        if args.metrics_out:
+        members = ", ".join(f"{m} (weight {w:.3g})" for m, w in zip(args.members, weights))
+        if args.test_probs:
+            _, ids, probs, _ = combine(args.test_probs, weights)
+            answers = [max(range(len(PROB_COLUMNS)), key=lambda a: row[a]) + 1 for row in probs]
+            tmp = args.answers.with_name(args.answers.name + ".tmp")
+            with open(tmp, "w", newline="", encoding="utf-8") as fh:
+                csv.writer(fh).writerows([["ID", "Answer"], *zip(ids, answers)])
+            tmp.replace(args.answers)
+            write_probs(args.probs, "ID", ids, probs)
+            print(f"ensemble of {members}: {len(ids)} answers", file=sys.stderr)
+        if args.val_probs:
             _, _, val_probs, labels = combine(args.val_probs, weights)
             result = {**metrics(val_probs, labels), "members": dict(zip(args.members, weights)),
                       "weights": args.weights}
+            write_json_atomic(args.metrics_out, result)
+            print(f"ensemble of {members}: validation accuracy {result['accuracy']:.4f} {result['accuracy_ci95']}",
+                  file=sys.stderr)
     except EnsembleError as exc:
         print(f"ERROR {exc}", file=sys.stderr)
         return 2
-    answers = [max(range(len(PROB_COLUMNS)), key=lambda a: row[a]) + 1 for row in probs]
-    tmp = args.answers.with_name(args.answers.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        csv.writer(fh).writerows([["ID", "Answer"], *zip(ids, answers)])
-    tmp.replace(args.answers)
-    write_probs(args.probs, "ID", ids, probs)
-    summary = f"ensemble of {', '.join(f'{m} (weight {w:.3g})' for m, w in zip(args.members, weights))}: {len(ids)} answers"
-    if result is not None:
-        write_json_atomic(args.metrics_out, result)
-        summary += f"; validation accuracy {result['accuracy']:.4f} {result['accuracy_ci95']}"
-    print(summary, file=sys.stderr)
     return 0
 
 

@@ -74,14 +74,70 @@ def combine_rotations(log_probs: dict[int, torch.Tensor]) -> torch.Tensor:
     return torch.stack(aligned).mean(dim=0).log_softmax(dim=-1)
 
 
+def shared_prefix(prompts: list[list[int]]) -> int:
+    """How many leading tokens a question's prompts in every option order have in common (at least one
+    token is left to each, whose logits are the answer)."""
+    length = 0
+    for tokens in zip(*prompts):
+        if len(set(tokens)) > 1:
+            break
+        length += 1
+    return min(length, min(map(len, prompts)) - 1)
+
+
+@torch.inference_mode()
+def rotation_log_probs(model, tokenizer, prompts: dict[int, list[list[int]]], batch_size: int,
+                       meter: Meter | None = None) -> dict[int, torch.Tensor]:
+    """For each shift, the (N, 4) log-probabilities that answer_log_probs gives its prompts, with the part
+    of a question's prompts that every order shares (instruction, article, question) run once.
+
+    The shared prefixes of a batch go through the model once, right-padded, keeping their key-value
+    cache; each order's remaining tokens (the options and the answer cue) then attend to that cache,
+    with the prefix padding masked and positions continuing each prefix, and the cache is cut back to
+    the prefixes before the next order. The result is the full prompts' up to rounding.
+    """
+    from transformers import DynamicCache
+
+    shifts = list(prompts)
+    answers = torch.tensor(answer_token_ids(tokenizer))
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    device = head.weight.device
+    first = prompts[shifts[0]]
+    shared = [shared_prefix([prompts[k][i] for k in shifts]) for i in range(len(first))]
+    order = sorted(range(len(first)), key=lambda i: (len(first[i]), i))
+    result = {k: torch.empty(len(first), len(answers)) for k in shifts}
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        lengths = torch.tensor([shared[i] for i in rows])
+        prefix = pad_right([first[i][: shared[i]] for i in rows], tokenizer.pad_token_id)
+        cache = DynamicCache()
+        decoder(input_ids=prefix.to(device), past_key_values=cache, use_cache=True)
+        width = prefix.shape[1]
+        for k in shifts:
+            rests = [prompts[k][i][shared[i] :] for i in rows]
+            ids = pad_right(rests, tokenizer.pad_token_id)
+            mask = torch.cat([torch.arange(width)[None, :] < lengths[:, None],
+                              torch.ones(len(rows), ids.shape[1], dtype=torch.bool)], dim=1)
+            positions = lengths[:, None] + torch.arange(ids.shape[1])[None, :]
+            hidden = decoder(input_ids=ids.to(device), attention_mask=mask.long().to(device),
+                             position_ids=positions.to(device), past_key_values=cache, use_cache=True).last_hidden_state
+            last = hidden[torch.arange(len(rows), device=device), torch.tensor([len(r) - 1 for r in rests], device=device)]
+            result[k][rows] = torch.log_softmax(head(last).float(), dim=-1)[:, answers.to(device)].cpu()
+            cache.crop(-ids.shape[1])  # back to the shared prefixes
+            if meter:
+                meter.update(len(rows))
+    return result
+
+
 def score_rotations(model, tokenizer, records: list[dict], max_seq_length: int, batch_size: int, rotations: int,
                     meter: Meter | None = None, frame: PromptFrame = PLAIN) -> tuple[torch.Tensor, int]:
     """(N, 4) log-probabilities of the records' options, combined over `rotations` orders, and how many were cut."""
-    scores, cut = {}, 0
+    prompts, cut = {}, 0
     for shift in ROTATIONS[rotations]:
-        encoded, cut = encode_all(tokenizer, records, max_seq_length, shift, frame)
-        scores[shift] = answer_log_probs(model, tokenizer, encoded, batch_size, meter)
-    return combine_rotations(scores), cut
+        prompts[shift], cut = encode_all(tokenizer, records, max_seq_length, shift, frame)
+    if rotations == 1:
+        return combine_rotations({0: answer_log_probs(model, tokenizer, prompts[0], batch_size, meter)}), cut
+    return combine_rotations(rotation_log_probs(model, tokenizer, prompts, batch_size, meter)), cut
 
 
 def score_records(model_path: str, records: list[dict], max_seq_length: int, settings: dict,
