@@ -1,6 +1,6 @@
 """Workflow overhead on the CPU: dry-run time with four runs and their ensemble, and a second call with nothing stale.
 
-    python benchmarks/workflow_overhead.py --out benchmarks/results/NAME.json
+    python benchmarks/workflow_overhead.py --out benchmarks/results/<name>.json
 """
 
 from __future__ import annotations
