@@ -439,6 +439,9 @@ def main(argv: list[str] | None = None) -> int:
     # allocator from fragmenting (read at the first CUDA allocation, below).
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     precision = resolve_precision(s["precision"])
+    # The resolved run in full, first, so a log says exactly what was trained (as torchtune recipes do).
+    report("run " + json.dumps({"settings": s, "base_model": args.base_model, "revision": args.revision,
+                                "prompt_format": args.prompt_format, "precision": precision}, sort_keys=True))
     tokenizer = load_tokenizer(args.base_model, args.trust_remote_code, args.revision)
     train_records = read_records(args.train, "labelled")
     val_records = read_records(args.val, "labelled") if args.val else []
