@@ -10,27 +10,14 @@ the answer position: no sampling, so the same model gives the same file.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import time
 from pathlib import Path
 
-from mcqa.metrics import write_probs
+from mcqa.metrics import write_answers, write_probs
 from mcqa.records import read_records
 from mcqa.scoring import score_records
-
-
-def write_answers(path: Path, ids: list[str], choices: list[int]) -> None:
-    """The submission, `ID,Answer`, one row per test id (checked: every id exactly once)."""
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"test ids are not unique; rerun data preparation ({len(ids) - len(set(ids))} repeated)")
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["ID", "Answer"])
-        writer.writerows(zip(ids, choices))
-    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from mcqa.metrics import PROB_COLUMNS, metrics, write_probs
+from mcqa.metrics import PROB_COLUMNS, metrics, predicted_answers, write_answers, write_probs
 from mcqa.records import write_json_atomic
 
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", choices=["equal", "val_accuracy"], default="equal")
     parser.add_argument("--metrics", nargs="*", default=[], help="the members' metrics.json (for val_accuracy weights)")
     parser.add_argument("--test-probs", nargs="*", default=[])
-    parser.add_argument("--answers", type=Path, help="with --test-probs")
+    parser.add_argument("--answers", help="with --test-probs")
     parser.add_argument("--probs", help="with --test-probs")
     parser.add_argument("--val-probs", nargs="*", default=[])
     parser.add_argument("--metrics-out", help="with --val-probs")
@@ -80,11 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         members = ", ".join(f"{m} (weight {w:.3g})" for m, w in zip(args.members, weights))
         if args.test_probs:
             _, ids, probs, _ = combine(args.test_probs, weights)
-            answers = [max(range(len(PROB_COLUMNS)), key=lambda a: row[a]) + 1 for row in probs]
-            tmp = args.answers.with_name(args.answers.name + ".tmp")
-            with open(tmp, "w", newline="", encoding="utf-8") as fh:
-                csv.writer(fh).writerows([["ID", "Answer"], *zip(ids, answers)])
-            tmp.replace(args.answers)
+            write_answers(args.answers, ids, predicted_answers(probs))
             write_probs(args.probs, "ID", ids, probs)
             print(f"ensemble of {members}: {len(ids)} answers", file=sys.stderr)
         if args.val_probs:

@@ -1,4 +1,5 @@
-"""Validation metrics from four-way answer probabilities, the same for a run and for an ensemble."""
+"""Validation metrics from four-way answer probabilities, and the answer and probability files,
+the same for a run and for an ensemble."""
 
 from __future__ import annotations
 
@@ -22,6 +23,11 @@ def wilson_interval(correct: int, n: int, z: float = 1.96) -> list[float]:
     return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
 
 
+def predicted_answers(probs: Sequence[Sequence[float]]) -> list[int]:
+    """The most probable answer (1-4) of each question."""
+    return [max(range(len(ANSWERS)), key=lambda a: row[a]) + 1 for row in probs]
+
+
 def metrics(probs: Sequence[Sequence[float]], labels: Sequence[int]) -> dict:
     """Accuracy with its 95% interval, log-loss, confusion and how the answers spread over 1-4.
 
@@ -30,7 +36,7 @@ def metrics(probs: Sequence[Sequence[float]], labels: Sequence[int]) -> dict:
     columns predicted ones; `recall` is per true answer.
     """
     n = len(labels)
-    predicted = [max(range(len(ANSWERS)), key=lambda a: row[a]) + 1 for row in probs]
+    predicted = predicted_answers(probs)
     correct = sum(p == t for p, t in zip(predicted, labels))
     confusion = {t: {p: 0 for p in ANSWERS} for t in ANSWERS}
     for t, p in zip(labels, predicted):
@@ -58,4 +64,16 @@ def write_probs(path: str | os.PathLike, key: str, keys: Sequence, probs: Sequen
         writer.writerow([key, *(["label"] if labels is not None else []), *PROB_COLUMNS])
         for i, (k, row) in enumerate(zip(keys, probs)):
             writer.writerow([k, *([labels[i]] if labels is not None else []), *(f"{p:.6f}" for p in row)])
+    os.replace(tmp, path)
+
+
+def write_answers(path: str | os.PathLike, ids: Sequence[str], answers: Sequence[int]) -> None:
+    """The submission, `ID,Answer`, one row per test id (checked: every id exactly once), via a temporary file."""
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"test ids are not unique; rerun data preparation ({len(ids) - len(set(ids))} repeated)")
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["ID", "Answer"])
+        writer.writerows(zip(ids, answers))
     os.replace(tmp, path)
