@@ -1,7 +1,7 @@
 """GPU benchmarks of the workflow's stages against the reference recipe, on one card, in one run.
 
     python benchmarks/run_gpu_benchmarks.py --train-xlsx AI.xlsx --test-xlsx AI1000.xlsx \
-        --work benchmarks/work --out benchmarks/results/NAME.json [--stages setup,train,merge,answer]
+        --work benchmarks/work --out benchmarks/results/<name>.json [--stages setup,train,merge,answer]
 
 The model is Llama-2-7B's shape (hidden 4096, 32 layers, MLP 11008, vocab
 55,296 as Chinese-LLaMA-2) with random weights, saved in 2 GB shards; the
@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "workflow" / "scripts"
@@ -42,12 +43,13 @@ SHAPES = {
     "7b": dict(vocab_size=55296, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32),
     "tiny": dict(vocab_size=3000, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4),
 }
-LORA = {"lora_r": 48, "lora_alpha": 64, "lora_dropout": 0.05, "use_rslora": False, "use_dora": False,
-        "select_best": False, "early_stopping_patience": 0,
-        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        "modules_to_save": [], "learning_rate": 2e-4, "warmup_ratio": 0.03, "lr_scheduler": "cosine",
-        "weight_decay": 0.0, "max_seq_length": 512, "seed": 42, "checkpoint_steps": 10**6,
-        "eval_steps": 10**6}
+# The workflow's default training settings (the schema's), checkpoints and evaluations off.
+DEFAULTS = {key: spec["default"] for key, spec in
+            yaml.safe_load((REPO / "workflow/schemas/training.schema.yaml").read_text())["properties"].items()}
+LORA = {**DEFAULTS, "checkpoint_steps": 10**6, "eval_steps": 10**6}
+# How the recipe trained: micro-batch 1, 8 accumulated, fp16 on an 8-bit base, gradient checkpointing.
+RECIPE = {"micro_batch_size": 1, "micro_batch_tokens": 0, "gradient_accumulation_steps": 8, "packing": False,
+          "liger_kernels": False, "compile": False, "gradient_checkpointing": True}
 
 
 def log(message: str) -> None:
@@ -165,7 +167,8 @@ def epoch_batches(work: Path, settings: dict) -> tuple[list[int], list[list[int]
     features, _ = tokenize(read_records(work / "data/train.json", "labelled"), load_tokenizer(str(work / "base")),
                            settings["max_seq_length"])
     lengths = [len(f["input_ids"]) for f in features]
-    return lengths, micro_batches(lengths, settings["micro_batch_size"], settings["micro_batch_tokens"], settings["seed"])
+    return lengths, micro_batches(lengths, settings["micro_batch_size"], settings["micro_batch_tokens"], settings["seed"],
+                                  settings["packing"])
 
 
 def train_once(work: Path, name: str, settings: dict, steps: int, skip: int, gpus: int = 1) -> dict:
@@ -181,45 +184,97 @@ def train_once(work: Path, name: str, settings: dict, steps: int, skip: int, gpu
     result = train_rate(out / "train_log.jsonl", skip=skip)
     result.update(wall_s=round(time.perf_counter() - start, 1), epoch_tokens=sum(lengths), gpus=gpus,
                   epoch_steps=math.ceil(len(batches) / (settings["gradient_accumulation_steps"] * gpus)),
-                  settings={k: settings[k] for k in ("micro_batch_size", "micro_batch_tokens",
-                                                     "gradient_accumulation_steps", "precision", "load_in",
-                                                     "gradient_checkpointing")})
+                  micro_batches=len(batches), settings={k: settings[k] for k in (
+                      "micro_batch_size", "micro_batch_tokens", "gradient_accumulation_steps", "precision", "load_in",
+                      "gradient_checkpointing", "packing", "liger_kernels", "compile")})
     result["epoch_minutes"] = round(result["epoch_tokens"] / result["tokens_per_s"] / 60, 2)
     log(f"{name}: {result}")
     return result
 
 
 def train(args, work: Path, results: dict) -> dict:
+    """Our training at the default settings (for each --micro-batch-tokens), each --variants entry, several
+    GPUs (--gpus), and the recipe, all in one run."""
     precision = "bf16" if cuda() else "fp32"
     peak = results["setup"]["matmul_peak_tflops"] * 1e12
-    ours = {}
-    for budget in args.micro_batch_tokens:
-        ours[budget] = train_once(work, f"train_ours_{budget}", {
-            "micro_batch_size": 256, "micro_batch_tokens": budget, "gradient_accumulation_steps": 1,
-            "precision": precision, "load_in": "none", "gradient_checkpointing": False},
-            steps=args.train_steps, skip=10)  # the first steps warm up (allocator, kernels)
-        ours[budget]["mfu_6n"] = round(6 * results["setup"]["params"] * ours[budget]["tokens_per_s"] / peak, 3)
+
+    def ours(name: str, overrides: dict, gpus: int = 1) -> dict:
+        result = train_once(work, name, {"precision": precision, **overrides}, steps=args.train_steps,
+                            skip=10, gpus=gpus)  # the first steps warm up (allocator, kernels, compilation)
+        result["mfu_6n"] = round(6 * results["setup"]["params"] * result["tokens_per_s"] / gpus / peak, 3)
+        return result
+
+    by_budget = {budget: ours(f"train_ours_{budget}", {"micro_batch_tokens": budget})
+                 for budget in args.micro_batch_tokens}
+    best = max(by_budget, key=lambda b: by_budget[b]["tokens_per_s"])
+    default = by_budget[best]
+    result = {"ours_by_micro_batch_tokens": by_budget, "ours_micro_batch_tokens": best,
+              "ours_tokens_per_s": default["tokens_per_s"], "ours_samples_per_s": default["samples_per_s"],
+              "ours_peak_gpu_mem_gb": default["peak_gpu_mem_gb"], "ours_mfu_6n": default["mfu_6n"],
+              "ours_epoch_minutes": default["epoch_minutes"]}
+    if args.variants:
+        result["variants"] = {}
+        for name, overrides in args.variants.items():
+            variant = ours(f"train_variant_{name}", {"micro_batch_tokens": best, **overrides})
+            variant["tokens_per_s_vs_default"] = round(variant["tokens_per_s"] / default["tokens_per_s"], 3)
+            result["variants"][name] = variant
     if args.gpus > 1:  # the same run on several GPUs, as resources.train.gpu launches it
-        budget = args.micro_batch_tokens[0]
-        several = train_once(work, f"train_ours_{budget}_{args.gpus}gpus", {
-            "micro_batch_size": 256, "micro_batch_tokens": budget, "gradient_accumulation_steps": 1,
-            "precision": precision, "load_in": "none", "gradient_checkpointing": False},
-            steps=args.train_steps, skip=10, gpus=args.gpus)
-        return {"ours_one_gpu": ours[budget], f"ours_{args.gpus}_gpus": several,
-                "scaling_tokens_per_s": round(several["tokens_per_s"] / ours[budget]["tokens_per_s"], 2),
-                "scaling_samples_per_s": round(several["samples_per_s"] / ours[budget]["samples_per_s"], 2)}
-    best = max(ours, key=lambda b: ours[b]["tokens_per_s"])
-    result = {"ours_by_micro_batch_tokens": ours, "ours_micro_batch_tokens": best,
-              "ours_tokens_per_s": ours[best]["tokens_per_s"], "ours_samples_per_s": ours[best]["samples_per_s"],
-              "ours_peak_gpu_mem_gb": ours[best]["peak_gpu_mem_gb"], "ours_mfu_6n": ours[best]["mfu_6n"],
-              "ours_epoch_minutes": ours[best]["epoch_minutes"]}
+        several = ours(f"train_ours_{best}_{args.gpus}gpus", {"micro_batch_tokens": best}, gpus=args.gpus)
+        result.update({f"ours_{args.gpus}_gpus": several,
+                       "scaling_tokens_per_s": round(several["tokens_per_s"] / default["tokens_per_s"], 2),
+                       "scaling_samples_per_s": round(several["samples_per_s"] / default["samples_per_s"], 2)})
     if args.recipe_steps:
         recipe = train_once(work, "train_recipe", {
-            "micro_batch_size": 1, "micro_batch_tokens": 0, "gradient_accumulation_steps": 8,
-            "precision": "fp16" if cuda() else "fp32", "load_in": "8bit" if cuda() else "none",
-            "gradient_checkpointing": True}, steps=args.recipe_steps, skip=2)
+            **RECIPE, "precision": "fp16" if cuda() else "fp32", "load_in": "8bit" if cuda() else "none"},
+            steps=args.recipe_steps, skip=2)
         result.update(recipe=recipe, recipe_tokens_per_s=recipe["tokens_per_s"],
                       speedup=round(result["ours_tokens_per_s"] / recipe["tokens_per_s"], 2))
+    return result
+
+
+def packing_check(args, work: Path, examples: int = 24) -> dict:
+    """Loss and LoRA gradients of the same examples, padded (SDPA) and packed (the varlen kernel), on the
+    benchmark's base in the training precision. For scale, the same padded batch at another padding width
+    (other kernel shapes) shows the precision's own noise."""
+    from peft import LoraConfig, get_peft_model
+
+    from mcqa.modeling import PACKED_ATTENTION, load_model, without_attention_mask
+    from train_lora import AnswerOnlyCollator
+
+    settings = {**LORA, "precision": "bf16" if cuda() else "fp32"}
+    features, _ = tokenize(read_records(work / "data/train.json", "labelled")[:examples],
+                           load_tokenizer(str(work / "base")), settings["max_seq_length"])
+    model = load_model(str(work / "base"), settings["precision"])
+    model = get_peft_model(model, LoraConfig(r=settings["lora_r"], lora_alpha=settings["lora_alpha"], lora_dropout=0.0,
+                                             target_modules=settings["target_modules"], task_type="CAUSAL_LM"))
+    torch.manual_seed(0)
+    with torch.no_grad():  # a trained adapter (B = 0 would give A no gradient)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.01)
+    device = next(model.parameters()).device
+
+    def loss_and_gradients(attention: str, **collate) -> tuple[float, torch.Tensor]:
+        model.set_attn_implementation(attention)
+        batch = AnswerOnlyCollator(pad_token_id=0, **collate)([features])
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in without_attention_mask(batch).items()}
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.item(), torch.cat([p.grad.float().flatten() for n, p in model.named_parameters() if "lora_" in n])
+
+    padded_loss, padded = loss_and_gradients("sdpa")
+    wider_loss, wider = loss_and_gradients("sdpa", multiple_of=64)
+    packed_loss, packed = loss_and_gradients(PACKED_ATTENTION, packed=True)
+
+    def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float(f"{((a - b).norm() / b.norm()).item():.3g}")
+
+    result = {"examples": examples, "tokens": sum(len(f["input_ids"]) for f in features),
+              "precision": settings["precision"], "loss_padded": padded_loss, "loss_packed": packed_loss,
+              "loss_padded_wider": wider_loss, "lora_grad_relative_diff_packed_vs_padded": relative(packed, padded),
+              "lora_grad_relative_diff_padded_wider_vs_padded": relative(wider, padded)}
+    log(f"packing check: {result}")
     return result
 
 
@@ -373,9 +428,8 @@ def kill_tree(pid: int) -> None:
 def resume(args, work: Path) -> dict:
     """Kill a training on --gpus GPUs right after its first checkpoint, rerun it, and check that it resumed
     from that checkpoint and that its history holds every step once."""
-    settings = {**LORA, "micro_batch_size": 256, "micro_batch_tokens": args.micro_batch_tokens[0],
-                "gradient_accumulation_steps": 1, "precision": "bf16" if cuda() else "fp32", "load_in": "none",
-                "gradient_checkpointing": False, "logging_steps": 1, "checkpoint_steps": 10}
+    settings = {**LORA, "micro_batch_tokens": args.micro_batch_tokens[0], "precision": "bf16" if cuda() else "fp32",
+                "logging_steps": 1, "checkpoint_steps": 10}
     _, batches = epoch_batches(work, settings)
     settings["epochs"] = 30 * args.gpus / len(batches)
     out = work / f"resume_{args.gpus}gpus"
@@ -410,6 +464,8 @@ def main() -> int:
     parser.add_argument("--micro-batch-tokens", type=lambda s: [int(x) for x in s.split(",")], default=[8192],
                         help="token budgets per micro-batch to try for our training (the fastest is reported)")
     parser.add_argument("--train-steps", type=int, default=40)
+    parser.add_argument("--variants", type=json.loads, default={},
+                        help='JSON of named setting overrides also trained, e.g. \'{"padded": {"packing": false}}\'')
     parser.add_argument("--recipe-steps", type=int, default=10, help="0 skips the recipe's training")
     parser.add_argument("--answer-batches", type=lambda s: [int(x) for x in s.split(",")], default=[64, 128])
     parser.add_argument("--recipe-questions", type=int, default=200, help="0 skips the recipe's answering")
@@ -423,14 +479,15 @@ def main() -> int:
     results.update(device_info())
     stages = {"setup": lambda: setup(args, args.work, SHAPES[args.shape]), "train": lambda: train(args, args.work, results),
               "merge": lambda: merge(args, args.work, results), "answer": lambda: answer(args, args.work, results),
-              "resume": lambda: resume(args, args.work)}
+              "resume": lambda: resume(args, args.work), "packing_check": lambda: packing_check(args, args.work)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for stage in args.stages.split(","):
         log(f"stage {stage}")
         results[stage] = stages[stage]()
         for path in (state, args.out):  # after every stage, so a run cut short keeps what it measured
             path.write_text(json.dumps(results, indent=1))
-    print(json.dumps({k: results[k] for k in ("device", "setup", "train", "merge", "answer") if k in results}, indent=1))
+    print(json.dumps({k: results[k] for k in ("device", "setup", "train", "packing_check", "merge", "answer")
+                      if k in results}, indent=1))
     return 0
 
 

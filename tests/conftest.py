@@ -41,6 +41,12 @@ def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+def training_defaults() -> dict:
+    """The training settings a run gets when config.yaml sets none (the schema's defaults)."""
+    schema = yaml.safe_load((REPO / "workflow/schemas/training.schema.yaml").read_text())
+    return {key: spec["default"] for key, spec in schema["properties"].items()}
+
+
 def write_config(workdir: Path, **overrides) -> Path:
     """A config in workdir: the repo's default with top-level blocks replaced or updated."""
     config = yaml.safe_load((REPO / "config.yaml").read_text())

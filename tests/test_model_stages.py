@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import run_script
+from conftest import run_script, training_defaults
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
@@ -200,13 +200,11 @@ def test_merged_weight_is_base_plus_scaled_b_times_a(tmp_path, fan_in_fan_out):
 
 
 def test_training_with_the_same_seed_gives_the_same_adapter(demo_run, tmp_path):
-    settings = {
-        "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "modules_to_save": [], "learning_rate": 0.002,
-        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        "epochs": 0.5, "warmup_ratio": 0.03, "lr_scheduler": "cosine", "weight_decay": 0.0, "micro_batch_size": 8,
-        "micro_batch_tokens": 512, "gradient_accumulation_steps": 1, "max_seq_length": 256, "seed": 7, "precision": "auto", "load_in": "none",
-        "gradient_checkpointing": False, "checkpoint_steps": 1000, "eval_steps": 1000, "logging_steps": 5,
-        "use_rslora": False, "use_dora": False, "select_best": False, "early_stopping_patience": 0}
+    # Packed micro-batches (the default) through the Trainer, on the CPU's reference attention.
+    settings = {**training_defaults(), "lora_r": 8, "lora_alpha": 16, "learning_rate": 0.002, "epochs": 0.5,
+                "micro_batch_size": 8, "micro_batch_tokens": 512, "max_seq_length": 256, "seed": 7,
+                "checkpoint_steps": 1000, "eval_steps": 1000, "logging_steps": 5}
+    assert settings["packing"]
     adapters = []
     for n in range(2):
         out = tmp_path / f"run{n}"
@@ -222,7 +220,7 @@ def test_training_with_the_same_seed_gives_the_same_adapter(demo_run, tmp_path):
     # Half an epoch of token-budget micro-batches: steps, examples and tokens as the batches say.
     records = read_records(demo_run / "results/data/train.json", "labelled")
     features, _ = tokenize(records, load_tokenizer(str(demo_run / "resources/models/demo")), 256)
-    batches = micro_batches([len(f["input_ids"]) for f in features], 8, 512, seed=7)
+    batches = micro_batches([len(f["input_ids"]) for f in features], 8, 512, seed=7, packed=True)
     assert any(len(b) < 8 for b in batches[:-1])  # the token budget, not the cap, closed some batches
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     steps = [e for e in log if "loss" in e]

@@ -32,7 +32,9 @@ from typing import Callable
 import torch
 from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from mcqa.modeling import DTYPES, load_model, load_tokenizer, pad_right, resolve_precision, without_attention_mask
+from mcqa.modeling import (DTYPES, PACKED_ATTENTION, apply_liger_kernels, attention_implementation,
+                            compile_decoder_layers, load_model, load_tokenizer, pad_right, resolve_precision,
+                            without_attention_mask)
 from mcqa.progress import format_duration
 from mcqa.prompt import PLAIN, PROMPT_FORMATS, PromptFrame, answer_token_ids, encode_training_example, prompt_frame
 from mcqa.records import read_records
@@ -61,22 +63,39 @@ def tokenize(records: list[dict], tokenizer, max_seq_length: int, frame: PromptF
     return features, truncated
 
 
-def micro_batches(lengths: list[int], max_examples: int, max_tokens: int, seed: int,
+def micro_batches(lengths: list[int], max_examples: int, max_tokens: int, seed: int, packed: bool = False,
                   group: int = 1024, multiple_of: int = 8) -> list[list[int]]:
-    """Example indices cut into micro-batches of similar length.
+    """Example indices cut into micro-batches of at most `max_examples` examples and `max_tokens` tokens.
 
-    The examples are shuffled (seeded), taken in groups of `group`, each group
-    sorted longest first and cut greedily: a micro-batch closes when it holds
-    `max_examples` examples, or when one more would make it exceed
-    `max_tokens` tokens once padded to its longest example (0: no token
-    limit). An example longer than `max_tokens` trains alone.
+    The examples are shuffled (seeded) and taken in groups of `group`, each
+    group sorted longest first. Padded (`packed` False), a group is cut
+    greedily: a micro-batch closes when one more example would make it
+    exceed `max_tokens` once padded to its longest example, so examples of
+    similar length share a batch. Packed, each example goes into the first
+    micro-batch of its group with room for its tokens (first-fit decreasing),
+    so micro-batches come out nearly full. 0 tokens means no token limit; an
+    example longer than `max_tokens` trains alone.
     """
     order = list(range(len(lengths)))
     random.Random(seed).shuffle(order)
     batches: list[list[int]] = []
     for start in range(0, len(order), group):
+        longest_first = sorted(order[start : start + group], key=lambda i: -lengths[i])
+        if packed:
+            cut: list[list[int]] = []
+            room: list[float] = []
+            for i in longest_first:
+                fits = (b for b, free in enumerate(room) if lengths[i] <= free and len(cut[b]) < max_examples)
+                if (b := next(fits, None)) is None:
+                    cut.append([])
+                    room.append(max_tokens or math.inf)
+                    b = len(cut) - 1
+                cut[b].append(i)
+                room[b] -= lengths[i]
+            batches += cut
+            continue
         batch: list[int] = []
-        for i in sorted(order[start : start + group], key=lambda i: -lengths[i]):
+        for i in longest_first:
             width = -(-lengths[batch[0] if batch else i] // multiple_of) * multiple_of
             if batch and (len(batch) == max_examples or (max_tokens and (len(batch) + 1) * width > max_tokens)):
                 batches.append(batch)
@@ -148,7 +167,7 @@ def answer_accuracy(records: list[dict], tokenizer, max_seq_length: int, answeri
         model.eval()
         autocast = torch.autocast("cuda", dtype=DTYPES[precision]) if precision != "fp32" and torch.cuda.is_available() \
             else contextlib.nullcontext()
-        with autocast:
+        with autocast, attention_implementation(model, "sdpa"):  # scoring batches are padded, never packed
             log_probs, _ = score_rotations(model, tokenizer, records, max_seq_length, answering["batch_size"],
                                            answering["rotations"], frame=prompt_frame(tokenizer, answering["prompt_format"]))
         model.train(was_training)
@@ -162,32 +181,58 @@ class TrainingDiverged(RuntimeError):
 
 
 class AnswerOnlyCollator:
-    """Right-pads a batch and asks the model for logits only where the loss is.
+    """Collates a micro-batch and asks the model for logits only where the loss is.
 
     The loss sees only answer and EOS, so projecting every prompt position onto
     the vocabulary (and upcasting those logits to fp32) would be wasted work
-    and memory. `logits_to_keep` takes the positions that predict a label in
-    any row of the batch, and `shift_labels` gives each row's target at those
-    positions (-100 where that row has none). Right padding, as in answering,
+    and memory. `logits_to_keep` takes the positions that predict a label, and
+    `shift_labels` gives the target at those positions (-100 where a row has
+    none).
+
+    Padded, examples are right-padded rows: right padding, as in answering,
     leaves no fully masked attention rows, which can turn half-precision
     gradients into NaN, and makes the attention mask unnecessary (pad_right).
+    Packed, they lie end to end in one row with no padding at all: position
+    ids restart at each example, and `cu_seq_lens_q`/`_k` (where each example
+    starts) reach mcqa.modeling.packed_attention, so no token attends across
+    examples. Either way the loss and gradients are the same (tests/test_packing.py).
+    The attention mask (all ones when packed) is only for the Trainer's count
+    of real tokens.
     """
 
-    def __init__(self, pad_token_id: int, multiple_of: int = 8):
-        self.pad_token_id, self.multiple_of = pad_token_id, multiple_of
+    def __init__(self, pad_token_id: int, packed: bool = False, multiple_of: int = 8):
+        self.pad_token_id, self.packed, self.multiple_of = pad_token_id, packed, multiple_of
 
     def __call__(self, features: list) -> dict:
         if isinstance(features[0], list):  # one micro-batch from MicroBatchDataset
             features = [f for batch in features for f in batch]
-
-        def pad(key: str, value: int) -> torch.Tensor:
-            return pad_right([f[key] for f in features], value, self.multiple_of)
-
-        ids, mask, labels = pad("input_ids", self.pad_token_id), pad("attention_mask", 0), pad("labels", -100)
-        targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
+        if self.packed:
+            batch, targets = self.pack(features)
+        else:
+            batch = {key: pad_right([f[key] for f in features], value, self.multiple_of)
+                     for key, value in (("input_ids", self.pad_token_id), ("attention_mask", 0), ("labels", -100))}
+            targets = torch.cat([batch["labels"][:, 1:], torch.full_like(batch["labels"][:, :1], -100)], dim=1)
         keep = (targets != -100).any(dim=0).nonzero().flatten()
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "logits_to_keep": keep,
-                "shift_labels": targets[:, keep]}
+        return {**batch, "logits_to_keep": keep, "shift_labels": targets[:, keep]}
+
+    @staticmethod
+    def pack(features: list[dict]) -> tuple[dict, torch.Tensor]:
+        """One row of the examples end to end, and each token's target (its example's next label)."""
+        lengths = [len(f["input_ids"]) for f in features]
+        starts = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
+
+        def row(values) -> torch.Tensor:
+            return torch.tensor([v for vs in values for v in vs], dtype=torch.long).unsqueeze(0)
+
+        batch = {
+            "input_ids": row(f["input_ids"] for f in features),
+            "attention_mask": row(f["attention_mask"] for f in features),
+            "labels": row(f["labels"] for f in features),
+            "position_ids": row(range(n) for n in lengths),
+            "cu_seq_lens_q": starts, "cu_seq_lens_k": starts,
+            "max_length_q": max(lengths), "max_length_k": max(lengths),
+        }
+        return batch, row(f["labels"][1:] + [-100] for f in features)
 
 
 class ProgressLog(TrainerCallback):
@@ -456,17 +501,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ERROR {args.train} has no records to train on", file=sys.stderr)
         return 2
     lengths = [len(f["input_ids"]) for f in train_features]
-    batches = micro_batches(lengths, s["micro_batch_size"], s["micro_batch_tokens"], s["seed"])
+    batches = micro_batches(lengths, s["micro_batch_size"], s["micro_batch_tokens"], s["seed"], s["packing"])
     train_dataset = MicroBatchDataset(train_features, batches)
     report(
         f"train {len(train_features)} examples ({sum(lengths):,} tokens, longest {max(lengths)}), "
         f"val {len(val_features)}; article cut to fit max_seq_length {s['max_seq_length']}: "
         f"{train_cut} train, {val_cut} val examples; precision {precision}, base loaded as {s['load_in']}; "
-        f"{len(batches)} micro-batches of {len(train_features) / len(batches):.1f} examples on average"
+        f"{len(batches)} {'packed' if s['packing'] else 'padded'} micro-batches of "
+        f"{len(train_features) / len(batches):.1f} examples on average"
     )
 
     set_seed(s["seed"])  # before the LoRA weights are initialised, so a run is reproducible
-    model = load_model(args.base_model, precision, s["load_in"], args.trust_remote_code, args.revision)
+    model = load_model(args.base_model, precision, s["load_in"], args.trust_remote_code, args.revision,
+                       attention=PACKED_ATTENTION if s["packing"] else "sdpa")
+    if s["liger_kernels"]:
+        report(f"Liger kernels: {apply_liger_kernels(model)}")
     if s["load_in"] != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=s["gradient_checkpointing"])
     model = get_peft_model(
@@ -483,6 +532,8 @@ def main(argv: list[str] | None = None) -> int:
             task_type="CAUSAL_LM",
         ),
     )
+    if s["compile"]:
+        report(f"compiled {compile_decoder_layers(model)} decoder layers with torch.compile")
     trainable, total = model.get_nb_trainable_parameters()
     report(f"LoRA: {trainable:,} trainable of {total:,} parameters")
 
@@ -493,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
         args=training_arguments(s, args, precision, bool(val_features)),
         train_dataset=train_dataset,
         eval_dataset=val_features or None,
-        data_collator=AnswerOnlyCollator(tokenizer.pad_token_id),
+        data_collator=AnswerOnlyCollator(tokenizer.pad_token_id, packed=s["packing"]),
         processing_class=tokenizer,
     )
     trainer.remove_callback(PrinterCallback)  # ProgressLog prints a readable line instead

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Iterator
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+import torch.nn.functional as F
+from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 
 from .prompt import answer_token_ids
 
@@ -61,8 +64,11 @@ def local_device() -> torch.device:
 
 
 def load_model(path: str, precision: str, load_in: str = "none", trust_remote_code: bool = False,
-               revision: str | None = None):
-    """A causal LM on this process's device in the given precision (already resolved)."""
+               revision: str | None = None, attention: str = "sdpa"):
+    """A causal LM on this process's device in the given precision (already resolved).
+
+    `attention` is "sdpa", or PACKED_ATTENTION for training on packed batches.
+    """
     dtype = DTYPES[precision]
     device = local_device()
     model = AutoModelForCausalLM.from_pretrained(
@@ -70,7 +76,7 @@ def load_model(path: str, precision: str, load_in: str = "none", trust_remote_co
         dtype=dtype,
         quantization_config=quantization_config(load_in, dtype),
         device_map={"": device},
-        attn_implementation="sdpa",
+        attn_implementation=attention,
         trust_remote_code=trust_remote_code,
         revision=revision,
     )
@@ -98,3 +104,94 @@ def pad_right(sequences: list[list[int]], value: int, multiple_of: int = 1) -> t
     for row, seq in enumerate(sequences):
         batch[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
     return batch
+
+
+PACKED_ATTENTION = "packed_varlen"
+
+
+def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                     cu_seq_lens_q: torch.Tensor | None = None, max_length_q: int | None = None,
+                     **kwargs) -> tuple[torch.Tensor, None]:
+    """Causal attention within each example of a packed row (an AttentionInterface function).
+
+    Examples lie end to end in one row (query, key, value of shape (1, heads,
+    tokens, dim)); `cu_seq_lens_q` holds where each starts, with the total
+    last. On a GPU, torch's variable-length flash-attention kernel does all
+    examples in one call without a token attending across examples; on a CPU,
+    which has no such kernel, SDPA runs example by example (the reference the
+    tests compare against padded batches). Returns (1, tokens, heads, dim).
+    """
+    if cu_seq_lens_q is None or query.shape[0] != 1:
+        raise ValueError(f"{PACKED_ATTENTION} attention needs one packed row and cu_seq_lens_q (train_lora's "
+                         "AnswerOnlyCollator with packing); other batches use sdpa")
+    if dropout:
+        raise ValueError(f"{PACKED_ATTENTION} attention has no attention dropout; this model asks for {dropout}")
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, dim)
+    gqa = k.shape[1] != q.shape[1]
+    if q.is_cuda:
+        from torch.nn.attention.varlen import varlen_attn
+
+        options = {"window_size": (-1, 0)}  # causal
+        if gqa:
+            options["enable_gqa"] = True
+        if scaling is not None and scaling != q.shape[-1] ** -0.5:  # the default scale needs no argument
+            options["scale"] = scaling
+        out = varlen_attn(q, k, v, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, **options)
+    else:
+        bounds = cu_seq_lens_q.tolist()
+        out = torch.cat([
+            F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v)), is_causal=True,
+                                           scale=scaling, enable_gqa=gqa).transpose(0, 1)
+            for a, b in zip(bounds, bounds[1:])
+        ])
+    return out.unsqueeze(0), None
+
+
+AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+
+
+@contextlib.contextmanager
+def attention_implementation(model: torch.nn.Module, name: str) -> Iterator[None]:
+    """Run `model` with another attention implementation inside the block (e.g. sdpa for
+    scoring padded batches with a model that trains on packed ones)."""
+    config = model.config
+    before = config._attn_implementation
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
+
+
+def apply_liger_kernels(model: torch.nn.Module) -> str:
+    """Swap in Liger's fused RMSNorm, SwiGLU and RoPE kernels (before LoRA wraps the layers).
+
+    Its fused cross-entropy stays off: it would replace the model's forward
+    and compute logits at every position, not only at the answers. Returns
+    what was done, for the log: nothing on a CPU (Triton kernels), without
+    the liger-kernel package, or for an architecture Liger does not patch.
+    """
+    if not torch.cuda.is_available():
+        return "not used on a CPU"
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError:
+        return "not installed (pip install -r requirements-gpu.txt); training runs without them"
+    if model.config.model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        return f"none for model type {model.config.model_type}; training runs without them"
+    _apply_liger_kernel_to_instance(model=model, rms_norm=True, swiglu=True, rope=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
+    return "RMSNorm, SwiGLU and RoPE"
+
+
+def compile_decoder_layers(model: torch.nn.Module) -> int:
+    """torch.compile every decoder layer; returns how many. The layers share their code,
+    so one compiled graph serves them all."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        layer.compile(dynamic=True)  # packed rows vary in length: one graph for every length
+    return len(layers)
