@@ -232,21 +232,21 @@ def train(args, work: Path, results: dict) -> dict:
     return result
 
 
-def packing_check(args, work: Path, examples: int = 24) -> dict:
+def packing_check(args, work: Path, examples: int = 8) -> dict:
     """Loss and LoRA gradients of the same examples, padded (SDPA) and packed (the varlen kernel), on the
-    benchmark's base in the training precision. For scale, the same padded batch at another padding width
-    (other kernel shapes) shows the precision's own noise."""
+    benchmark's base in half precision, each against the same padded batch in fp32: packing is right when
+    the packed batch is no further from fp32 than the padded one is (half precision's own error)."""
     from peft import LoraConfig, get_peft_model
 
     from mcqa.modeling import PACKED_ATTENTION, load_model, without_attention_mask
     from train_lora import AnswerOnlyCollator
 
-    settings = {**LORA, "precision": "bf16" if cuda() else "fp32"}
+    precision = "bf16" if cuda() else "fp32"
     features, _ = tokenize(read_records(work / "data/train.json", "labelled")[:examples],
-                           load_tokenizer(str(work / "base")), settings["max_seq_length"])
-    model = load_model(str(work / "base"), settings["precision"])
-    model = get_peft_model(model, LoraConfig(r=settings["lora_r"], lora_alpha=settings["lora_alpha"], lora_dropout=0.0,
-                                             target_modules=settings["target_modules"], task_type="CAUSAL_LM"))
+                           load_tokenizer(str(work / "base")), LORA["max_seq_length"])
+    model = load_model(str(work / "base"), precision)
+    model = get_peft_model(model, LoraConfig(r=LORA["lora_r"], lora_alpha=LORA["lora_alpha"], lora_dropout=0.0,
+                                             target_modules=LORA["target_modules"], task_type="CAUSAL_LM"))
     torch.manual_seed(0)
     with torch.no_grad():  # a trained adapter (B = 0 would give A no gradient)
         for name, p in model.named_parameters():
@@ -254,9 +254,9 @@ def packing_check(args, work: Path, examples: int = 24) -> dict:
                 p.normal_(0, 0.01)
     device = next(model.parameters()).device
 
-    def loss_and_gradients(attention: str, **collate) -> tuple[float, torch.Tensor]:
+    def loss_and_gradients(attention: str, packed: bool = False) -> tuple[float, torch.Tensor]:
         model.set_attn_implementation(attention)
-        batch = AnswerOnlyCollator(pad_token_id=0, **collate)([features])
+        batch = AnswerOnlyCollator(pad_token_id=0, packed=packed)([features])
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in without_attention_mask(batch).items()}
         model.zero_grad()
         loss = model(**batch).loss
@@ -264,16 +264,20 @@ def packing_check(args, work: Path, examples: int = 24) -> dict:
         return loss.item(), torch.cat([p.grad.float().flatten() for n, p in model.named_parameters() if "lora_" in n])
 
     padded_loss, padded = loss_and_gradients("sdpa")
-    wider_loss, wider = loss_and_gradients("sdpa", multiple_of=64)
     packed_loss, packed = loss_and_gradients(PACKED_ATTENTION, packed=True)
+    model.float()
+    reference_loss, reference = loss_and_gradients("sdpa")
+    del model
+    torch.cuda.empty_cache() if cuda() else None
 
-    def relative(a: torch.Tensor, b: torch.Tensor) -> float:
-        return float(f"{((a - b).norm() / b.norm()).item():.3g}")
+    def relative(a: torch.Tensor) -> float:
+        return float(f"{((a - reference).norm() / reference.norm()).item():.3g}")
 
-    result = {"examples": examples, "tokens": sum(len(f["input_ids"]) for f in features),
-              "precision": settings["precision"], "loss_padded": padded_loss, "loss_packed": packed_loss,
-              "loss_padded_wider": wider_loss, "lora_grad_relative_diff_packed_vs_padded": relative(packed, padded),
-              "lora_grad_relative_diff_padded_wider_vs_padded": relative(wider, padded)}
+    result = {"examples": examples, "tokens": sum(len(f["input_ids"]) for f in features), "precision": precision,
+              "loss_fp32_padded": reference_loss, f"loss_{precision}_padded": padded_loss,
+              f"loss_{precision}_packed": packed_loss,
+              f"lora_grad_relative_error_{precision}_padded": relative(padded),
+              f"lora_grad_relative_error_{precision}_packed": relative(packed)}
     log(f"packing check: {result}")
     return result
 
