@@ -49,7 +49,7 @@ DEFAULTS = {key: spec["default"] for key, spec in
 LORA = {**DEFAULTS, "checkpoint_steps": 10**6, "eval_steps": 10**6}
 # How the recipe trained: micro-batch 1, 8 accumulated, fp16 on an 8-bit base, gradient checkpointing.
 RECIPE = {"micro_batch_size": 1, "micro_batch_tokens": 0, "gradient_accumulation_steps": 8, "packing": False,
-          "liger_kernels": False, "compile": False, "gradient_checkpointing": True}
+          "compile": False, "gradient_checkpointing": True}
 
 
 def log(message: str) -> None:
@@ -155,7 +155,7 @@ def train_rate(log_jsonl: Path, skip: int) -> dict:
 
 def train_command(work: Path, out: Path, settings: dict, gpus: int) -> list:
     """train_lora.py as the train_lora rule launches it: plain python, or torchrun with ZeRO-2 on several GPUs."""
-    launcher = [sys.executable] if gpus == 1 else ["torchrun", "--standalone", f"--nproc_per_node={gpus}"]
+    launcher = [sys.executable] + ([] if gpus == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"])
     command = [*launcher, SCRIPTS / "train_lora.py", "--train", work / "data/train.json", "--base-model",
                work / "base", "--out", out / "adapter", "--log-jsonl", out / "train_log.jsonl", "--checkpoint-dir",
                out / "checkpoints", "--settings", json.dumps(settings)]
@@ -186,7 +186,7 @@ def train_once(work: Path, name: str, settings: dict, steps: int, skip: int, gpu
                   epoch_steps=math.ceil(len(batches) / (settings["gradient_accumulation_steps"] * gpus)),
                   micro_batches=len(batches), settings={k: settings[k] for k in (
                       "micro_batch_size", "micro_batch_tokens", "gradient_accumulation_steps", "precision", "load_in",
-                      "gradient_checkpointing", "packing", "liger_kernels", "compile")})
+                      "gradient_checkpointing", "packing", "compile")})
     result["epoch_minutes"] = round(result["epoch_tokens"] / result["tokens_per_s"] / 60, 2)
     log(f"{name}: {result}")
     return result

@@ -32,9 +32,8 @@ from typing import Callable
 import torch
 from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from mcqa.modeling import (DTYPES, PACKED_ATTENTION, apply_liger_kernels, attention_implementation,
-                            compile_decoder_layers, load_model, load_tokenizer, pad_right, resolve_precision,
-                            without_attention_mask)
+from mcqa.modeling import (DTYPES, PACKED_ATTENTION, attention_implementation, compile_decoder_layers, load_model,
+                            load_tokenizer, pad_right, resolve_precision, without_attention_mask)
 from mcqa.progress import format_duration
 from mcqa.prompt import PLAIN, PROMPT_FORMATS, PromptFrame, answer_token_ids, encode_training_example, prompt_frame
 from mcqa.records import read_records
@@ -135,7 +134,8 @@ class RightPaddedTrainer(Trainer):
     answer_accuracy: Callable[[torch.nn.Module], float] | None = None  # set for select_best
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        self.examples_trained += len(inputs["input_ids"])
+        packed = inputs.get("cu_seq_lens_q")  # a packed row holds many examples
+        self.examples_trained += len(packed) - 1 if packed is not None else len(inputs["input_ids"])
         return super().training_step(model, inputs, num_items_in_batch)
 
     def examples_trained_all(self) -> int:
@@ -154,6 +154,15 @@ class RightPaddedTrainer(Trainer):
             metrics["eval_val_accuracy"] = self.answer_accuracy(self.model)
             self.log({"eval_val_accuracy": metrics["eval_val_accuracy"]})
         return metrics
+
+
+def compile_layers(model: torch.nn.Module, load_in: str) -> str:
+    """Compile the decoder layers where that pays; says what was done, for the log."""
+    if not torch.cuda.is_available():
+        return "off on a CPU (compiling would take longer than a CPU run trains)"
+    if load_in != "none":
+        return f"off with a {load_in} base (bitsandbytes layers are not compiled)"
+    return f"{compile_decoder_layers(model)} decoder layers compiled; the first step waits for it"
 
 
 def answer_accuracy(records: list[dict], tokenizer, max_seq_length: int, answering: dict,
@@ -514,8 +523,6 @@ def main(argv: list[str] | None = None) -> int:
     set_seed(s["seed"])  # before the LoRA weights are initialised, so a run is reproducible
     model = load_model(args.base_model, precision, s["load_in"], args.trust_remote_code, args.revision,
                        attention=PACKED_ATTENTION if s["packing"] else "sdpa")
-    if s["liger_kernels"]:
-        report(f"Liger kernels: {apply_liger_kernels(model)}")
     if s["load_in"] != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=s["gradient_checkpointing"])
     model = get_peft_model(
@@ -533,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
     )
     if s["compile"]:
-        report(f"compiled {compile_decoder_layers(model)} decoder layers with torch.compile")
+        report(f"torch.compile: {compile_layers(model, s['load_in'])}")
     trainable, total = model.get_nb_trainable_parameters()
     report(f"LoRA: {trainable:,} trainable of {total:,} parameters")
 

@@ -164,34 +164,17 @@ def attention_implementation(model: torch.nn.Module, name: str) -> Iterator[None
         model.set_attn_implementation(before)
 
 
-def apply_liger_kernels(model: torch.nn.Module) -> str:
-    """Swap in Liger's fused RMSNorm, SwiGLU and RoPE kernels (before LoRA wraps the layers).
-
-    Its fused cross-entropy stays off: it would replace the model's forward
-    and compute logits at every position, not only at the answers. Returns
-    what was done, for the log: nothing on a CPU (Triton kernels), without
-    the liger-kernel package, or for an architecture Liger does not patch.
-    """
-    if not torch.cuda.is_available():
-        return "not used on a CPU"
-    try:
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
-        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
-    except ImportError:
-        return "not installed (pip install -r requirements-gpu.txt); training runs without them"
-    if model.config.model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
-        return f"none for model type {model.config.model_type}; training runs without them"
-    _apply_liger_kernel_to_instance(model=model, rms_norm=True, swiglu=True, rope=True, cross_entropy=False,
-                                    fused_linear_cross_entropy=False)
-    return "RMSNorm, SwiGLU and RoPE"
-
-
 def compile_decoder_layers(model: torch.nn.Module) -> int:
-    """torch.compile every decoder layer; returns how many. The layers share their code,
-    so one compiled graph serves them all."""
+    """torch.compile every decoder layer; returns how many.
+
+    The layers share their code, so one graph, compiled once for every
+    sequence length (dynamic shapes: packed rows vary in length), serves them
+    all. It fuses the norms, RoPE, SwiGLU and LoRA's element-wise work
+    (BENCHMARKS.md has what that gains).
+    """
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     for layer in layers:
-        layer.compile(dynamic=True)  # packed rows vary in length: one graph for every length
+        layer.compile(dynamic=True)
     return len(layers)
