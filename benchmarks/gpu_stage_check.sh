@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prove the model stages on a CUDA GPU: train, merge and answer a small random
 # Llama on the bundled sample in bf16, then again with an 8-bit base
-# (bitsandbytes). Usage: bash benchmarks/gpu_stage_check.sh WORK_DIR
+# (bitsandbytes), each with the schema's default training settings. Usage: bash benchmarks/gpu_stage_check.sh WORK_DIR
 set -euo pipefail
 work=${1:-benchmarks/work/stages}
 scripts=workflow/scripts
@@ -12,25 +12,27 @@ python $scripts/prepare_data.py test --input resources/sample/test.xlsx --out "$
   --report-out "$work/test_report.json"
 python $scripts/build_demo_model.py --train "$work/train.json" --out "$work/base" \
   --settings '{"vocab_size": 2000, "hidden_size": 256, "intermediate_size": 512, "num_layers": 2, "num_heads": 4, "seed": 0}'
+# bf16: the defaults (packed, compiled) with select_best, which scores validation
+# with SDPA between packed training steps; 8-bit: the recipe's base (never compiled).
 for mode in bf16:none fp16:8bit; do
   precision=${mode%:*} load_in=${mode#*:}
-  settings=$(python -c "import json, sys; print(json.dumps({
-    'lora_r': 16, 'lora_alpha': 32, 'lora_dropout': 0.05, 'modules_to_save': [], 'learning_rate': 0.002,
-    'target_modules': ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'],
-    'epochs': 3, 'warmup_ratio': 0.03, 'lr_scheduler': 'cosine', 'weight_decay': 0.0, 'micro_batch_size': 8, 'micro_batch_tokens': 8192,
-    'gradient_accumulation_steps': 1, 'max_seq_length': 256, 'seed': 42, 'precision': '$precision',
-    'load_in': '$load_in', 'gradient_checkpointing': '$load_in' != 'none', 'checkpoint_steps': 20,
-    'eval_steps': 20, 'logging_steps': 10}))")
-  answering="{\"batch_size\": 16, \"precision\": \"$precision\", \"load_in\": \"$load_in\"}"
+  settings=$(python -c "import json, yaml; print(json.dumps({
+    **{k: v['default'] for k, v in yaml.safe_load(open('workflow/schemas/training.schema.yaml'))['properties'].items()},
+    'lora_r': 16, 'lora_alpha': 32, 'learning_rate': 0.002, 'epochs': 3, 'micro_batch_size': 8,
+    'max_seq_length': 256, 'precision': '$precision', 'load_in': '$load_in',
+    'gradient_checkpointing': '$load_in' != 'none', 'select_best': '$load_in' == 'none',
+    'checkpoint_steps': 20, 'eval_steps': 20, 'logging_steps': 10}))")
+  answering="{\"batch_size\": 16, \"precision\": \"$precision\", \"load_in\": \"$load_in\", \"rotations\": 4, \"prompt_format\": \"plain\"}"
   echo "== $precision, base loaded as $load_in"
   python $scripts/train_lora.py --train "$work/train.json" --val "$work/val.json" --base-model "$work/base" \
     --out "$work/adapter_$load_in" --log-jsonl "$work/train_log_$load_in.jsonl" \
-    --checkpoint-dir "$work/checkpoints_$load_in" --settings "$settings"
+    --checkpoint-dir "$work/checkpoints_$load_in" --settings "$settings" --answering "$answering"
   python $scripts/merge_lora.py --base-model "$work/base" --adapter "$work/adapter_$load_in" --out "$work/merged_$load_in"
   python $scripts/answer_questions.py --model "$work/merged_$load_in" --test "$work/test.json" \
     --answers "$work/answers_$load_in.csv" --probs "$work/probs_$load_in.csv" --max-seq-length 256 --settings "$answering"
   python $scripts/evaluate_answers.py --model "$work/merged_$load_in" --val "$work/val.json" \
-    --out "$work/metrics_$load_in.json" --max-seq-length 256 --settings "$answering"
+    --out "$work/metrics_$load_in.json" --probs "$work/val_probs_$load_in.csv" --max-seq-length 256 \
+    --settings "$answering"
 done
 python - "$work" <<'PY'
 import csv, json, sys
@@ -41,6 +43,9 @@ for load_in in ("none", "8bit"):
     log = [json.loads(l) for l in open(f"{work}/train_log_{load_in}.jsonl")]
     losses = [e["loss"] for e in log if "loss" in e]
     assert {r["Answer"] for r in rows} <= set("1234") and len(rows) == 45
+    best = [e for e in log if "best_step" in e]
+    assert load_in != "none" or best, "select_best kept no step"
+    print(f"{load_in}: {best}")
     print(f"{load_in}: {len(rows)} answers, val accuracy {metrics['accuracy']:.3f}, "
           f"loss {losses[0]:.3f} -> {losses[-1]:.3f}, peak {max(e.get('peak_gpu_mem_gb', 0) for e in log)} GiB")
 PY
