@@ -14,7 +14,8 @@ python $scripts/build_demo_model.py --train "$work/train.json" --out "$work/base
   --settings '{"vocab_size": 2000, "hidden_size": 256, "intermediate_size": 512, "num_layers": 2, "num_heads": 4, "seed": 0}'
 # bf16: the defaults (packed, compiled) with select_best, which scores validation
 # with SDPA between packed training steps; 8-bit: the recipe's base (never compiled).
-for mode in bf16:none fp16:8bit; do
+modes=${MODES:-bf16:none fp16:8bit}  # e.g. MODES=fp16:8bit for one
+for mode in $modes; do
   precision=${mode%:*} load_in=${mode#*:}
   settings=$(python -c "import json, yaml; print(json.dumps({
     **{k: v['default'] for k, v in yaml.safe_load(open('workflow/schemas/training.schema.yaml'))['properties'].items()},
@@ -34,10 +35,10 @@ for mode in bf16:none fp16:8bit; do
     --out "$work/metrics_$load_in.json" --probs "$work/val_probs_$load_in.csv" --max-seq-length 256 \
     --settings "$answering"
 done
-python - "$work" <<'PY'
+python - "$work" $modes <<'PY'
 import csv, json, sys
 work = sys.argv[1]
-for load_in in ("none", "8bit"):
+for load_in in (mode.split(":")[1] for mode in sys.argv[2:]):
     rows = list(csv.DictReader(open(f"{work}/answers_{load_in}.csv")))
     metrics = json.load(open(f"{work}/metrics_{load_in}.json"))
     log = [json.loads(l) for l in open(f"{work}/train_log_{load_in}.jsonl")]

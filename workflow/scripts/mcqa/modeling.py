@@ -117,10 +117,11 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
 
     Examples lie end to end in one row (query, key, value of shape (1, heads,
     tokens, dim)); `cu_seq_lens_q` holds where each starts, with the total
-    last. On a GPU, torch's variable-length flash-attention kernel does all
-    examples in one call without a token attending across examples; on a CPU,
-    which has no such kernel, SDPA runs example by example (the reference the
-    tests compare against padded batches). Returns (1, tokens, heads, dim).
+    last. On a GPU in half precision, torch's variable-length flash-attention
+    kernel does all examples in one call without a token attending across
+    examples; elsewhere (a CPU, or fp32), SDPA runs example by example (the
+    reference the tests compare against padded batches). Returns (1, tokens,
+    heads, dim).
     """
     if cu_seq_lens_q is None or query.shape[0] != 1:
         raise ValueError(f"{PACKED_ATTENTION} attention needs one packed row and cu_seq_lens_q (train_lora's "
@@ -129,7 +130,11 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         raise ValueError(f"{PACKED_ATTENTION} attention has no attention dropout; this model asks for {dropout}")
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, dim)
     gqa = k.shape[1] != q.shape[1]
-    if q.is_cuda:
+    if q.is_cuda and q.dtype == torch.float32 and torch.is_autocast_enabled("cuda"):
+        # fp32 states under half-precision autocast (norms kept in fp32 next to an 8-bit base):
+        # attention runs in the autocast type, as SDPA would.
+        q, k, v = (t.to(torch.get_autocast_dtype("cuda")) for t in (q, k, v))
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         from torch.nn.attention.varlen import varlen_attn
 
         options = {"window_size": (-1, 0)}  # causal
