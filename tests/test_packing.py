@@ -47,9 +47,14 @@ def loss_and_lora_gradients(model, batch: dict, attention: str) -> tuple[torch.T
     return loss.detach(), grads
 
 
-@pytest.mark.parametrize("num_key_value_heads", [4, 2])  # 2: grouped-query attention, as Llama-3 and Breeze
-def test_packed_and_padded_batches_give_the_same_loss_and_lora_gradients(num_key_value_heads):
+# 2 key-value heads: grouped-query attention, as Llama-3 and Breeze; checkpointing recomputes each layer
+@pytest.mark.parametrize("num_key_value_heads, checkpointing", [(4, False), (2, False), (4, True)])
+def test_packed_and_padded_batches_give_the_same_loss_and_lora_gradients(num_key_value_heads, checkpointing):
     model = lora_model(num_key_value_heads)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+        model.train()
     features = examples([9, 23, 5, 17, 12])
     padded = AnswerOnlyCollator(pad_token_id=2)(features)
     packed = AnswerOnlyCollator(pad_token_id=2, packed=True)(features)
