@@ -3,10 +3,11 @@
     train_lora.py --train train.json --val val.json --base-model PATH --out ADAPTER_DIR \
         --log-jsonl train_log.jsonl --checkpoint-dir CKPT_DIR --settings '{...}'
 
-Loss is on the answer digit and EOS only. Examples are batched with others of
-similar length, up to micro_batch_size examples and micro_batch_tokens padded
-tokens per micro-batch, so that long and short batches do similar work.
-Checkpoints go to --checkpoint-dir every checkpoint_steps; a
+Loss is on the answer digit and EOS only. Examples are packed end to end into
+micro-batches of up to micro_batch_tokens real tokens (or, with packing off,
+padded into rows of similar length), at most micro_batch_size examples each,
+so that every step does similar work; on CUDA the decoder layers are
+compiled. Checkpoints go to --checkpoint-dir every checkpoint_steps; a
 rerun with the same settings and data resumes from the newest one. Launched
 by torchrun with several GPUs, it trains data-parallel under DeepSpeed ZeRO-2
 (--deepspeed-config).
@@ -67,41 +68,50 @@ def micro_batches(lengths: list[int], max_examples: int, max_tokens: int, seed: 
     """Example indices cut into micro-batches of at most `max_examples` examples and `max_tokens` tokens.
 
     The examples are shuffled (seeded) and taken in groups of `group`, each
-    group sorted longest first. Padded (`packed` False), a group is cut
-    greedily: a micro-batch closes when one more example would make it
-    exceed `max_tokens` once padded to its longest example, so examples of
-    similar length share a batch. Packed, each example goes into the first
-    micro-batch of its group with room for its tokens (first-fit decreasing),
-    so micro-batches come out nearly full. 0 tokens means no token limit; an
-    example longer than `max_tokens` trains alone.
+    group sorted longest first and cut by first_fit (packed) or
+    similar_lengths (padded). 0 tokens means no token limit; an example
+    longer than `max_tokens` trains alone.
     """
     order = list(range(len(lengths)))
     random.Random(seed).shuffle(order)
+    cut = first_fit if packed else similar_lengths
     batches: list[list[int]] = []
     for start in range(0, len(order), group):
         longest_first = sorted(order[start : start + group], key=lambda i: -lengths[i])
-        if packed:
-            cut: list[list[int]] = []
-            room: list[float] = []
-            for i in longest_first:
-                fits = (b for b, free in enumerate(room) if lengths[i] <= free and len(cut[b]) < max_examples)
-                if (b := next(fits, None)) is None:
-                    cut.append([])
-                    room.append(max_tokens or math.inf)
-                    b = len(cut) - 1
-                cut[b].append(i)
-                room[b] -= lengths[i]
-            batches += cut
-            continue
-        batch: list[int] = []
-        for i in longest_first:
-            width = -(-lengths[batch[0] if batch else i] // multiple_of) * multiple_of
-            if batch and (len(batch) == max_examples or (max_tokens and (len(batch) + 1) * width > max_tokens)):
-                batches.append(batch)
-                batch = []
-            batch.append(i)
-        batches.append(batch)
+        batches += cut(longest_first, lengths, max_examples, max_tokens, multiple_of)
     return batches
+
+
+def first_fit(longest_first: list[int], lengths: list[int], max_examples: int, max_tokens: int,
+              multiple_of: int) -> list[list[int]]:
+    """Each example into the first micro-batch with room for its tokens (first-fit decreasing):
+    packed micro-batches come out nearly full."""
+    batches: list[list[int]] = []
+    room: list[float] = []
+    for i in longest_first:
+        fits = (b for b, free in enumerate(room) if lengths[i] <= free and len(batches[b]) < max_examples)
+        if (b := next(fits, None)) is None:
+            batches.append([])
+            room.append(max_tokens or math.inf)
+            b = len(batches) - 1
+        batches[b].append(i)
+        room[b] -= lengths[i]
+    return batches
+
+
+def similar_lengths(longest_first: list[int], lengths: list[int], max_examples: int, max_tokens: int,
+                    multiple_of: int) -> list[list[int]]:
+    """Cut greedily: a micro-batch closes when one more example would make it exceed `max_tokens`
+    once padded to its longest example, so examples of similar length share a padded batch."""
+    batches: list[list[int]] = []
+    batch: list[int] = []
+    for i in longest_first:
+        width = -(-lengths[batch[0] if batch else i] // multiple_of) * multiple_of
+        if batch and (len(batch) == max_examples or (max_tokens and (len(batch) + 1) * width > max_tokens)):
+            batches.append(batch)
+            batch = []
+        batch.append(i)
+    return batches + [batch]
 
 
 class MicroBatchDataset(torch.utils.data.Dataset):
@@ -121,13 +131,14 @@ class MicroBatchDataset(torch.utils.data.Dataset):
         return [self.features[i] for i in self.batches[index]]
 
 
-class RightPaddedTrainer(Trainer):
-    """A Trainer for right-padded batches of a causal LM; counts the examples trained on.
+class AnswerOnlyTrainer(Trainer):
+    """A Trainer for AnswerOnlyCollator's batches of a causal LM; counts the examples trained on.
 
-    The forward pass gets no attention mask: see mcqa.modeling.pad_right for
-    why that changes nothing the loss sees and lets attention run its fused
-    causal kernel. The mask stays in the batch so the Trainer counts real
-    tokens. Examples are counted because micro-batches vary in size.
+    The forward pass gets no attention mask: right-padded rows need none (see
+    mcqa.modeling.pad_right for why that changes nothing the loss sees and
+    lets attention run its fused causal kernel), and packed rows carry where
+    each example starts instead. The mask stays in the batch so the Trainer
+    counts real tokens. Examples are counted because micro-batches vary in size.
     """
 
     examples_trained = 0
@@ -546,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
 
     checkpoint_dir = Path(args.checkpoint_dir)
     history = checkpoint_dir / HISTORY
-    trainer = RightPaddedTrainer(
+    trainer = AnswerOnlyTrainer(
         model=model,
         args=training_arguments(s, args, precision, bool(val_features)),
         train_dataset=train_dataset,

@@ -160,8 +160,7 @@ AttentionInterface.register(PACKED_ATTENTION, packed_attention)
 def attention_implementation(model: torch.nn.Module, name: str) -> Iterator[None]:
     """Run `model` with another attention implementation inside the block (e.g. sdpa for
     scoring padded batches with a model that trains on packed ones)."""
-    config = model.config
-    before = config._attn_implementation
+    before = model.config._attn_implementation
     model.set_attn_implementation(name)
     try:
         yield
