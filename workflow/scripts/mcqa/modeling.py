@@ -119,9 +119,9 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     tokens, dim)); `cu_seq_lens_q` holds where each starts, with the total
     last. On a GPU in half precision, torch's variable-length flash-attention
     kernel does all examples in one call without a token attending across
-    examples; elsewhere (a CPU, or fp32), SDPA runs example by example (the
-    reference the tests compare against padded batches). Returns (1, tokens,
-    heads, dim).
+    examples; elsewhere (a CPU, or fp32), the examples are laid out as
+    right-padded rows for one SDPA call (what the tests compare against padded
+    batches on the CPU). Returns (1, tokens, heads, dim).
     """
     if cu_seq_lens_q is None or query.shape[0] != 1:
         raise ValueError(f"{PACKED_ATTENTION} attention needs one packed row and cu_seq_lens_q (train_lora's "
@@ -144,12 +144,19 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
             options["scale"] = scaling
         out = varlen_attn(q, k, v, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, **options)
     else:
-        bounds = cu_seq_lens_q.tolist()
-        out = torch.cat([
-            F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v)), is_causal=True,
-                                           scale=scaling, enable_gqa=gqa).transpose(0, 1)
-            for a, b in zip(bounds, bounds[1:])
-        ])
+        # No varlen kernel: the examples as right-padded rows (pad_right's reasoning: causal
+        # attention never reads a row's padding), one SDPA call, and back to one packed row.
+        lengths = cu_seq_lens_q.diff()
+        example = torch.repeat_interleave(torch.arange(len(lengths), device=q.device), lengths)
+        slot = example * max_length_q + torch.arange(len(example), device=q.device) - cu_seq_lens_q[example]
+
+        def rows(t: torch.Tensor) -> torch.Tensor:
+            padded = t.new_zeros(len(lengths) * max_length_q, *t.shape[1:]).index_copy(0, slot, t)
+            return padded.view(len(lengths), max_length_q, *t.shape[1:]).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(rows(q), rows(k), rows(v), is_causal=True, scale=scaling,
+                                             enable_gqa=gqa)
+        out = out.transpose(1, 2).reshape(-1, *q.shape[1:])[slot]
     return out.unsqueeze(0), None
 
 
