@@ -74,16 +74,17 @@ def micro_batches(lengths: list[int], max_examples: int, max_tokens: int, seed: 
     """
     order = list(range(len(lengths)))
     random.Random(seed).shuffle(order)
-    cut = first_fit if packed else similar_lengths
     batches: list[list[int]] = []
     for start in range(0, len(order), group):
         longest_first = sorted(order[start : start + group], key=lambda i: -lengths[i])
-        batches += cut(longest_first, lengths, max_examples, max_tokens, multiple_of)
+        if packed:
+            batches += first_fit(longest_first, lengths, max_examples, max_tokens)
+        else:
+            batches += similar_lengths(longest_first, lengths, max_examples, max_tokens, multiple_of)
     return batches
 
 
-def first_fit(longest_first: list[int], lengths: list[int], max_examples: int, max_tokens: int,
-              multiple_of: int) -> list[list[int]]:
+def first_fit(longest_first: list[int], lengths: list[int], max_examples: int, max_tokens: int) -> list[list[int]]:
     """Each example into the first micro-batch with room for its tokens (first-fit decreasing):
     packed micro-batches come out nearly full."""
     batches: list[list[int]] = []
