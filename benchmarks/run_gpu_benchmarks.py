@@ -135,7 +135,7 @@ def setup(args, work: Path, shape: dict) -> dict:
     log(f"saved {params / 1e9:.2f} B parameters in {time.perf_counter() - start:.1f} s")
     del model
     torch.cuda.empty_cache() if cuda() else None
-    lengths = [len(x) for x in encode_all(tokenizer, records, 512)[0]]
+    lengths = [len(p.ids) for p in encode_all(tokenizer, records, 512)]
     return {"params": params, "linear_params": linear, "vocab_size": model_vocab, "tokenizer_vocab": len(tokenizer),
             "train_examples": len(records), "train_mean_prompt_tokens": round(statistics.fmean(lengths), 1),
             "matmul_peak_tflops": round(matmul_peak_tflops(), 1)}
@@ -380,7 +380,7 @@ def recipe_answer(work: Path, records: list[dict], questions: int) -> dict:
 def answer(args, work: Path, results: dict) -> dict:
     shape = SHAPES[args.shape]
     records = read_records(work / "data/test.json", "test")
-    lengths = [len(x) for x in encode_all(load_tokenizer(str(work / "base")), records, 512)[0]]
+    lengths = [len(p.ids) for p in encode_all(load_tokenizer(str(work / "base")), records, 512)]
     flops = scoring_flops(results["setup"], lengths, shape["num_layers"], shape["hidden_size"])
     def ours_at(batch: int, rotations: int) -> dict:
         name = f"{batch}_r{rotations}"

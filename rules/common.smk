@@ -3,10 +3,12 @@ import functools
 import json
 import re
 import shlex
+import sys
 from pathlib import Path
 
 import yaml
 from snakemake.exceptions import WorkflowError
+from snakemake_interface_executor_plugins.settings import DeploymentMethod
 from snakemake.utils import validate
 
 SCHEMAS = Path(workflow.basedir) / "workflow" / "schemas"
@@ -62,6 +64,8 @@ def validated(data, schema_file, where):
 validated(config, "config.schema.yaml", "config")
 
 SCRIPTS = Path(workflow.basedir) / "workflow" / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+from mcqa.bases import has_tokenizer, install_hint, missing_packages, tokenizer_packages
 # Every model and data script imports the shared mcqa package; an edit to it
 # must make their outputs stale, so it is an input of each rule.
 LIB = sorted(str(p) for p in (SCRIPTS / "mcqa").glob("*.py"))
@@ -93,6 +97,15 @@ def check_base_model(name):
             f"(it holds: {', '.join(sorted(p.name for p in path.iterdir())[:10]) or 'nothing'}). "
             "Point base_model at the folder that save_pretrained wrote."
         )
+    if not has_tokenizer(path):
+        raise WorkflowError(
+            f"config base_model: {name} holds no tokenizer (no tokenizer.json, tokenizer.model or vocab.json); "
+            "copy the tokenizer files of the base into it (tokenizer.save_pretrained writes them)."
+        )
+    # With --sdm conda the jobs run in envs/*.yaml, which pin what tokenizers need; else in this Python.
+    if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
+        if missing := missing_packages(tokenizer_packages(path)):
+            raise WorkflowError(f"config base_model: {install_hint(name, missing)}")
 
 
 check_base_model(config["base_model"])

@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "workflow" / "scripts"
 SAMPLE = REPO / "resources" / "sample"
 SHARED_DATA = REPO.parent / "shared" / "data"
+SHARED_TOKENIZERS = REPO.parent / "shared" / "tokenizers"
 BIN = Path(sys.executable).parent
 
 sys.path.insert(0, str(SCRIPTS))
@@ -28,6 +29,56 @@ INTERRUPTIBLE_TRAINING = {"micro_batch_size": 1, "epochs": 4, "checkpoint_steps"
 needs_real_data = pytest.mark.skipif(
     not (SHARED_DATA / "AI.xlsx").exists(), reason=f"real data folder {SHARED_DATA} is absent"
 )
+
+
+# The real tokenizers of the bases users fine-tune (../shared/tokenizers), each with the prompt formats
+# it supports and the architecture of its tiny random model: Qwen2.5 up to 3B ties its embeddings.
+REAL_TOKENIZERS = {
+    "chinese-llama-2": {"formats": ("plain",), "architecture": "llama", "tied": False},
+    "llama-3": {"formats": ("plain", "chat"), "architecture": "llama", "tied": False},
+    "qwen2.5-instruct": {"formats": ("plain", "chat"), "architecture": "qwen2", "tied": True},
+}
+
+
+def needs_tokenizer(name: str):
+    return pytest.mark.skipif(not (SHARED_TOKENIZERS / name).is_dir(),
+                              reason=f"real tokenizer folder {SHARED_TOKENIZERS / name} is absent")
+
+
+def tiny_model_beside(tokenizer_dir: Path, out: Path, architecture: str, tied: bool) -> Path:
+    """A base model folder: the tokenizer files of `tokenizer_dir` and a tiny random causal LM whose
+    vocabulary covers the tokenizer and whose bos/eos/pad ids are the tokenizer's."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    shutil.copytree(tokenizer_dir, out, ignore=shutil.ignore_patterns("PROVENANCE.txt"))
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[
+        architecture]
+    config = config_class(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    model_class(config).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def real_base(tmp_path_factory):
+    """name -> a base model folder with that real tokenizer and a tiny random model, built once per test run."""
+    built: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if not (SHARED_TOKENIZERS / name).is_dir():
+            pytest.skip(f"real tokenizer folder {SHARED_TOKENIZERS / name} is absent")
+        if name not in built:
+            spec = REAL_TOKENIZERS[name]
+            built[name] = tiny_model_beside(SHARED_TOKENIZERS / name, tmp_path_factory.mktemp("bases") / name,
+                                            spec["architecture"], spec["tied"])
+        return built[name]
+
+    return get
 
 
 def env() -> dict:

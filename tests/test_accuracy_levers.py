@@ -184,7 +184,7 @@ def test_rotations_compute_the_shared_prefix_once_with_the_same_scores(demo_run)
     tokenizer = load_tokenizer(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     records = read_records(demo_run / "results/data/test.json", "test")
-    prompts = {k: encode_all(tokenizer, records, 256, k)[0] for k in range(4)}
+    prompts = {k: [p.ids for p in encode_all(tokenizer, records, 256, k)] for k in range(4)}
     shared = sum(shared_prefix([prompts[k][i] for k in range(4)]) for i in range(len(records)))
     assert shared > 0.5 * sum(map(len, prompts[0])), "most of a prompt is shared by its four orders"
     cached = rotation_log_probs(model, tokenizer, prompts, batch_size=7)

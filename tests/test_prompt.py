@@ -8,7 +8,7 @@ import pytest
 from conftest import SAMPLE, run_script
 
 from mcqa.modeling import load_tokenizer
-from mcqa.prompt import (ANSWER_SUFFIX_TOKENS, INSTRUCTION, PLAIN, answer_token_ids, build_input, encode_prompt,
+from mcqa.prompt import (ANSWER_SUFFIX_TOKENS, ARTICLE_CUT, INSTRUCTION, answer_token_ids, build_input, encode_prompt,
                          encode_training_example, prompt_frame, split_input)
 from mcqa.scoring import encode_all
 
@@ -43,7 +43,7 @@ CHAT_TEMPLATE = (
 @pytest.fixture(params=["plain", "chat"])
 def frame(request, tokenizer):
     if request.param == "plain":
-        yield PLAIN
+        yield prompt_frame(tokenizer, "plain")
         return
     tokenizer.chat_template = CHAT_TEMPLATE
     try:
@@ -56,9 +56,8 @@ def test_training_prompt_up_to_the_answer_is_the_answering_prompt(tokenizer, fra
     answers = answer_token_ids(tokenizer)
     for article, max_len in [("小明住在臺中，每天騎腳踏車上學。", 512), ("很長的文章。" * 200, 128)]:
         r = record(article)
-        ids, labels, _ = encode_training_example(tokenizer, r["instruction"], r["input"], r["label"], max_len, answers,
-                                                 frame)
-        (prompt,), _ = encode_all(tokenizer, [r], max_len, frame=frame)
+        ids, labels, _ = encode_training_example(tokenizer, r["instruction"], r["input"], r["label"], max_len, frame)
+        ((prompt, _),) = encode_all(tokenizer, [r], max_len, frame=frame)
         assert ids[: len(prompt)] == prompt
         assert ids[len(prompt)] == answers[r["label"] - 1]
         assert labels == [-100] * len(prompt) + [answers[1], tokenizer.eos_token_id]
@@ -84,18 +83,23 @@ def test_chat_format_without_a_template_names_the_model(tokenizer):
 
 def test_long_article_is_cut_but_question_and_options_stay(tokenizer):
     r = record("這是一篇非常長的文章。" * 300)
-    ids, cut = encode_prompt(tokenizer, r["instruction"], r["input"], 200)
-    assert cut and len(ids) == 200
+    frame = prompt_frame(tokenizer, "plain")
+    ids, cut = encode_prompt(tokenizer, r["instruction"], r["input"], 200, frame)
+    assert cut == ARTICLE_CUT and len(ids) <= 200
     text = tokenizer.decode(ids, skip_special_tokens=True)
-    _, tail = split_input(r["input"])
+    article, tail = split_input(r["input"])
     assert text.endswith(tail + "\n\n答案：")
     assert text.startswith(INSTRUCTION)
+    kept = len(text) - len(f"{INSTRUCTION}\n\n{tail}\n\n答案：")
+    longer = encode_prompt(tokenizer, r["instruction"], article[: kept + 1] + tail, 10**6, frame).ids
+    assert len(longer) > 200, "the cut kept less of the article than fits"
 
 
 def test_short_prompt_is_not_cut(tokenizer):
     r = record("短文。")
-    ids, cut = encode_prompt(tokenizer, r["instruction"], r["input"], 512 - ANSWER_SUFFIX_TOKENS)
-    assert not cut
+    ids, cut = encode_prompt(tokenizer, r["instruction"], r["input"], 512 - ANSWER_SUFFIX_TOKENS,
+                             prompt_frame(tokenizer, "plain"))
+    assert cut is None
     assert tokenizer.decode(ids, skip_special_tokens=True) == f"{INSTRUCTION}\n\n{r['input']}\n\n答案："
 
 

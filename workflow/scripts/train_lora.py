@@ -36,7 +36,7 @@ from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, Traine
 from mcqa.modeling import (DTYPES, PACKED_ATTENTION, attention_implementation, compile_decoder_layers, load_model,
                             load_tokenizer, pad_right, resolve_precision, without_attention_mask)
 from mcqa.progress import format_duration
-from mcqa.prompt import PLAIN, PROMPT_FORMATS, PromptFrame, answer_token_ids, encode_training_example, prompt_frame
+from mcqa.prompt import PROMPT_FORMATS, PromptFrame, describe_cuts, encode_training_example, prompt_frame
 from mcqa.records import read_records
 from mcqa.scoring import score_rotations
 
@@ -50,17 +50,17 @@ def report(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def tokenize(records: list[dict], tokenizer, max_seq_length: int, frame: PromptFrame = PLAIN) -> tuple[list[dict], int]:
-    """Training features and how many examples lost part of their article."""
-    answers = answer_token_ids(tokenizer)
-    features, truncated = [], 0
+def tokenize(records: list[dict], tokenizer, max_seq_length: int,
+             frame: PromptFrame | None = None) -> tuple[list[dict], list[str | None]]:
+    """Training features (plain format unless `frame` says otherwise) and what each example's prompt lost to fit."""
+    frame = frame or prompt_frame(tokenizer, "plain")
+    features, cuts = [], []
     for r in records:
-        ids, labels, cut = encode_training_example(
-            tokenizer, r["instruction"], r["input"], r["label"], max_seq_length, answers, frame
-        )
-        truncated += cut
+        ids, labels, cut = encode_training_example(tokenizer, r["instruction"], r["input"], r["label"], max_seq_length,
+                                                   frame)
+        cuts.append(cut)
         features.append({"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)})
-    return features, truncated
+    return features, cuts
 
 
 def micro_batches(lengths: list[int], max_examples: int, max_tokens: int, seed: int, packed: bool = False,
@@ -508,26 +508,27 @@ def main(argv: list[str] | None = None) -> int:
     # The resolved run in full, first, so a log says exactly what was trained (as torchtune recipes do).
     report("run " + json.dumps({"settings": s, "base_model": args.base_model, "revision": args.revision,
                                 "prompt_format": args.prompt_format, "precision": precision}, sort_keys=True))
-    tokenizer = load_tokenizer(args.base_model, args.trust_remote_code, args.revision)
-    train_records = read_records(args.train, "labelled")
-    val_records = read_records(args.val, "labelled") if args.val else []
-    try:
+    try:  # a tokenizer that cannot load, has no chat template or no one-token digits: say so, no traceback
+        tokenizer = load_tokenizer(args.base_model, args.trust_remote_code, args.revision)
         frame = prompt_frame(tokenizer, args.prompt_format)
     except ValueError as exc:
         print(f"ERROR {exc}", file=sys.stderr)
         return 2
-    train_features, train_cut = tokenize(train_records, tokenizer, s["max_seq_length"], frame)
-    val_features, val_cut = tokenize(val_records, tokenizer, s["max_seq_length"], frame)
+    train_records = read_records(args.train, "labelled")
+    val_records = read_records(args.val, "labelled") if args.val else []
+    train_features, train_cuts = tokenize(train_records, tokenizer, s["max_seq_length"], frame)
+    val_features, val_cuts = tokenize(val_records, tokenizer, s["max_seq_length"], frame)
     if not train_features:
         print(f"ERROR {args.train} has no records to train on", file=sys.stderr)
         return 2
     lengths = [len(f["input_ids"]) for f in train_features]
     batches = micro_batches(lengths, s["micro_batch_size"], s["micro_batch_tokens"], s["seed"], s["packing"])
     train_dataset = MicroBatchDataset(train_features, batches)
+    for path, cuts in ((args.train, train_cuts), (args.val, val_cuts)):
+        report(f"{path}: " + describe_cuts(cuts, [f"record {n}" for n in range(len(cuts))], s["max_seq_length"]))
     report(
         f"train {len(train_features)} examples ({sum(lengths):,} tokens, longest {max(lengths)}), "
-        f"val {len(val_features)}; article cut to fit max_seq_length {s['max_seq_length']}: "
-        f"{train_cut} train, {val_cut} val examples; precision {precision}, base loaded as {s['load_in']}; "
+        f"val {len(val_features)}; precision {precision}, base loaded as {s['load_in']}; "
         f"{len(batches)} {'packed' if s['packing'] else 'padded'} micro-batches of "
         f"{len(train_features) / len(batches):.1f} examples on average"
     )

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+from pathlib import Path
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 
+from .bases import install_hint, missing_packages, tokenizer_packages
 from .prompt import answer_token_ids
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -44,12 +47,24 @@ def quantization_config(load_in: str, compute_dtype: torch.dtype):
     )
 
 
+class TokenizerError(ValueError):
+    """A base model's tokenizer cannot be used; the message says what to do."""
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | None = None):
     """The tokenizer, with right padding and a pad token, checked to have one-token answers.
 
     `revision` pins a hub commit, branch or tag (ignored for local folders).
     """
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
+    except (ValueError, ImportError, OSError) as exc:
+        # transformers' own message for a SentencePiece model without sentencepiece asks for tiktoken,
+        # which does not help; say what does.
+        needed = tokenizer_packages(path) if Path(path).is_dir() else ["sentencepiece", "protobuf"]
+        if (missing := missing_packages(needed)) and re.search(r"sentencepiece|tiktoken|protobuf", str(exc), re.I):
+            raise TokenizerError(install_hint(path, missing)) from exc
+        raise
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     tokenizer.padding_side = "right"

@@ -1,14 +1,22 @@
 """The one place that defines what the model sees and what it must answer.
 
 Data preparation builds the JSON `input` with `build_input`; training and
-answering both turn a record into token ids with `encode_prompt`, so the text
-the model is trained on up to the answer is, token for token, the text it is
-asked about later.
+answering both turn a record into token ids with `encode_prompt` under the
+same `PromptFrame`, so the text the model is trained on up to the answer is,
+token for token, the text it is asked about later.
+
+A prompt is always the one-pass encoding of its whole text, as the tokenizer
+encodes that string when given it at once (the recipe tokenized its prompt in
+one pass). Encoding pieces separately and joining the ids would not be:
+SentencePiece puts a "▁" before every piece, and byte-level BPE merges
+differently at the seams. A prompt that is too long loses the end of its
+article, cut by characters, and is encoded again in one pass.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from datetime import datetime
+from typing import Iterable, NamedTuple, Sequence
 
 INSTRUCTION = (
     "請閱讀以下文章，並根據文章內容回答問題。"
@@ -18,10 +26,19 @@ ARTICLE_MARKER = "文章："
 QUESTION_MARKER = "\n\n問題："
 OPTIONS_MARKER = "\n選項："
 ANSWER_CUE = "\n\n答案："
-CHAT_ANSWER_CUE = "答案："  # opens the assistant turn of a chat prompt
+CHAT_ANSWER_CUE = "答案："  # opens the assistant's content in a chat prompt
 ANSWERS = ("1", "2", "3", "4")
-# Tokens appended after the prompt in training: the answer digit and EOS.
+# Tokens appended after the prompt in training: the answer digit and the end token.
 ANSWER_SUFFIX_TOKENS = 2
+PROMPT_FORMATS = ("plain", "chat")
+# What a prompt lost to fit its token budget (Prompt.cut).
+ARTICLE_CUT, QUESTION_CUT = "article", "question"
+
+# Chat templates that print today's date (Llama-3.1 and later call strftime_now or read
+# date_string) get this fixed day, so a prompt is a function of the tokenizer alone and the
+# same on the day of answering as on the day of training.
+FIXED_DATE = datetime(2024, 7, 26)
+FIXED_CLOCK = {"date_string": FIXED_DATE.strftime("%d %b %Y"), "strftime_now": FIXED_DATE.strftime}
 
 
 def numbered_options(options: Sequence[str]) -> str:
@@ -61,7 +78,7 @@ def split_input(text: str) -> tuple[str, str]:
 
 
 def prompt_text(instruction: str, text: str) -> str:
-    """The full prompt as a string (for people reading logs; the model gets `encode_prompt`)."""
+    """The plain prompt as a string, as the recipe wrote it (the model gets `encode_prompt`)."""
     return f"{instruction}\n\n{text}{ANSWER_CUE}"
 
 
@@ -69,84 +86,162 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def answer_token_ids(tokenizer) -> list[int]:
-    """Token id of each answer digit as it follows the answer cue.
+def _name(tokenizer) -> str:
+    return repr(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
+
+
+def answer_token_ids(tokenizer, cue: str = ANSWER_CUE) -> tuple[int, ...]:
+    """Token id of each answer digit as it follows `cue` (the end of the prompt).
 
     Fails with a clear message when a digit is not a single token after the
     cue, because then neither training nor scoring could use one position.
     """
-    cue = _encode(tokenizer, ANSWER_CUE)
+    context = _encode(tokenizer, cue)
     ids = []
     for digit in ANSWERS:
-        full = _encode(tokenizer, ANSWER_CUE + digit)
-        if len(full) != len(cue) + 1 or full[: len(cue)] != cue:
+        full = _encode(tokenizer, cue + digit)
+        if len(full) != len(context) + 1 or full[: len(context)] != context:
             raise ValueError(
-                f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} does not encode the answer "
-                f"{digit!r} as one token after {ANSWER_CUE!r} (got {full} after {cue}); "
-                "use a base model whose tokenizer splits digits into single tokens (Llama, Mistral, Qwen do)"
+                f"tokenizer {_name(tokenizer)} does not encode the answer {digit!r} as one token after "
+                f"{cue[-12:]!r} (got {full[-4:]} after {context[-3:]}); use a base model whose tokenizer splits "
+                "digits into single tokens (Llama, Mistral, Qwen do)"
             )
         ids.append(full[-1])
     if len(set(ids)) != len(ids):
         raise ValueError(f"answer tokens are not distinct: {ids}")
-    return ids
+    return tuple(ids)
 
 
 class PromptFrame(NamedTuple):
-    """What surrounds instruction and input: text before them, text after the options up to the
-    answer digit, and whether the tokenizer's BOS token goes first."""
+    """How a record becomes token ids for one tokenizer and prompt format.
+
+    The prompt is `bos_ids` and then the one-pass encoding of `before` +
+    instruction + blank line + input + `after` (`after` ends with the answer
+    cue); the user's part is stripped when the chat template strips it. A
+    training example adds the answer digit's token (`answer_ids`) and `end_id`:
+    EOS in plain format, in chat format the token that the template closes
+    the assistant's turn with.
+    """
 
     before: str
     after: str
-    bos: bool
+    bos_ids: tuple[int, ...]
+    end_id: int
+    answer_ids: tuple[int, ...]
+    strip_user: bool = False
 
-
-PLAIN = PromptFrame("", ANSWER_CUE, True)
-PROMPT_FORMATS = ("plain", "chat")
+    def text(self, instruction: str, text: str) -> str:
+        """The prompt's text after `bos_ids`, encoded in one pass."""
+        user = f"{instruction}\n\n{text}"
+        return f"{self.before}{user.strip() if self.strip_user else user}{self.after}"
 
 
 def prompt_frame(tokenizer, prompt_format: str) -> PromptFrame:
-    """The frame of a prompt format: `plain` as the recipe, or `chat`: the tokenizer's own chat template,
-    instruction and input as the user turn, the answer cue opening the assistant turn."""
+    """The frame of a prompt format for a tokenizer: `plain` as the recipe (BOS, the prompt, 答案：), or
+    `chat`: the conversation [user: instruction and input, assistant: 答案：N] exactly as the tokenizer's
+    chat template renders it."""
     if prompt_format == "plain":
-        return PLAIN
+        bos = (tokenizer.bos_token_id,) if tokenizer.bos_token_id is not None else ()
+        return PromptFrame("", ANSWER_CUE, bos, tokenizer.eos_token_id, answer_token_ids(tokenizer))
+    if prompt_format != "chat":
+        raise ValueError(f"prompt_format {prompt_format!r} is not one of {PROMPT_FORMATS}")
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(
-            f"prompt_format: chat, but the tokenizer of {getattr(tokenizer, 'name_or_path', '')!r} has no chat "
-            "template; use prompt_format: plain, or an instruction-tuned base that ships one"
+            f"prompt_format: chat, but the tokenizer of {_name(tokenizer)} has no chat template; use "
+            "prompt_format: plain, or an instruction-tuned base that ships one"
         )
-    marker = "\x00USER_TURN\x00"
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False,
-                                             add_generation_prompt=True)
-    before, after = rendered.split(marker)
-    return PromptFrame(before, after + CHAT_ANSWER_CUE, False)  # a template writes its own BOS
+    # Sentinels as the two turns' contents: what the template writes around them is the frame.
+    user, assistant = "\x00USER\x00", "\x00ASSISTANT\x00"
+
+    def render(user_content: str) -> str:
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": user_content}, {"role": "assistant", "content": assistant}],
+            tokenize=False, **FIXED_CLOCK)
+
+    rendered = render(user)
+    if rendered.count(user) != 1 or rendered.count(assistant) != 1:
+        raise ValueError(f"the chat template of {_name(tokenizer)} does not write a user and an assistant turn "
+                         "around their contents; use prompt_format: plain")
+    before, rest = rendered.split(user)
+    opening, closing = rest.split(assistant)
+    after = opening + CHAT_ANSWER_CUE
+    return PromptFrame(before, after, (), end_of_turn(tokenizer, closing), answer_token_ids(tokenizer, after),
+                       strip_user=f" {user} " not in render(f" {user} "))
 
 
-def encode_prompt(tokenizer, instruction: str, text: str, max_tokens: int,
-                  frame: PromptFrame = PLAIN) -> tuple[list[int], bool]:
-    """Token ids of the prompt, at most `max_tokens` long, and whether the article was cut.
+def end_of_turn(tokenizer, closing: str) -> int:
+    """The special token that a chat template writes first after the assistant's content (e.g. <|eot_id|>,
+    <|im_end|>), or EOS when it writes none there."""
+    closing = closing.lstrip()
+    specials = sorted(tokenizer.get_added_vocab().items(), key=lambda item: -len(item[0]))
+    return next((i for token, i in specials if closing.startswith(token)), tokenizer.eos_token_id)
 
-    Only the article is cut (from its end); instruction, question, options
-    and answer cue are kept whole. If even those do not fit, the
-    oldest tokens of the question part go, which the caller counts as a cut.
+
+class Prompt(NamedTuple):
+    """A prompt's token ids, and what was cut to fit its budget: None, ARTICLE_CUT or QUESTION_CUT
+    (not even the question and options fit, so the prompt lost its first tokens)."""
+
+    ids: list[int]
+    cut: str | None
+
+
+def encode_prompt(tokenizer, instruction: str, text: str, max_tokens: int, frame: PromptFrame) -> Prompt:
+    """The prompt of a record, at most `max_tokens` tokens: the one-pass encoding of its text.
+
+    Only the article is cut, from its end, by whole characters (never inside
+    one), as much as is needed: the longest article that fits is found by
+    bisection and the cut text is encoded again, so the ids are exactly the
+    one-pass encoding of the cut text. Instruction, question, options and
+    answer cue stay whole; when even they do not fit, the prompt keeps its
+    last `max_tokens` tokens and says so (QUESTION_CUT).
     """
-    article_part, question_part = split_input(text)
-    head = _encode(tokenizer, f"{frame.before}{instruction}\n\n")
-    article = _encode(tokenizer, article_part)
-    tail = _encode(tokenizer, f"{question_part}{frame.after}")
-    bos = [tokenizer.bos_token_id] if frame.bos and tokenizer.bos_token_id is not None else []
-    budget = max_tokens - len(bos) - len(head) - len(tail)
-    if len(article) <= budget:
-        return bos + head + article + tail, False
-    if budget >= 0:
-        return bos + head + article[:budget] + tail, True
-    return (bos + head + tail)[-max_tokens:], True
+    article, rest = split_input(text)
+    marker = ARTICLE_MARKER if article.startswith(ARTICLE_MARKER) else ""
+    body = article[len(marker):]
+
+    def encode(chars: int) -> list[int]:
+        return [*frame.bos_ids, *_encode(tokenizer, frame.text(instruction, f"{marker}{body[:chars]}{rest}"))]
+
+    ids = encode(len(body))
+    if len(ids) <= max_tokens:
+        return Prompt(ids, None)
+    best = encode(0)
+    if len(best) > max_tokens:
+        return Prompt(best[-max_tokens:], QUESTION_CUT)
+    fits, too_long = 0, len(body)
+    while too_long - fits > 1:
+        middle = (fits + too_long) // 2
+        candidate = encode(middle)
+        if len(candidate) <= max_tokens:
+            fits, best = middle, candidate
+        else:
+            too_long = middle
+    return Prompt(best, ARTICLE_CUT)
 
 
-def encode_training_example(
-    tokenizer, instruction: str, text: str, answer: int, max_seq_length: int, answer_ids: Sequence[int],
-    frame: PromptFrame = PLAIN,
-) -> tuple[list[int], list[int], bool]:
-    """(input_ids, labels, truncated) for one labelled record; the loss sees only answer and EOS."""
-    prompt, truncated = encode_prompt(tokenizer, instruction, text, max_seq_length - ANSWER_SUFFIX_TOKENS, frame)
-    target = [answer_ids[answer - 1], tokenizer.eos_token_id]
-    return prompt + target, [-100] * len(prompt) + target, truncated
+def encode_training_example(tokenizer, instruction: str, text: str, answer: int, max_seq_length: int,
+                            frame: PromptFrame) -> tuple[list[int], list[int], str | None]:
+    """(input_ids, labels, cut) for one labelled record; the loss sees only the answer digit and the end token."""
+    prompt = encode_prompt(tokenizer, instruction, text, max_seq_length - ANSWER_SUFFIX_TOKENS, frame)
+    target = [frame.answer_ids[answer - 1], frame.end_id]
+    return prompt.ids + target, [-100] * len(prompt.ids) + target, prompt.cut
+
+
+def worst_cut(cuts: Iterable[str | None]) -> str | None:
+    """The most that any of a record's prompts (its option orders) lost: QUESTION_CUT, ARTICLE_CUT or None."""
+    cuts = set(cuts)
+    return QUESTION_CUT if QUESTION_CUT in cuts else ARTICLE_CUT if ARTICLE_CUT in cuts else None
+
+
+def describe_cuts(cuts: Sequence[str | None], names: Sequence[str], max_seq_length: int, shown: int = 10) -> str:
+    """A log line saying how many prompts lost part of their article, and naming every one (up to `shown`)
+    that lost part of its question or options, which only a larger max_seq_length can fix."""
+    line = (f"{sum(c is not None for c in cuts)} of {len(cuts)} questions had their article cut to fit "
+            f"max_seq_length {max_seq_length}")
+    lost = [name for name, cut in zip(names, cuts) if cut == QUESTION_CUT]
+    if lost:
+        more = f" and {len(lost) - shown} more" if len(lost) > shown else ""
+        line += (f"\nWARNING {len(lost)} of them did not fit even without their article and lost the start of "
+                 f"the prompt (instruction, then question): {', '.join(map(str, lost[:shown]))}{more}; "
+                 "raise training.max_seq_length")
+    return line

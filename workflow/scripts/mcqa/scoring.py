@@ -5,31 +5,31 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Sequence
 
 import torch
 
 from .modeling import load_model, load_tokenizer, pad_right, resolve_precision
 from .progress import Meter
-from .prompt import PLAIN, ANSWER_SUFFIX_TOKENS, ANSWERS, PromptFrame, answer_token_ids, encode_prompt, prompt_frame, rotate_input
+from .prompt import (ANSWER_SUFFIX_TOKENS, ANSWERS, Prompt, PromptFrame, describe_cuts, encode_prompt, prompt_frame,
+                     rotate_input, worst_cut)
 
 
 ROTATIONS = {1: (0,), 2: (0, 2), 4: (0, 1, 2, 3)}  # answering.rotations -> shifts of the options
 
 
 def encode_all(tokenizer, records: list[dict], max_seq_length: int, shift: int = 0,
-               frame: PromptFrame = PLAIN) -> tuple[list[list[int]], int]:
-    """Prompt ids of every record (cut exactly as in training), its options rotated by `shift`, and how many were cut."""
-    encoded, cut = [], 0
-    for r in records:
-        text = rotate_input(r["input"], r["options"], shift) if shift else r["input"]
-        ids, truncated = encode_prompt(tokenizer, r["instruction"], text, max_seq_length - ANSWER_SUFFIX_TOKENS, frame)
-        encoded.append(ids)
-        cut += truncated
-    return encoded, cut
+               frame: PromptFrame | None = None) -> list[Prompt]:
+    """The prompt of every record (cut exactly as in training), its options rotated by `shift`
+    (plain format unless `frame` says otherwise)."""
+    frame = frame or prompt_frame(tokenizer, "plain")
+    return [encode_prompt(tokenizer, r["instruction"], rotate_input(r["input"], r["options"], shift) if shift
+                          else r["input"], max_seq_length - ANSWER_SUFFIX_TOKENS, frame) for r in records]
 
 
 @torch.inference_mode()
-def answer_log_probs(model, tokenizer, encoded: list[list[int]], batch_size: int, meter: Meter | None = None) -> torch.Tensor:
+def answer_log_probs(model, tokenizer, encoded: list[list[int]], batch_size: int, meter: Meter | None = None,
+                     answer_ids: Sequence[int] | None = None) -> torch.Tensor:
     """(N, 4) log-probabilities over the whole vocabulary of '1'..'4' after each prompt.
 
     Prompts are sorted by length and padded on the right (no attention mask
@@ -37,7 +37,7 @@ def answer_log_probs(model, tokenizer, encoded: list[list[int]], batch_size: int
     logits do not depend on its neighbours. Only the answer position goes
     through the output layer.
     """
-    answers = torch.tensor(answer_token_ids(tokenizer))
+    answers = torch.tensor(answer_ids or prompt_frame(tokenizer, "plain").answer_ids)
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     device = head.weight.device
     order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
@@ -87,7 +87,7 @@ def shared_prefix(prompts: list[list[int]]) -> int:
 
 @torch.inference_mode()
 def rotation_log_probs(model, tokenizer, prompts: dict[int, list[list[int]]], batch_size: int,
-                       meter: Meter | None = None) -> dict[int, torch.Tensor]:
+                       meter: Meter | None = None, answer_ids: Sequence[int] | None = None) -> dict[int, torch.Tensor]:
     """For each shift, the (N, 4) log-probabilities that answer_log_probs gives its prompts, with the part
     of a question's prompts that every order shares (instruction, article, question) run once.
 
@@ -99,7 +99,7 @@ def rotation_log_probs(model, tokenizer, prompts: dict[int, list[list[int]]], ba
     from transformers import DynamicCache
 
     shifts = list(prompts)
-    answers = torch.tensor(answer_token_ids(tokenizer))
+    answers = torch.tensor(answer_ids or prompt_frame(tokenizer, "plain").answer_ids)
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     device = head.weight.device
     first = prompts[shifts[0]]
@@ -130,14 +130,17 @@ def rotation_log_probs(model, tokenizer, prompts: dict[int, list[list[int]]], ba
 
 
 def score_rotations(model, tokenizer, records: list[dict], max_seq_length: int, batch_size: int, rotations: int,
-                    meter: Meter | None = None, frame: PromptFrame = PLAIN) -> tuple[torch.Tensor, int]:
-    """(N, 4) log-probabilities of the records' options, combined over `rotations` orders, and how many were cut."""
-    prompts, cut = {}, 0
-    for shift in ROTATIONS[rotations]:
-        prompts[shift], cut = encode_all(tokenizer, records, max_seq_length, shift, frame)
+                    meter: Meter | None = None, frame: PromptFrame | None = None) -> tuple[torch.Tensor, list[str | None]]:
+    """(N, 4) log-probabilities of the records' options, combined over `rotations` orders, and what each
+    record's prompts lost to fit (the most in any order, see worst_cut)."""
+    frame = frame or prompt_frame(tokenizer, "plain")
+    prompts = {shift: encode_all(tokenizer, records, max_seq_length, shift, frame) for shift in ROTATIONS[rotations]}
+    ids = {shift: [p.ids for p in encoded] for shift, encoded in prompts.items()}
     if rotations == 1:
-        return combine_rotations({0: answer_log_probs(model, tokenizer, prompts[0], batch_size, meter)}), cut
-    return combine_rotations(rotation_log_probs(model, tokenizer, prompts, batch_size, meter)), cut
+        scores = {0: answer_log_probs(model, tokenizer, ids[0], batch_size, meter, frame.answer_ids)}
+    else:
+        scores = rotation_log_probs(model, tokenizer, ids, batch_size, meter, frame.answer_ids)
+    return combine_rotations(scores), [worst_cut(p.cut for p in orders) for orders in zip(*prompts.values())]
 
 
 def score_records(model_path: str, records: list[dict], max_seq_length: int, settings: dict,
@@ -155,7 +158,8 @@ def score_records(model_path: str, records: list[dict], max_seq_length: int, set
           f"precision {precision}, "
           f"loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     meter = Meter(len(records) * settings["rotations"], "prompts")
-    log_probs, cut = score_rotations(model, tokenizer, records, max_seq_length, settings["batch_size"],
-                                     settings["rotations"], meter, prompt_frame(tokenizer, settings["prompt_format"]))
-    print(f"{cut} questions had their article cut to fit {max_seq_length} tokens", file=sys.stderr, flush=True)
+    log_probs, cuts = score_rotations(model, tokenizer, records, max_seq_length, settings["batch_size"],
+                                      settings["rotations"], meter, prompt_frame(tokenizer, settings["prompt_format"]))
+    print(describe_cuts(cuts, [r.get("id", f"record {n}") for n, r in enumerate(records)], max_seq_length),
+          file=sys.stderr, flush=True)
     return log_probs, meter
