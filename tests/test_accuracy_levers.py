@@ -168,6 +168,7 @@ def test_lora_variants_and_revision_reach_training(tmp_path):
     base = tmp_path / "base"
     base.mkdir()
     (base / "config.json").write_text("{}")
+    (base / "tokenizer.json").write_text("{}")
     workdir = sample_workdir(tmp_path / "work", base_model=str(base), base_model_revision="v1.0",
                              runs={"dora": {"use_dora": True, "use_rslora": True}})
     output = snakemake(workdir, "-n", "-p").stdout

@@ -120,8 +120,10 @@ def test_fractional_integer_settings_are_refused_at_config_time(tmp_path, overri
 
 
 def fake_checkpoint(folder):
+    """A folder that passes the config check: a model config and a tokenizer file (contents unread)."""
     folder.mkdir(parents=True)
     (folder / "config.json").write_text('{"model_type": "llama"}')
+    (folder / "tokenizer.json").write_text("{}")
     return folder
 
 
@@ -144,6 +146,8 @@ def test_real_model_config_gets_recipe_sized_defaults_and_only_its_runs(tmp_path
 @pytest.mark.parametrize("make, needle", [
     (lambda tmp: tmp / "no such model", "does not exist"),
     (lambda tmp: (tmp / "empty model").mkdir() or tmp / "empty model", "holds no config.json"),
+    (lambda tmp: (fake_checkpoint(tmp / "weights only") / "tokenizer.json").unlink() or tmp / "weights only",
+     "holds no tokenizer"),
 ])
 def test_base_model_folder_without_a_model_fails_before_any_job(tmp_path, make, needle):
     base = make(tmp_path)

@@ -9,7 +9,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REAL_TOKENIZERS, SAMPLE, SCRIPTS, SHARED_DATA, SHARED_TOKENIZERS, run_script, sample_workdir, snakemake
+import yaml
+from conftest import REAL_TOKENIZERS, REPO, SAMPLE, SCRIPTS, SHARED_DATA, SHARED_TOKENIZERS, run_script, sample_workdir, snakemake
 
 from mcqa.modeling import load_tokenizer
 from mcqa.prompt import (ANSWER_SUFFIX_TOKENS, ANSWERS, ARTICLE_CUT, ARTICLE_MARKER, FIXED_CLOCK, INSTRUCTION,
@@ -287,3 +288,24 @@ def test_adapter_and_merged_tokenizers_prompt_as_the_base_does(real_run, real_ba
         tokenizer = load_tokenizer(str(folder))
         prompts[folder] = [p.ids for p in encode_all(tokenizer, records, 512, 1, prompt_frame(tokenizer, REAL_RUNS[name]))]
     assert len(set(map(str, prompts.values()))) == 1
+
+
+# Each example config in resources/configs/ and the real tokenizer of the base it names.
+EXAMPLE_CONFIGS = {"chinese-llama-2.yaml": "chinese-llama-2", "llama-3-instruct.yaml": "llama-3",
+                   "qwen2.5-instruct.yaml": "qwen2.5-instruct"}
+
+
+def test_every_example_config_is_checked():
+    assert sorted(p.name for p in (REPO / "resources/configs").glob("*.yaml")) == sorted(EXAMPLE_CONFIGS)
+
+
+@pytest.mark.parametrize("config_name, name", EXAMPLE_CONFIGS.items())
+def test_example_config_plans_the_workflow_for_its_base(real_base, tmp_path, config_name, name):
+    """`snakemake -n --configfile resources/configs/X.yaml`, its base_model replaced by a tiny base of the
+    same tokenizer and its data by the sample: the config validates and every run is planned."""
+    example = yaml.safe_load((REPO / "resources/configs" / config_name).read_text())
+    workdir = sample_workdir(tmp_path, base_model=str(real_base(name)))
+    result = snakemake(workdir, "-n", "-p", configfiles=(str(REPO / "resources/configs" / config_name), "config.yaml"))
+    trainings = [line for line in result.stdout.splitlines() if "train_lora.py --train" in line]
+    assert len(trainings) == len(example["runs"])
+    assert all(f"--prompt-format {example['prompt_format']}" in line for line in trainings)

@@ -524,6 +524,9 @@ def main(argv: list[str] | None = None) -> int:
     lengths = [len(f["input_ids"]) for f in train_features]
     batches = micro_batches(lengths, s["micro_batch_size"], s["micro_batch_tokens"], s["seed"], s["packing"])
     train_dataset = MicroBatchDataset(train_features, batches)
+    # What the model is trained on, special tokens shown, so a user can check a new base's prompt at a glance.
+    report("first training example, decoded: "
+           + json.dumps(tokenizer.decode(train_features[0]["input_ids"]), ensure_ascii=False))
     for path, cuts in ((args.train, train_cuts), (args.val, val_cuts)):
         report(f"{path}: " + describe_cuts(cuts, [f"record {n}" for n in range(len(cuts))], s["max_seq_length"]))
     report(
