@@ -245,13 +245,93 @@ def test_val_fraction_that_empties_one_side_is_refused(tmp_path, fraction, needl
     assert_clean_failure(result, out, str(table), f"data.val_fraction {fraction}", needle)
 
 
-def test_questions_on_another_sheet_name_the_sheets(tmp_path):
+def test_questions_on_another_sheet_are_read_and_the_sheet_without_them_reported(tmp_path):
     table = tmp_path / "t.xlsx"
     with pd.ExcelWriter(table) as writer:
         pd.DataFrame({"說明": ["這是說明"]}).to_excel(writer, sheet_name="說明", index=False)
         pd.DataFrame(good_train_rows()).to_excel(writer, sheet_name="題目", index=False)
+    result, out = prepare_train(tmp_path, table, "--val-fraction", "0")
+    assert result.returncode == 0, result.stderr
+    assert "sheets without the question columns, not read: '說明'" in result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert (report["sheets_read"], report["sheets_left_out"], report["rows_kept"]) == (["題目"], ["說明"], 6)
+
+
+def test_workbook_without_the_question_columns_names_its_sheets(tmp_path):
+    table = tmp_path / "t.xlsx"
+    with pd.ExcelWriter(table) as writer:
+        pd.DataFrame({"說明": ["這是說明"]}).to_excel(writer, sheet_name="說明", index=False)
+        pd.DataFrame({"備註": ["無"]}).to_excel(writer, sheet_name="備註", index=False)
     result, out = prepare_train(tmp_path, table)
-    assert_clean_failure(result, out, "the sheets '說明', '題目'", "Sheet '題目' has the columns")
+    assert_clean_failure(result, out, "missing column(s) 文章", "the sheets '說明', '備註'; none has these columns")
+
+
+def test_test_questions_on_every_sheet_are_all_answered(tmp_path):
+    """A test workbook with its questions on two sheets: every id of both, in workbook order, and the
+    sheets named in the report (a submission that drops a sheet's ids scores them all wrong)."""
+    rows = [{**r, "題號": 1000 + n} for n, r in enumerate(good_test_rows(50))]
+    table = tmp_path / "t.xlsx"
+    with pd.ExcelWriter(table) as writer:
+        pd.DataFrame(rows[:25]).to_excel(writer, sheet_name="第一部分", index=False)
+        pd.DataFrame(rows[25:]).to_excel(writer, sheet_name="第二部分", index=False)
+    result, out = prepare_test(tmp_path, table)
+    assert result.returncode == 0, result.stderr
+    assert [r["id"] for r in json.loads((out / "test.json").read_text())] == [str(1000 + n) for n in range(50)]
+    report = json.loads((out / "report.json").read_text())
+    assert report["sheets_read"] == ["第一部分", "第二部分"] and report["rows_kept"] == 50
+    rows[30]["題號"] = 1003  # the same id on both sheets: named with its sheet
+    with pd.ExcelWriter(table) as writer:
+        pd.DataFrame(rows[:25]).to_excel(writer, sheet_name="第一部分", index=False)
+        pd.DataFrame(rows[25:]).to_excel(writer, sheet_name="第二部分", index=False)
+    result, out = prepare_test(tmp_path / "again", table)
+    assert_clean_failure(result, out, "sheet '第二部分' row 7 (ID 1003), column 題號: duplicate id, first used in "
+                                      "sheet '第一部分' row 5")
+
+
+def test_merged_article_cells_give_every_question_its_article(tmp_path):
+    """Exam sheets merge an article's cell over its questions' rows: each question gets the article."""
+    import openpyxl
+
+    rows = good_test_rows(4)
+    for r in rows[1:]:
+        r["文章"] = None
+    table = write_xlsx(tmp_path / "t.xlsx", rows)
+    workbook = openpyxl.load_workbook(table)
+    workbook.active.merge_cells("B2:B5")  # 文章 of the four questions
+    workbook.save(table)
+    result, out = prepare_test(tmp_path, table)
+    assert result.returncode == 0, result.stderr
+    articles = [split_input(r["input"])[0] for r in json.loads((out / "test.json").read_text())]
+    assert articles == ["文章：文章內容0"] * 4
+    report = json.loads((out / "report.json").read_text())
+    assert report["fixed"] == {"merged_cells_filled": 1}
+    assert report["fixed_where"]["merged_cells_filled"] == ["row 2-5 column 文章"]
+
+
+def test_cell_text_that_looks_like_a_missing_value_stays_text(tmp_path):
+    words = ["None", "NA", "N/A", "NULL", "nan", "#N/A"]
+    rows = good_train_rows(len(words))
+    for r, word in zip(rows, words):
+        r["選項4"] = word
+    out, report = prepared_train(tmp_path, write_xlsx(tmp_path / "t.xlsx", rows), "--val-fraction", "0")
+    assert [r["options"][3] for r in json.loads((out / "train.json").read_text())] == words
+    assert report["fixed"] == {}
+
+
+def test_ids_shown_with_leading_zeros_keep_them(tmp_path):
+    """An id stored as 123 and shown as 00123 (number format 00000) is 00123 in the submission."""
+    import openpyxl
+
+    table = write_xlsx(tmp_path / "t.xlsx", good_test_rows(3))
+    workbook = openpyxl.load_workbook(table)
+    for row in (2, 3):
+        workbook.active.cell(row, 1).number_format = "00000"
+    workbook.save(table)
+    result, out = prepare_test(tmp_path, table)
+    assert result.returncode == 0, result.stderr
+    assert [r["id"] for r in json.loads((out / "test.json").read_text())] == ["00100", "00101", "102"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["fixed_where"]["number_shown_with_zeros"] == ["row 2 column 題號", "row 3 column 題號"]
 
 
 def test_formula_without_a_saved_value_is_reported_as_such(tmp_path):

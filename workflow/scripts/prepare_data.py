@@ -23,6 +23,14 @@ from mcqa.records import write_json_atomic
 from mcqa.spreadsheet import InputError, ReadResult, Row, duplicate_rows, read_questions
 
 
+def sheets_note(result: ReadResult) -> str:
+    """For the log: the sheets read, when a workbook has several, and those left out (no question columns)."""
+    note = f"; sheets read: {', '.join(map(repr, result.sheets_read))}" if len(result.sheets_read) > 1 else ""
+    if result.sheets_left_out:
+        note += f"; sheets without the question columns, not read: {', '.join(map(repr, result.sheets_left_out))}"
+    return note
+
+
 def length_stats(values: list[int]) -> dict:
     if not values:
         return {"count": 0}
@@ -42,16 +50,18 @@ def check(result: ReadResult, path: str, on_invalid: str) -> list[dict]:
         return []
     lines = "\n".join("  " + p.describe() for p in result.problems)
     if on_invalid == "error":
-        rows = len({p.row for p in result.problems})
+        rows = len({(p.sheet, p.row) for p in result.problems})
         raise InputError(
             f"{path}: {rows} invalid row(s):\n{lines}\n"
             "Fix these cells in the file, or set data.on_invalid: skip in config.yaml to leave the rows out "
             "(they are then listed under 'skipped' in results/data/report.json)."
         )
-    print(f"WARNING {path}: skipping {len({p.row for p in result.problems})} invalid row(s):\n{lines}", file=sys.stderr)
-    skipped: dict[int, dict] = {}
+    print(f"WARNING {path}: skipping {len({(p.sheet, p.row) for p in result.problems})} invalid row(s):\n{lines}",
+          file=sys.stderr)
+    skipped: dict[tuple, dict] = {}
     for p in result.problems:
-        entry = skipped.setdefault(p.row, {"row": p.row, "id": p.row_id, "reasons": []})
+        entry = skipped.setdefault((p.sheet, p.row), {"row": p.row, **({"sheet": p.sheet} if p.sheet else {}),
+                                                      "id": p.row_id, "reasons": []})
         entry["reasons"].append(f"{p.column}: {p.message}")
     return list(skipped.values())
 
@@ -59,6 +69,8 @@ def check(result: ReadResult, path: str, on_invalid: str) -> list[dict]:
 def base_report(result: ReadResult, path: str, skipped: list[dict]) -> dict:
     return {
         "file": path,
+        "sheets_read": result.sheets_read,
+        "sheets_left_out": result.sheets_left_out,
         "rows_read": result.rows_read,
         "rows_kept": len(result.rows),
         "fixed": result.fixes,
@@ -141,7 +153,7 @@ def prepare_train(args: argparse.Namespace) -> None:
     write_json_atomic(args.report_out, report)
     print(
         f"{args.input}: read {result.rows_read}, kept {len(result.rows)}, fixed {sum(result.fixes.values())} "
-        f"{result.fixes}, skipped {len(skipped)}; train {len(train)}, val {len(val)}",
+        f"{result.fixes}, skipped {len(skipped)}; train {len(train)}, val {len(val)}{sheets_note(result)}",
         file=sys.stderr,
     )
 
@@ -160,7 +172,8 @@ def prepare_test(args: argparse.Namespace) -> None:
     write_json_atomic(args.out, records)
     write_json_atomic(args.report_out, base_report(result, args.input, skipped))
     print(
-        f"{args.input}: read {result.rows_read}, kept {len(records)}, fixed {result.fixes}, skipped {len(skipped)}",
+        f"{args.input}: read {result.rows_read}, kept {len(records)}, fixed {result.fixes}, skipped {len(skipped)}"
+        f"{sheets_note(result)}",
         file=sys.stderr,
     )
 

@@ -12,23 +12,26 @@ import sys
 from pathlib import Path
 
 from mcqa.records import write_json_atomic
+from mcqa.spreadsheet import place
 
 
 def as_html(report: dict) -> str:
     """Rows read, kept, fixed and skipped per file, each fix and skipped row listed (the report viewer shows no JSON)."""
     parts = []
     for part, r in report.items():
-        counts = {"rows read": r["rows_read"], "rows kept": r["rows_kept"], "rows skipped": r["rows_skipped"],
+        counts = {"sheets read": ", ".join(r["sheets_read"]) or "(csv)",
+                  "sheets left out (no question columns)": ", ".join(r["sheets_left_out"]) or "none",
+                  "rows read": r["rows_read"], "rows kept": r["rows_kept"], "rows skipped": r["rows_skipped"],
                   **{f"fixed: {kind}": n for kind, n in r["fixed"].items()}}
         if "duplicates" in r:
             counts["repeated rows"] = r["duplicates"]["rows"]
         if "split" in r:
             counts.update({"train records": r["split"]["train_records"], "validation records": r["split"]["val_records"],
                            "articles on both sides": r["split"]["articles_on_both_sides"]})
-        rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{v}</td></tr>" for k, v in counts.items())
+        rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in counts.items())
         details = "".join(f"<li>{html.escape(kind)}: {html.escape(', '.join(where))}</li>"
                           for kind, where in r["fixed_where"].items())
-        details += "".join(f"<li>skipped row {s['row']} (ID {html.escape(str(s['id']))}): "
+        details += "".join(f"<li>skipped {html.escape(place(s.get('sheet'), s['row']))} (ID {html.escape(str(s['id']))}): "
                            f"{html.escape('; '.join(s['reasons']))}</li>" for s in r["skipped"])
         parts.append(f"<h2>{part}: {html.escape(r['file'])}</h2><table>{rows}</table><ul>{details}</ul>")
     return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>Data report</title><style>"

@@ -6,6 +6,7 @@ be used is described by file, column and row, so nothing is lost silently.
 
 from __future__ import annotations
 
+import datetime
 import math
 import re
 import unicodedata
@@ -31,16 +32,25 @@ class InputError(Exception):
     """Bad input that the user must fix; the message is meant for people."""
 
 
+def place(sheet: str | None, row: int) -> str:
+    """Where a row is, as a person finds it: its sheet (when a workbook has several) and its row number."""
+    return (f"sheet {sheet!r} " if sheet is not None else "") + f"row {row}"
+
+
 @dataclass
 class Problem:
     row: int  # spreadsheet row number (1 = header)
     row_id: str | None
     column: str
     message: str
+    sheet: str | None = None  # set when questions come from several sheets
+
+    @property
+    def where(self) -> str:
+        return place(self.sheet, self.row) + (f" (ID {self.row_id})" if self.row_id is not None else "")
 
     def describe(self) -> str:
-        where = f"row {self.row}" + (f" (ID {self.row_id})" if self.row_id is not None else "")
-        return f"{where}, column {self.column}: {self.message}"
+        return f"{self.where}, column {self.column}: {self.message}"
 
 
 @dataclass
@@ -51,6 +61,20 @@ class Row:
     question: str
     options: list[str]
     label: int | None
+    sheet: str | None = None
+
+    @property
+    def where(self) -> str:
+        return place(self.sheet, self.row)
+
+
+@dataclass
+class SheetRow:
+    """One data row of a spreadsheet: its cells by column name, and where it is."""
+
+    sheet: str | None
+    row: int
+    cells: dict[str, object]
 
 
 @dataclass
@@ -59,6 +83,8 @@ class ReadResult:
     problems: list[Problem] = field(default_factory=list)
     fixed_rows: dict[str, list[str]] = field(default_factory=dict)  # kind of fix -> where it was made
     rows_read: int = 0
+    sheets_read: list[str] = field(default_factory=list)
+    sheets_left_out: list[str] = field(default_factory=list)  # sheets without the required columns
 
     def fix(self, kind: str, where: str) -> None:
         self.fixed_rows.setdefault(kind, []).append(where)
@@ -82,7 +108,7 @@ def cell_text(value) -> str:
         return str(value)
     if isinstance(value, float):
         return str(int(value)) if value.is_integer() else repr(value)
-    if isinstance(value, pd.Timestamp):
+    if isinstance(value, (pd.Timestamp, datetime.datetime, datetime.date, datetime.time)):
         return value.isoformat()
     return str(value).strip()
 
@@ -122,61 +148,130 @@ class Formula:
     text: str
 
 
-def sheet_hint(path: Path, required: tuple[str, ...]) -> str:
-    """Which sheets a workbook has, and which of them holds the required columns."""
+def header_of(sheet) -> list[str]:
+    first = next(sheet.iter_rows(max_row=1, values_only=True), ())
+    return [str(c).strip() if c is not None else "" for c in first]
+
+
+def shown_number(value, number_format: str):
+    """A whole number as Excel shows it under a zero-padded format ('00000': 123 -> '00123'), else None."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer() and \
+            re.fullmatch(r"0{2,}", number_format or ""):
+        return f"{int(value):0{len(number_format)}d}"
+    return None
+
+
+def read_sheet(sheet, name: str | None, result: ReadResult) -> list[SheetRow]:
+    """The data rows of a worksheet, each cell as the sheet shows it.
+
+    A merged range (an article spanning its questions' rows, as exam sheets
+    are laid out) gives every row of the range its top-left value, and a whole
+    number under a zero-padded format keeps its zeros (an id 123 shown as
+    00123 is 00123); both are counted as fixes.
+    """
+    header = header_of(sheet)
+    grid = []
+    for cells in sheet.iter_rows():
+        values = []
+        for cell in cells:
+            shown = shown_number(cell.value, getattr(cell, "number_format", "General")) if cell.row > 1 else None
+            if shown is not None and shown != cell_text(cell.value):
+                result.fix("number_shown_with_zeros", f"{place(name, cell.row)} column {header[cell.column - 1]}")
+            values.append(cell.value if shown is None else shown)
+        grid.append(values)
+    for merged in sheet.merged_cells.ranges:
+        if merged.max_row < 2 or merged.max_row == merged.min_row:
+            continue  # a merged header, or cells merged within one row: nothing to give other rows
+        top = grid[merged.min_row - 1][merged.min_col - 1]
+        for r in range(max(merged.min_row, 2), merged.max_row + 1):
+            grid[r - 1][merged.min_col - 1: merged.max_col] = [top] * (merged.max_col - merged.min_col + 1)
+        spanned = ", ".join(header[c - 1] for c in range(merged.min_col, min(merged.max_col, len(header)) + 1))
+        result.fix("merged_cells_filled", f"{place(name, merged.min_row)}-{merged.max_row} column {spanned}")
+    columns = {column: i for i, column in enumerate(header) if column}
+    rows = []
+    for r, values in enumerate(grid[1:], start=2):
+        cells = {column: values[i] if i < len(values) else None for column, i in columns.items()}
+        if not all(is_missing(v) for v in cells.values()):
+            rows.append(SheetRow(name, r, cells))
+    return rows
+
+
+def sheet_hint(names: list[str], holding: list[str]) -> str:
+    """Which sheets a workbook has, and which of them hold the required columns."""
+    hint = f" The workbook has the sheets {', '.join(repr(n) for n in names)}"
+    return hint + (f"; {', '.join(repr(n) for n in holding)} have the columns." if holding else
+                   "; none has these columns in its first row.")
+
+
+def read_workbook(path: Path, required: tuple[str, ...], result: ReadResult) -> list[SheetRow]:
+    """The data rows of every sheet whose first row holds the required columns, in workbook order.
+
+    Sheets without them (notes, instructions) are listed in result.sheets_left_out.
+    """
     import openpyxl
 
-    workbook = openpyxl.load_workbook(path, read_only=True)
+    workbook = openpyxl.load_workbook(path, data_only=True)  # not read-only: merged ranges, number formats
     try:
         names = workbook.sheetnames
-        holding = [name for name in names[1:]
-                   if set(required) <= {str(c).strip() for c in next(workbook[name].iter_rows(max_row=1, values_only=True), ())}]
+        holding = [ws for ws in workbook.worksheets if set(required) <= set(header_of(ws))]
+        if not holding:
+            header = header_of(workbook.worksheets[0])
+            missing = [c for c in required if c not in header]
+            raise InputError(
+                f"{path}: missing column(s) {', '.join(missing)}. Found columns: {', '.join(filter(None, header))}. "
+                f"The first row must hold the column names {', '.join(required)}." + sheet_hint(names, []))
+        result.sheets_read = [ws.title for ws in holding]
+        result.sheets_left_out = [n for n in names if n not in result.sheets_read]
+        several = len(holding) > 1
+        rows = [row for ws in holding for row in read_sheet(ws, ws.title if several else None, result)]
     finally:
         workbook.close()
-    hint = f" The workbook has the sheets {', '.join(repr(n) for n in names)}; only the first is read."
-    if holding:
-        hint += f" Sheet {holding[0]!r} has the columns: move it to the front in Excel, or save it as its own file."
-    return hint
+    if not rows:
+        raise InputError(f"{path}: the sheet has no data rows under its header. Fill it or point the config at "
+                         "another file." + sheet_hint(names, result.sheets_read))
+    mark_formulas(path, rows, tuple(c for c in required if c != TEST_ID))
+    return rows
 
 
-def mark_formulas(path: Path, frame: pd.DataFrame, columns: tuple[str, ...]) -> None:
+def mark_formulas(path: Path, rows: list[SheetRow], columns: tuple[str, ...]) -> None:
     """Put a Formula in each empty cell of `columns` that holds a formula with no saved value.
 
-    pandas reads such a cell as empty; without this it would become an empty
-    option or an 'empty article' and the real cause would stay hidden. Only
-    files with empty cells pay for the second read.
+    Read for its value, such a cell is empty; without this it would become an
+    empty option or an 'empty article' and the real cause would stay hidden.
+    Only files with empty cells pay for the second read.
     """
-    empty = [(index, column) for column in columns for index in frame.index[frame[column].isna()]]
+    empty = [(row, column) for row in rows for column in columns if is_missing(row.cells[column])]
     if not empty:
         return
     import openpyxl
 
     workbook = openpyxl.load_workbook(path, read_only=True, data_only=False)
     try:
-        rows = list(workbook.worksheets[0].iter_rows(values_only=True))
+        formulas = {}
+        for sheet in workbook.worksheets:
+            header = header_of(sheet)
+            for r, values in enumerate(sheet.iter_rows(min_row=2, values_only=True), start=2):
+                for i, value in enumerate(values):
+                    if isinstance(value, str) and value.startswith("=") and i < len(header):
+                        formulas[(sheet.title, r, header[i])] = value
     finally:
         workbook.close()
-    header = [str(c).strip() for c in rows[0]]
-    for index, column in empty:
-        value = rows[int(index) + HEADER_ROWS][header.index(column)]
-        if isinstance(value, str) and value.startswith("="):
-            frame.at[index, column] = Formula(value)
+    first = workbook.sheetnames[0]
+    for row, column in empty:
+        if (text := formulas.get((row.sheet or first, row.row, column))) is not None:
+            row.cells[column] = Formula(text)
 
 
-def read_table(path: str | Path, required: tuple[str, ...]) -> pd.DataFrame:
-    """Load a spreadsheet keeping each cell's own type; fail clearly on anything else."""
+def read_table(path: str | Path, required: tuple[str, ...], result: ReadResult) -> list[SheetRow]:
+    """The data rows of a spreadsheet (xlsx: every sheet with the required columns; csv), each cell keeping
+    its own type and the text it shows ('NA', 'None' and 'N/A' stay text); fail clearly on anything else."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: file not found. Set data.train / data.test in config.yaml to an existing file.")
-    is_csv = path.suffix.lower() == ".csv"
     try:
-        if is_csv:
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
-            # CSV has no cell types: a plain digit label is what an xlsx int is.
-            if LABEL in frame.columns:
-                frame[LABEL] = frame[LABEL].map(lambda v: int(v) if isinstance(v, str) and re.fullmatch(r"[1-4]", v) else v)
-        else:
-            frame = pd.read_excel(path, dtype=object, engine="openpyxl")
+        if path.suffix.lower() != ".csv":
+            return read_workbook(path, required, result)
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
     except (zipfile.BadZipFile, ValueError, KeyError, OSError, UnicodeDecodeError, pd.errors.ParserError) as exc:
         raise InputError(
             f"{path}: could not be read as a spreadsheet ({type(exc).__name__}: {exc}). "
@@ -188,15 +283,16 @@ def read_table(path: str | Path, required: tuple[str, ...]) -> pd.DataFrame:
         raise InputError(
             f"{path}: missing column(s) {', '.join(missing)}. Found columns: {', '.join(frame.columns)}. "
             f"The first row must hold the column names {', '.join(required)}."
-            + ("" if is_csv else sheet_hint(path, required))
         )
-    frame = frame.dropna(how="all")
-    if frame.empty:
-        raise InputError(f"{path}: the sheet has no data rows under its header. Fill it or point the config at another file."
-                         + ("" if is_csv else sheet_hint(path, required)))
-    if not is_csv:
-        mark_formulas(path, frame, tuple(c for c in required if c != TEST_ID))
-    return frame
+    # CSV has no cell types: a plain digit label is what an xlsx int is.
+    if LABEL in frame.columns:
+        frame[LABEL] = frame[LABEL].map(lambda v: int(v) if isinstance(v, str) and re.fullmatch(r"[1-4]", v) else v)
+    rows = [SheetRow(None, int(index) + HEADER_ROWS + 1, dict(cells))
+            for index, cells in frame.iterrows() if not all(is_missing(cells[c]) for c in frame.columns)]
+    if not rows:
+        raise InputError(f"{path}: the sheet has no data rows under its header. Fill it or point the config at "
+                         "another file.")
+    return rows
 
 
 FORMULA_HELP = "open the file in Excel or LibreOffice and save it (that stores the values), or paste the values in"
@@ -209,25 +305,27 @@ def read_questions(path: str | Path, labelled: bool) -> ReadResult:
     counted as a fix); what makes it unusable is its id (empty, holding a
     line break, or used twice) or a formula cell with no saved value.
     """
-    frame = read_table(path, TRAIN_COLUMNS if labelled else TEST_COLUMNS)
+    result = ReadResult()
+    table = read_table(path, TRAIN_COLUMNS if labelled else TEST_COLUMNS, result)
     id_column = TRAIN_ID if labelled else TEST_ID
-    result = ReadResult(rows_read=len(frame))
-    for index, cells in frame.iterrows():
-        row = int(index) + HEADER_ROWS + 1
+    result.rows_read = len(table)
+    for sheet_row in table:
+        cells, row, sheet = sheet_row.cells, sheet_row.row, sheet_row.sheet
         raw_id = cells.get(id_column)
         row_id = None if is_missing(raw_id) else cell_text(raw_id)
-        where = f"row {row}" + (f" (ID {row_id})" if row_id is not None else "")
+        where = Problem(row, row_id, "", "", sheet).where
         problems: list[Problem] = []
         if not labelled and row_id is None:
-            problems.append(Problem(row, None, TEST_ID, "the question id is empty; every test question needs its 題號"))
+            problems.append(Problem(row, None, TEST_ID, "the question id is empty; every test question needs its 題號",
+                                    sheet))
         elif not labelled and re.search(r"[\r\n]", row_id):
             problems.append(Problem(row, row_id.replace("\n", "\\n"), TEST_ID,
-                                    "the id holds a line break; remove it so the submission has one id per line"))
+                                    "the id holds a line break; remove it so the submission has one id per line", sheet))
         cell_columns = (ARTICLE, QUESTION, *OPTIONS, *((LABEL,) if labelled else ()))
         for column in cell_columns:
             if isinstance(cells[column], Formula):
                 problems.append(Problem(row, row_id, column, f"holds the formula {cells[column].text} with no saved "
-                                                             f"value; {FORMULA_HELP}"))
+                                                             f"value; {FORMULA_HELP}", sheet))
         texts = {}
         for column, kind in ((ARTICLE, "article_missing"), (QUESTION, "question_missing")):
             if isinstance(cells[column], Formula):
@@ -235,7 +333,7 @@ def read_questions(path: str | Path, labelled: bool) -> ReadResult:
             if not is_missing(cells[column]):
                 texts[column] = cell_text(cells[column])
             elif labelled:
-                problems.append(Problem(row, row_id, column, "is empty"))
+                problems.append(Problem(row, row_id, column, "is empty", sheet))
             else:  # still answerable from the question and options; counted, never dropped
                 texts[column] = ""
                 result.fix(kind, where)
@@ -252,26 +350,24 @@ def read_questions(path: str | Path, labelled: bool) -> ReadResult:
         if labelled and not isinstance(cells[LABEL], Formula):
             label, kind = normalise_label(cells[LABEL])
             if label is None:
-                problems.append(
-                    Problem(row, row_id, LABEL, f"{cells[LABEL]!r} is not an answer 1-4 (also accepted: '選項3', '３', '4.0')")
-                )
+                problems.append(Problem(row, row_id, LABEL, f"{cells[LABEL]!r} is not an answer 1-4 (also accepted: "
+                                                            "'選項3', '３', '4.0')", sheet))
             elif kind:
                 result.fix(kind, where)
         if problems:
             result.problems.extend(problems)
             continue
-        result.rows.append(Row(row, row_id, texts[ARTICLE], texts[QUESTION], options, label))
+        result.rows.append(Row(row, row_id, texts[ARTICLE], texts[QUESTION], options, label, sheet))
     if not labelled:
-        seen: dict[str, int] = {}
+        seen: dict[str, Row] = {}
         for r in result.rows:
             if r.row_id in seen:
-                result.problems.append(
-                    Problem(r.row, r.row_id, TEST_ID, f"duplicate id, first used in row {seen[r.row_id]}; ids must be unique")
-                )
+                result.problems.append(Problem(r.row, r.row_id, TEST_ID, f"duplicate id, first used in "
+                                               f"{seen[r.row_id].where}; ids must be unique", r.sheet))
             else:
-                seen[r.row_id] = r.row
-        bad_rows = {p.row for p in result.problems}
-        result.rows = [r for r in result.rows if r.row not in bad_rows]
+                seen[r.row_id] = r
+        bad_rows = {(p.sheet, p.row) for p in result.problems}
+        result.rows = [r for r in result.rows if (r.sheet, r.row) not in bad_rows]
     return result
 
 
@@ -282,7 +378,7 @@ def duplicate_rows(rows: list[Row]) -> dict:
     for r in rows:
         key = (r.article, r.question, tuple(r.options))
         if key in first:
-            where.append(f"row {r.row} repeats row {first[key].row}")
+            where.append(f"{r.where} repeats {first[key].where}")
             other_label += r.label != first[key].label
         else:
             first[key] = r
