@@ -187,6 +187,22 @@ def remote_code_flag():
     return "--trust-remote-code" if config["trust_remote_code"] else ""
 
 
+def check_gpu_limit():
+    """A training that asks for more GPUs than `--resources gpu=N` allows would be capped by Snakemake without
+    a word and train as fewer processes; refuse it before any job runs."""
+    wanted = config["resources"]["train"]["gpu"]
+    if "gpu" in workflow.global_resources and (limit := workflow.global_resources["gpu"].value) is not None:
+        if wanted > limit >= 1:
+            raise WorkflowError(
+                f"config resources.train.gpu: {wanted}, but snakemake was started with --resources gpu={limit}: "
+                f"it would give each training {limit} GPU(s), so it would train as {limit} process(es). Start it "
+                f"with --resources gpu={wanted} (or more), or set resources.train.gpu: {limit}."
+            )
+
+
+check_gpu_limit()
+
+
 def train_launcher(wildcards, resources, threads):
     """torchrun with one rank per GPU (and the CPU threads shared out), else plain python."""
     if resources.gpu > 1:

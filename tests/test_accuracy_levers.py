@@ -191,3 +191,27 @@ def test_rotations_compute_the_shared_prefix_once_with_the_same_scores(demo_run)
     cached = rotation_log_probs(model, tokenizer, prompts, batch_size=7)
     for k in range(4):
         torch.testing.assert_close(cached[k], answer_log_probs(model, tokenizer, prompts[k], 7), rtol=0, atol=2e-4)
+
+
+def test_early_stopping_stops_after_patience_evaluations_without_improvement(demo_run, tmp_path, monkeypatch, capsys):
+    """Validation accuracy 0.36, 0.11, ... at patience 1: training stops at the second evaluation, says so,
+    and keeps the first (it used to run every step: the accuracy reached the callbacks too late)."""
+    import train_lora
+    from conftest import training_defaults
+
+    scripted = iter([0.36, 0.11, 0.47, 0.50, 0.52, 0.61, 0.7, 0.8, 0.9])
+    monkeypatch.setattr(train_lora, "answer_accuracy", lambda *args, **kwargs: lambda model: next(scripted))
+    settings = {**training_defaults(), "micro_batch_size": 8, "max_seq_length": 256, "learning_rate": 0.002,
+                "epochs": 1, "select_best": True, "early_stopping_patience": 1, "eval_steps": 2, "logging_steps": 2}
+    data = demo_run / "results/data"
+    assert train_lora.main([
+        "--train", str(data / "train.json"), "--val", str(data / "val.json"),
+        "--base-model", str(demo_run / "resources/models/demo"), "--out", str(tmp_path / "adapter"),
+        "--log-jsonl", str(tmp_path / "train_log.jsonl"), "--checkpoint-dir", str(tmp_path / "checkpoints"),
+        "--settings", json.dumps(settings), "--answering", json.dumps({"rotations": 1, "batch_size": 8,
+                                                                       "prompt_format": "plain"})]) == 0
+    history = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [e["val_accuracy"] for e in history if "val_accuracy" in e] == [0.36, 0.11]
+    assert max(e["step"] for e in history) == 4 < 144 // 8
+    assert history[-1]["best_step"] == 2 and history[-1]["best_val_accuracy"] == 0.36
+    assert "early stopping at step 4: validation accuracy has not improved for 1 evaluation(s)" in capsys.readouterr().err

@@ -167,3 +167,32 @@ def test_chat_prompts_need_a_base_with_a_chat_template(tmp_path):
     assert result.returncode != 0 and f"base_model {base} has no chat template" in output, output[-1500:]
     (base / "tokenizer_config.json").write_text('{"chat_template": "{{ messages[0].content }}"}')
     assert dry_run(sample_workdir(tmp_path / "work2", base_model=str(base), prompt_format="chat")).returncode == 0
+
+
+def planned_resources(output: str, rule: str) -> tuple[int, dict[str, str]]:
+    """The threads and resources a dry run gives the first job of `rule`."""
+    block = output.split(f"rule {rule}:")[1].split("\nrule ")[0]
+    threads = int(re.search(r"threads: (\d+)", block)[1])
+    return threads, dict(re.findall(r"(\w+)=([^,\s]+)", re.search(r"resources: (.*)", block)[1]))
+
+
+def test_overriding_one_resource_key_keeps_the_stage_defaults(tmp_path):
+    """Setting only threads must not reset training's 720 minutes and 64 GB to a generic 120 and 32 GB (a 7B
+    training killed at two hours), nor make the merge ask for a GPU."""
+    workdir = sample_workdir(tmp_path, resources={"train": {"threads": 6}, "merge": {"threads": 4}})
+    output = dry_run(workdir, "--cores", "8").stdout
+    threads, train = planned_resources(output, "train_lora")
+    assert threads == 6 and (train["gpu"], train["runtime"], train["mem_mb"]) == ("1", "720", "64000")
+    threads, merge = planned_resources(output, "merge_lora")
+    assert threads == 4 and (merge["gpu"], merge["runtime"], merge["mem_mb"]) == ("0", "120", "32000")
+    threads, answer = planned_resources(output, "answer_questions")
+    assert threads == 4 and (answer["gpu"], answer["mem_mb"]) == ("1", "32000")
+
+
+def test_more_training_gpus_than_resources_allow_is_refused_before_any_job(tmp_path):
+    """Snakemake caps a job at --resources gpu=N silently: two GPUs asked for would train as one process."""
+    workdir = sample_workdir(tmp_path, resources={"train": {"gpu": 2}})
+    result = dry_run(workdir)  # --resources gpu=1
+    assert result.returncode != 0
+    assert "resources.train.gpu: 2, but snakemake was started with --resources gpu=1" in result.stdout + result.stderr
+    assert dry_run(workdir, "--resources", "gpu=2").returncode == 0

@@ -158,14 +158,14 @@ class AnswerOnlyTrainer(Trainer):
     def compute_loss(self, model, inputs, *args, **kwargs):
         return super().compute_loss(model, without_attention_mask(inputs), *args, **kwargs)
 
-    def evaluate(self, *args, **kwargs) -> dict:
-        """Validation loss and, with select_best, validation answer accuracy (eval_val_accuracy),
-        which the Trainer then uses to keep and finally load the best checkpoint."""
-        metrics = super().evaluate(*args, **kwargs)
+    def evaluation_loop(self, *args, metric_key_prefix: str = "eval", **kwargs):
+        """Validation loss and, with select_best, validation answer accuracy (eval_val_accuracy), among the
+        metrics before the Trainer logs them and hands them to its callbacks: the best checkpoint is kept
+        and early stopping decides on it."""
+        output = super().evaluation_loop(*args, metric_key_prefix=metric_key_prefix, **kwargs)
         if self.answer_accuracy is not None:
-            metrics["eval_val_accuracy"] = self.answer_accuracy(self.model)
-            self.log({"eval_val_accuracy": metrics["eval_val_accuracy"]})
-        return metrics
+            output.metrics[f"{metric_key_prefix}_val_accuracy"] = self.answer_accuracy(self.model)
+        return output
 
 
 def compile_layers(model: torch.nn.Module, load_in: str) -> str:
@@ -195,6 +195,16 @@ def answer_accuracy(records: list[dict], tokenizer, max_seq_length: int, answeri
         return (log_probs.argmax(dim=-1) + 1 == labels).sum().item() / len(labels)  # as metrics.json has it, not float32
 
     return accuracy
+
+
+class EarlyStopping(EarlyStoppingCallback):
+    """The Trainer's early stopping on validation accuracy, saying in the log when and why it stops."""
+
+    def on_evaluate(self, args, state, control, metrics, **kwargs):
+        super().on_evaluate(args, state, control, metrics, **kwargs)
+        if control.should_training_stop:
+            report(f"early stopping at step {state.global_step}: validation accuracy has not improved for "
+                   f"{self.early_stopping_patience} evaluation(s); the best was {state.best_metric:.4f}")
 
 
 class TrainingDiverged(RuntimeError):
@@ -327,11 +337,11 @@ class ProgressLog(TrainerCallback):
             )
         elif "eval_loss" in logs:
             entry["val_loss"] = logs["eval_loss"]
-            print(f"step {state.global_step}  validation loss {logs['eval_loss']:.4f}", file=sys.stderr, flush=True)
-        elif "eval_val_accuracy" in logs:
-            entry["val_accuracy"] = logs["eval_val_accuracy"]
-            print(f"step {state.global_step}  validation accuracy {logs['eval_val_accuracy']:.4f}", file=sys.stderr,
-                  flush=True)
+            line = f"step {state.global_step}  validation loss {logs['eval_loss']:.4f}"
+            if "eval_val_accuracy" in logs:
+                entry["val_accuracy"] = logs["eval_val_accuracy"]
+                line += f"  validation accuracy {logs['eval_val_accuracy']:.4f}"
+            print(line, file=sys.stderr, flush=True)
         elif "train_runtime" in logs:
             entry.update(train_runtime_s=logs["train_runtime"], **totals)
         else:
@@ -580,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer.answer_accuracy = answer_accuracy(val_records, tokenizer, s["max_seq_length"],
                                                   json.loads(args.answering), precision)
         if s["early_stopping_patience"]:
-            trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=s["early_stopping_patience"]))
+            trainer.add_callback(EarlyStopping(early_stopping_patience=s["early_stopping_patience"]))
     # Rank 0 decides whether to resume (and cleans up); the Trainer has set up
     # the process group, so every rank then follows the same decision.
     resume = [prepare_checkpoint_dir(checkpoint_dir, fingerprint(s, args)) if trainer.is_world_process_zero() else None]
