@@ -27,7 +27,7 @@ for mode in $modes; do
   echo "== $precision, base loaded as $load_in"
   python $scripts/train_lora.py --train "$work/train.json" --val "$work/val.json" --base-model "$work/base" \
     --out "$work/adapter_$load_in" --log-jsonl "$work/train_log_$load_in.jsonl" \
-    --checkpoint-dir "$work/checkpoints_$load_in" --settings "$settings" --answering "$answering"
+    --checkpoint-dir "$work/checkpoints_$load_in" --settings "$settings" --rotations 4
   python $scripts/merge_lora.py --base-model "$work/base" --adapter "$work/adapter_$load_in" --out "$work/merged_$load_in"
   python $scripts/answer_questions.py --model "$work/merged_$load_in" --test "$work/test.json" \
     --answers "$work/answers_$load_in.csv" --probs "$work/probs_$load_in.csv" --max-seq-length 256 --settings "$answering"

@@ -131,7 +131,7 @@ def check_chat_template(name):
 
 
 check_chat_template(config["base_model"])
-# What answering and evaluation (and select_best during training) score with.
+# What answering and evaluation score with.
 ANSWERING = {**config["answering"], "prompt_format": config["prompt_format"]}
 
 
@@ -151,9 +151,10 @@ def run_settings(run):
     return settings
 
 
-def answering_flag(wildcards):
-    """The answering settings, for runs that pick their best step by validation accuracy (else no flag)."""
-    return f"--answering {shlex.quote(as_json(ANSWERING))}" if RUNS[wildcards.run]["select_best"] else ""
+def rotations_flag(wildcards):
+    """For runs that pick their best step by validation accuracy, the option orders it is scored in (the one
+    answering setting their training uses; the others rerun no training)."""
+    return f"--rotations {config['answering']['rotations']}" if RUNS[wildcards.run]["select_best"] else ""
 
 
 RUNS = {run: run_settings(run) for run in config["runs"]}

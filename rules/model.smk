@@ -37,7 +37,7 @@ rule train_lora:
         base_model=base_model_path(),
         remote_code=remote_code_flag(),
         revision=revision_flag(),
-        answering=answering_flag,
+        rotations=rotations_flag,
         prompt_format=config["prompt_format"],
         launcher=train_launcher,
         # Not an output: Snakemake must not delete it when a job fails, so a
@@ -58,7 +58,7 @@ rule train_lora:
         "{params.launcher} {input.script:q} --train {input.train:q} --val {input.val:q} "
         "--base-model {params.base_model:q} --out {output.adapter:q} --log-jsonl {output.log_jsonl:q} "
         "--checkpoint-dir {params.checkpoint_dir:q} --deepspeed-config {input.deepspeed:q} "
-        "--settings {params.settings:q} --prompt-format {params.prompt_format} {params.answering} "
+        "--settings {params.settings:q} --prompt-format {params.prompt_format} {params.rotations} "
         "{params.remote_code} {params.revision} "
         "> {log:q} 2>&1"
 

@@ -208,8 +208,7 @@ def test_early_stopping_stops_after_patience_evaluations_without_improvement(dem
         "--train", str(data / "train.json"), "--val", str(data / "val.json"),
         "--base-model", str(demo_run / "resources/models/demo"), "--out", str(tmp_path / "adapter"),
         "--log-jsonl", str(tmp_path / "train_log.jsonl"), "--checkpoint-dir", str(tmp_path / "checkpoints"),
-        "--settings", json.dumps(settings), "--answering", json.dumps({"rotations": 1, "batch_size": 8,
-                                                                       "prompt_format": "plain"})]) == 0
+        "--settings", json.dumps(settings), "--rotations", "1"]) == 0
     history = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert [e["val_accuracy"] for e in history if "val_accuracy" in e] == [0.36, 0.11]
     assert max(e["step"] for e in history) == 4 < 144 // 8

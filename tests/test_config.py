@@ -196,3 +196,14 @@ def test_more_training_gpus_than_resources_allow_is_refused_before_any_job(tmp_p
     assert result.returncode != 0
     assert "resources.train.gpu: 2, but snakemake was started with --resources gpu=1" in result.stdout + result.stderr
     assert dry_run(workdir, "--resources", "gpu=2").returncode == 0
+
+
+def test_select_best_training_gets_only_the_answering_setting_it_scores_with(tmp_path):
+    """Lowering answering.batch_size after an out-of-memory error must not retrain a select_best run: its
+    training command carries the rotations it selects with and the prompt format, nothing else of answering."""
+    workdir = sample_workdir(tmp_path, runs={"best": {"select_best": True}},
+                             answering={"batch_size": 7, "precision": "fp32", "rotations": 2})
+    output = dry_run(workdir, "-p").stdout
+    (command,) = [line for line in output.splitlines() if "train_lora.py --train" in line]
+    assert "--rotations 2" in command and "--prompt-format plain" in command
+    assert "\"batch_size\"" not in command and "\"precision\": \"fp32\"" not in command and "--answering" not in command

@@ -72,6 +72,9 @@ def test_labels_flow_from_xlsx_to_csv(demo_run, tmp_path):
     assert accuracy(untrained / "results/default/answers.csv", truth) <= 0.45
 
 
+WEIGHT_NEUTRAL_CHANGES = {"gradient_checkpointing": True, "checkpoint_steps": 50, "compile": False}
+
+
 @pytest.fixture(scope="module")
 def killed_training(tmp_path_factory):
     """A training killed after two checkpoints, its newest checkpoint truncated, then rerun.
@@ -92,6 +95,9 @@ def killed_training(tmp_path_factory):
     newest.write_bytes(newest.read_bytes()[:100])  # a disk that filled up, a copy cut short
 
     snakemake(workdir, "--unlock")  # a killed Snakemake leaves its lock, as after a power loss
+    # What a user changes after an out-of-memory error or a preemption, none of which changes the weights
+    # trained: the rerun must still resume.
+    sample_workdir(workdir, training={**INTERRUPTIBLE_TRAINING, **WEIGHT_NEUTRAL_CHANGES})
     snakemake(workdir, "results/default/adapter")
     return workdir, done, (workdir / "logs/default/train_lora.log").read_text()
 
@@ -102,6 +108,12 @@ def test_killed_training_resumes_from_its_checkpoint(killed_training):
     assert resumed and resumed[0] >= min(done), log[-2000:]
     assert (workdir / "results/default/adapter/adapter_model.safetensors").exists()
     assert not (workdir / "results/default/checkpoints").exists(), "checkpoints are removed after success"
+
+
+def test_resume_survives_settings_that_do_not_change_the_weights(killed_training):
+    workdir, done, log = killed_training
+    assert resumed_steps(workdir) and "not resuming" not in log
+    assert '"gradient_checkpointing": true' in log and '"checkpoint_steps": 50' in log  # the rerun's settings
 
 
 def test_corrupt_newest_checkpoint_is_set_aside(killed_training):
@@ -136,3 +148,37 @@ def test_several_gpus_train_data_parallel_through_torchrun(tmp_path):
     final = [json.loads(line) for line in (workdir / "results/default/train_log.jsonl").read_text().splitlines()][-1]
     assert final["tokens_seen"] == 3 * sum(len(f["input_ids"]) for f in features)
     assert final["examples_seen"] == 3 * len(features)
+
+
+def test_checkpoints_of_another_training_are_not_resumed_and_the_log_says_why(tmp_path, capsys):
+    """Steps trained on plain prompts must not be continued on chat prompts (nor select_best's steps scored
+    with other rotations); settings that do not change the weights keep the checkpoints."""
+    import argparse
+
+    from conftest import training_defaults
+    from train_lora import fingerprint, prepare_checkpoint_dir
+
+    (tmp_path / "train.json").write_text("[]")
+    args = argparse.Namespace(train=str(tmp_path / "train.json"), val="", base_model="base", revision=None,
+                              prompt_format="plain", rotations=4)
+    settings = training_defaults()
+    folder = tmp_path / "checkpoints"
+
+    def checkpoint_kept(settings, **changes) -> bool:
+        (folder / "checkpoint-10").mkdir(parents=True, exist_ok=True)
+        (folder / "checkpoint-10" / "trainer_state.json").write_text("{}")
+        return prepare_checkpoint_dir(folder, fingerprint(settings, argparse.Namespace(**{**vars(args), **changes}))) \
+            == folder / "checkpoint-10"
+
+    assert prepare_checkpoint_dir(folder, fingerprint(settings, args)) is None  # a fresh start
+    neutral = {"gradient_checkpointing": True, "checkpoint_steps": 5, "logging_steps": 1, "compile": False,
+               "eval_steps": 7}
+    assert checkpoint_kept({**settings, **neutral}) and checkpoint_kept(settings, rotations=1)
+    assert "not resuming" not in capsys.readouterr().err
+    assert not checkpoint_kept(settings, prompt_format="chat")
+    assert 'not resuming the checkpoints in' in (err := capsys.readouterr().err) and 'prompt_format "plain" -> "chat"' in err
+    best = {**settings, "select_best": True}
+    prepare_checkpoint_dir(folder, fingerprint(best, args))
+    assert not checkpoint_kept({**best, "eval_steps": 7})
+    assert not checkpoint_kept(best, rotations=1) and 'rotations 4 -> 1' in capsys.readouterr().err
+    assert not checkpoint_kept({**best, "lora_r": 8}) and "settings.lora_r 48 -> 8" in capsys.readouterr().err

@@ -38,7 +38,7 @@ from mcqa.modeling import (DTYPES, PACKED_ATTENTION, attention_implementation, c
 from mcqa.progress import format_duration
 from mcqa.prompt import PROMPT_FORMATS, PromptFrame, describe_cuts, encode_training_example, prompt_frame
 from mcqa.records import read_records
-from mcqa.scoring import score_rotations
+from mcqa.scoring import ROTATIONS, score_rotations
 
 FINGERPRINT = "fingerprint.json"
 HISTORY = "train_log.jsonl"  # beside the checkpoints; copied to --log-jsonl at the end
@@ -177,10 +177,10 @@ def compile_layers(model: torch.nn.Module, load_in: str) -> str:
     return f"{compile_decoder_layers(model)} decoder layers compiled; the first step waits for it"
 
 
-def answer_accuracy(records: list[dict], tokenizer, max_seq_length: int, answering: dict,
-                    precision: str) -> Callable[[torch.nn.Module], float]:
-    """A function giving a model's validation accuracy, scored as evaluate_answers scores it
-    (same prompts, rotations and batch size; half precision through autocast as in training)."""
+def answer_accuracy(records: list[dict], tokenizer, frame: PromptFrame, max_seq_length: int, batch_size: int,
+                    rotations: int, precision: str) -> Callable[[torch.nn.Module], float]:
+    """A function giving a model's validation accuracy, scored as evaluate_answers scores it (same prompts
+    and rotations; half precision through autocast as in training)."""
     labels = torch.tensor([r["label"] for r in records])
 
     def accuracy(model: torch.nn.Module) -> float:
@@ -189,8 +189,7 @@ def answer_accuracy(records: list[dict], tokenizer, max_seq_length: int, answeri
         autocast = torch.autocast("cuda", dtype=DTYPES[precision]) if precision != "fp32" and torch.cuda.is_available() \
             else contextlib.nullcontext()
         with autocast, attention_implementation(model, "sdpa"):  # scoring batches are padded, never packed
-            log_probs, _ = score_rotations(model, tokenizer, records, max_seq_length, answering["batch_size"],
-                                           answering["rotations"], frame=prompt_frame(tokenizer, answering["prompt_format"]))
+            log_probs, _ = score_rotations(model, tokenizer, records, max_seq_length, batch_size, rotations, frame=frame)
         model.train(was_training)
         return (log_probs.argmax(dim=-1) + 1 == labels).sum().item() / len(labels)  # as metrics.json has it, not float32
 
@@ -357,14 +356,35 @@ def read_history(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+# Settings that change nothing in the trained weights: a resume goes on when only these differ (turning
+# on gradient checkpointing after an out-of-memory error, or checkpointing more often, keeps the hours trained).
+WEIGHT_NEUTRAL = ("checkpoint_steps", "logging_steps", "gradient_checkpointing", "compile")
+
+
 def fingerprint(settings: dict, args: argparse.Namespace) -> dict:
-    """What a checkpoint must match to be resumed: settings, base model and data."""
+    """What a checkpoint must match to be resumed: what decides the trained weights (settings, prompt format,
+    base model, data) and, with select_best, what decides the step kept (eval_steps, the scoring rotations)."""
     digest = hashlib.sha256()
     for path in (args.train, args.val):
         if path:
             digest.update(Path(path).read_bytes())
-    return {"settings": settings, "base_model": args.base_model, "revision": args.revision,
-            "data_sha256": digest.hexdigest()}
+    neutral = WEIGHT_NEUTRAL + (() if settings["select_best"] else ("eval_steps",))
+    return {"settings": {k: v for k, v in sorted(settings.items()) if k not in neutral},
+            "prompt_format": args.prompt_format, "rotations": args.rotations if settings["select_best"] else None,
+            "base_model": args.base_model, "revision": args.revision, "data_sha256": digest.hexdigest()}
+
+
+def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """What differs between two fingerprints, one readable item per setting."""
+    found = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "unset"), new.get(key, "unset")
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            found.append("the training or validation data" if key == "data_sha256" else
+                         f"{prefix}{key} {json.dumps(a, ensure_ascii=False)} -> {json.dumps(b, ensure_ascii=False)}")
+    return found
 
 
 # What train_lora.py writes into --checkpoint-dir besides these two files; nothing else there is ever removed.
@@ -428,7 +448,11 @@ def prepare_checkpoint_dir(path: Path, expected: dict) -> Path | None:
     chosen checkpoint's step, so steps trained again are logged once.
     """
     marker = path / FINGERPRINT
-    if marker.exists() and json.loads(marker.read_text()) == expected:
+    previous = json.loads(marker.read_text()) if marker.exists() else None
+    if previous is not None and previous != expected:
+        report(f"not resuming the checkpoints in {path}, which belong to another training: "
+               f"{'; '.join(differences(previous, expected))}; starting afresh")
+    if previous == expected:
         for checkpoint in checkpoints_newest_first(path):
             if (problem := unloadable(checkpoint)) is None:
                 step = int(OWNED_DIR.fullmatch(checkpoint.name)[2])
@@ -500,8 +524,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trust-remote-code", action="store_true")
     parser.add_argument("--revision", default=None, help="hub commit, branch or tag of the base model")
     parser.add_argument("--deepspeed-config", default="", help="used when launched by torchrun on several GPUs")
-    parser.add_argument("--answering", default="", help="JSON of the config's answering block (for select_best)")
     parser.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="plain")
+    parser.add_argument("--rotations", type=int, default=1, choices=sorted(ROTATIONS),
+                        help="option orders each validation question is scored in by select_best (answering.rotations)")
     args = parser.parse_args(argv)
     s = json.loads(args.settings)
     if not torch.distributed.is_torchelastic_launched():
@@ -583,12 +608,12 @@ def main(argv: list[str] | None = None) -> int:
     trainer.remove_callback(PrinterCallback)  # ProgressLog prints a readable line instead
     trainer.add_callback(ProgressLog(history, trainer.examples_trained_all))
     if s["select_best"]:
-        if not val_records or not args.answering:
-            print("ERROR select_best needs validation records (--val) and the answering settings (--answering)",
-                  file=sys.stderr)
+        if not val_records:
+            print("ERROR select_best needs validation records (--val)", file=sys.stderr)
             return 2
-        trainer.answer_accuracy = answer_accuracy(val_records, tokenizer, s["max_seq_length"],
-                                                  json.loads(args.answering), precision)
+        # Scored in micro-batches of the training's own size, which fit beside the training's memory.
+        trainer.answer_accuracy = answer_accuracy(val_records, tokenizer, frame, s["max_seq_length"],
+                                                  s["micro_batch_size"], args.rotations, precision)
         if s["early_stopping_patience"]:
             trainer.add_callback(EarlyStopping(early_stopping_patience=s["early_stopping_patience"]))
     # Rank 0 decides whether to resume (and cleans up); the Trainer has set up
