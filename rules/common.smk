@@ -65,7 +65,7 @@ validated(config, "config.schema.yaml", "config")
 
 SCRIPTS = Path(workflow.basedir) / "workflow" / "scripts"
 sys.path.insert(0, str(SCRIPTS))
-from mcqa.bases import has_tokenizer, install_hint, missing_packages, tokenizer_packages
+from mcqa.bases import has_tokenizer, install_hint, missing_packages, tied_embeddings, tied_modules_refused, tokenizer_packages
 # Every model and data script imports the shared mcqa package; an edit to it
 # must make their outputs stale, so it is an input of each rule.
 LIB = sorted(str(p) for p in (SCRIPTS / "mcqa").glob("*.py"))
@@ -148,6 +148,9 @@ def run_settings(run):
         )
     if settings["early_stopping_patience"] and not settings["select_best"]:
         raise WorkflowError(f"config runs.{run}: early_stopping_patience needs select_best: true")
+    base = Path(config["base_model"]).expanduser()
+    if settings["modules_to_save"] and (base / "config.json").is_file() and tied_embeddings(base):
+        raise WorkflowError(f"config runs.{run}: {tied_modules_refused(config['base_model'], settings['modules_to_save'])}")
     return settings
 
 

@@ -231,3 +231,26 @@ def test_training_with_the_same_seed_gives_the_same_adapter(demo_run, tmp_path):
     assert sum(batch_tokens[:k]) <= log[-1]["tokens_seen"] <= sum(batch_tokens[-k:])  # k whole batches, no padding
     batch_sizes = sorted(len(b) for b in batches)
     assert sum(batch_sizes[:k]) <= log[-1]["examples_seen"] <= sum(batch_sizes[-k:])
+
+
+def test_streaming_merge_of_a_base_with_tied_embeddings_equals_merge_and_unload(tmp_path):
+    """Qwen2.5 up to 3B and Llama-3.2 1B/3B store one embedding matrix for input and output (no lm_head
+    in the checkpoint): the merged model must still be the trained one."""
+    import merge_lora
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    base, adapter, out = tmp_path / "base", tmp_path / "adapter", tmp_path / "merged"
+    torch.manual_seed(1)
+    config = Qwen2Config(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    original = Qwen2ForCausalLM(config)
+    original.save_pretrained(base, max_shard_size="40KB")
+    assert not any("lm_head" in k for k in json.loads((base / "model.safetensors.index.json").read_text())["weight_map"])
+    tiny_adapter(base, adapter)
+    assert merge_lora.main(["--base-model", str(base), "--adapter", str(adapter), "--out", str(out)]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert merged.get_output_embeddings().weight is merged.get_input_embeddings().weight
+    ids = torch.randint(0, 97, (2, 17))
+    expected = reference_logits(base, adapter, ids)
+    torch.testing.assert_close(merged(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(original(ids).logits, expected, atol=1e-3), "the adapter changed nothing"

@@ -10,7 +10,8 @@ import sys
 
 import pytest
 import yaml
-from conftest import REAL_TOKENIZERS, REPO, SAMPLE, SCRIPTS, SHARED_DATA, SHARED_TOKENIZERS, run_script, sample_workdir, snakemake
+from conftest import (REAL_TOKENIZERS, REPO, SAMPLE, SCRIPTS, SHARED_DATA, SHARED_TOKENIZERS, run_script,
+                      sample_workdir, snakemake, training_defaults)
 
 from mcqa.modeling import load_tokenizer
 from mcqa.prompt import (ANSWER_SUFFIX_TOKENS, ANSWERS, ARTICLE_CUT, ARTICLE_MARKER, FIXED_CLOCK, INSTRUCTION,
@@ -309,3 +310,26 @@ def test_example_config_plans_the_workflow_for_its_base(real_base, tmp_path, con
     trainings = [line for line in result.stdout.splitlines() if "train_lora.py --train" in line]
     assert len(trainings) == len(example["runs"])
     assert all(f"--prompt-format {example['prompt_format']}" in line for line in trainings)
+
+
+@pytest.mark.parametrize("modules", [["lm_head"], ["embed_tokens"]])
+def test_full_copies_of_tied_embeddings_are_refused_before_training(real_base, tmp_path, modules):
+    """On a base with tied embeddings, a trained lm_head cannot be merged and a trained embed_tokens would
+    also replace the output layer: the merged model would not be the trained one."""
+    tied = real_base("qwen2.5-instruct")
+    result = snakemake(sample_workdir(tmp_path / "tied", base_model=str(tied), training={"modules_to_save": modules}),
+                       "-n", check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and f"modules_to_save {modules} on base_model {tied}" in output, output[-2000:]
+    assert "Leave modules_to_save empty" in output
+    # A hub id is not read at config time: training refuses it once the model is loaded, before any step.
+    (tmp_path / "train.json").write_text(json.dumps([{**record("短文。"), "output": "2"}], ensure_ascii=False))
+    settings = {**training_defaults(), "modules_to_save": modules}
+    trained = run_script("train_lora.py", "--train", tmp_path / "train.json", "--base-model", tied, "--out",
+                         tmp_path / "adapter", "--log-jsonl", tmp_path / "log.jsonl", "--checkpoint-dir",
+                         tmp_path / "checkpoints", "--settings", json.dumps(settings))
+    assert trained.returncode == 2 and f"ERROR modules_to_save {modules}" in trained.stderr, trained.stderr[-2000:]
+    assert not (tmp_path / "checkpoints").exists()
+    untied = real_base("llama-3")
+    assert snakemake(sample_workdir(tmp_path / "untied", base_model=str(untied), training={"modules_to_save": modules}),
+                     "-n", check=False).returncode == 0

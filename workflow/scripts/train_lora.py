@@ -33,6 +33,7 @@ from typing import Callable
 import torch
 from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
+from mcqa.bases import tied_modules_refused
 from mcqa.modeling import (DTYPES, PACKED_ATTENTION, attention_implementation, compile_decoder_layers, load_model,
                             load_tokenizer, pad_right, resolve_precision, without_attention_mask)
 from mcqa.progress import format_duration
@@ -574,6 +575,10 @@ def main(argv: list[str] | None = None) -> int:
     set_seed(s["seed"])  # before the LoRA weights are initialised, so a run is reproducible
     model = load_model(args.base_model, precision, s["load_in"], args.trust_remote_code, args.revision,
                        attention=PACKED_ATTENTION if s["packing"] else "sdpa")
+    tied = (output := model.get_output_embeddings()) is not None and output.weight is model.get_input_embeddings().weight
+    if tied and (refused := tied_modules_refused(args.base_model, s["modules_to_save"])):  # a hub id, seen only now
+        print(f"ERROR {refused}", file=sys.stderr)
+        return 2
     if s["load_in"] != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=s["gradient_checkpointing"])
     model = get_peft_model(

@@ -4,6 +4,7 @@ so that the config check can say it before any job runs and the model stages can
 from __future__ import annotations
 
 import importlib
+import json
 import re
 from pathlib import Path
 
@@ -56,3 +57,24 @@ def install_hint(base: str, missing: list[str]) -> str:
     return (f"the tokenizer of base_model {base} is {tokenizer} with no tokenizer.json, and loading it needs "
             f"{' and '.join(missing)}, which this Python lacks: pip install {' '.join(missing)} "
             "(requirements.txt pins sentencepiece and protobuf; `make run` installs them)")
+
+
+TIED_MODULES = ("embed_tokens", "lm_head", "wte", "embed_in", "embed_out")
+
+
+def tied_embeddings(folder: str | Path) -> bool:
+    """Whether a local base's config.json ties its input and output embeddings (Qwen2.5 up to 3B, Llama-3.2
+    1B and 3B, Gemma)."""
+    config = json.loads((Path(folder) / "config.json").read_text())
+    return bool(config.get("tie_word_embeddings", (config.get("text_config") or {}).get("tie_word_embeddings")))
+
+
+def tied_modules_refused(base: str, modules_to_save: list[str]) -> str | None:
+    """Why training `modules_to_save` in full cannot work on a base with tied embeddings, or None."""
+    named = [m for m in modules_to_save if m.split(".")[-1] in TIED_MODULES]
+    if not named:
+        return None
+    return (f"modules_to_save {named} on base_model {base}, whose input and output embeddings are one tied "
+            "weight: training a full copy of one unties them, and no merged checkpoint of the tied base holds "
+            "what was trained (lm_head is not even stored). Leave modules_to_save empty (LoRA on the "
+            "projections is what this task trains), or use a base with untied embeddings (7B and larger).")
