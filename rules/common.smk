@@ -1,3 +1,4 @@
+import ast
 import copy
 import functools
 import json
@@ -66,9 +67,25 @@ validated(config, "config.schema.yaml", "config")
 SCRIPTS = Path(workflow.basedir) / "workflow" / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 from mcqa.bases import has_tokenizer, install_hint, missing_packages, tied_embeddings, tied_modules_refused, tokenizer_packages
-# Every model and data script imports the shared mcqa package; an edit to it
-# must make their outputs stale, so it is an input of each rule.
-LIB = sorted(str(p) for p in (SCRIPTS / "mcqa").glob("*.py"))
+
+
+@functools.cache
+def imported_modules(path):
+    """The mcqa modules a script or module imports, directly or through one another."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and (node.level == 1 or (node.module or "").startswith("mcqa")):
+            parent = (node.module or "").removeprefix("mcqa").lstrip(".")
+            names = [parent] if parent else [alias.name for alias in node.names]
+            found |= {SCRIPTS / "mcqa" / f"{name}.py" for name in names}
+    found = {module for module in found if module.is_file()}
+    return frozenset(found.union(*(imported_modules(module) for module in found)))
+
+
+def library_of(script):
+    """The mcqa modules a stage script uses: an edit to one of them makes exactly those stages' outputs
+    stale (a comment in metrics.py retrains nothing)."""
+    return sorted(str(module) for module in imported_modules(SCRIPTS / script) | {SCRIPTS / "mcqa" / "__init__.py"})
 DEMO_MODEL = "resources/models/demo"
 IS_DEMO = config["base_model"] == "demo"
 HAS_VAL = config["data"]["val_fraction"] > 0

@@ -2,7 +2,7 @@ rule prepare_train_data:
     input:
         table=config["data"]["train"],
         script=SCRIPTS / "prepare_data.py",
-        lib=LIB,
+        lib=library_of("prepare_data.py"),
     output:
         train="results/data/train.json",
         val="results/data/val.json",
@@ -27,7 +27,7 @@ rule prepare_test_data:
     input:
         table=config["data"]["test"],
         script=SCRIPTS / "prepare_data.py",
-        lib=LIB,
+        lib=library_of("prepare_data.py"),
     output:
         test="results/data/test.json",
         report="results/data/test_report.json",
@@ -45,7 +45,7 @@ rule summarize_data:
         train="results/data/train_report.json",
         test="results/data/test_report.json",
         script=SCRIPTS / "summarize_data.py",
-        lib=LIB,
+        lib=library_of("summarize_data.py"),
     output:
         json="results/data/report.json",
         html=report(

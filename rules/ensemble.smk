@@ -3,7 +3,7 @@ rule ensemble_answers:
         probs=expand("results/{run}/answer_probs.csv", run=ENSEMBLE),
         metrics=get_ensemble_weights_input,
         script=SCRIPTS / "ensemble_answers.py",
-        lib=LIB,
+        lib=library_of("ensemble_answers.py"),
     output:
         answers=report(
             "results/ensemble/answers.csv",
@@ -30,7 +30,7 @@ rule evaluate_ensemble:
         probs=expand("results/{run}/val_probs.csv", run=ENSEMBLE),
         metrics=get_ensemble_weights_input,
         script=SCRIPTS / "ensemble_answers.py",
-        lib=LIB,
+        lib=library_of("ensemble_answers.py"),
     output:
         "results/ensemble/metrics.json",
     params:

@@ -7,7 +7,7 @@ rule build_demo_model:
     input:
         train="results/data/train.json",
         script=SCRIPTS / "build_demo_model.py",
-        lib=LIB,
+        lib=library_of("build_demo_model.py"),
     output:
         directory(DEMO_MODEL),
     params:
@@ -28,7 +28,7 @@ rule train_lora:
         base=base_model_input,
         deepspeed=Path(workflow.basedir) / "resources" / "deepspeed" / "zero2.json",
         script=SCRIPTS / "train_lora.py",
-        lib=LIB,
+        lib=library_of("train_lora.py"),
     output:
         adapter=directory("results/{run}/adapter"),
         log_jsonl="results/{run}/train_log.jsonl",
@@ -68,7 +68,7 @@ rule merge_lora:
         adapter="results/{run}/adapter",
         base=base_model_input,
         script=SCRIPTS / "merge_lora.py",
-        lib=LIB,
+        lib=library_of("merge_lora.py"),
     output:
         directory("results/{run}/merged"),
     params:
@@ -94,7 +94,7 @@ rule answer_questions:
         model="results/{run}/merged",
         test="results/data/test.json",
         script=SCRIPTS / "answer_questions.py",
-        lib=LIB,
+        lib=library_of("answer_questions.py"),
     output:
         answers=report(
             "results/{run}/answers.csv",
@@ -129,7 +129,7 @@ rule evaluate_answers:
         model="results/{run}/merged",
         val="results/data/val.json",
         script=SCRIPTS / "evaluate_answers.py",
-        lib=LIB,
+        lib=library_of("evaluate_answers.py"),
     output:
         metrics=report(
             "results/{run}/metrics.json",

@@ -36,7 +36,7 @@ rule plot_confusion:
     input:
         metrics="results/{member}/metrics.json",
         script=SCRIPTS / "plot_confusion.py",
-        lib=LIB,
+        lib=library_of("plot_confusion.py"),
     output:
         report(
             "results/{member}/confusion.png",

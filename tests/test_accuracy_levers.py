@@ -214,3 +214,31 @@ def test_early_stopping_stops_after_patience_evaluations_without_improvement(dem
     assert max(e["step"] for e in history) == 4 < 144 // 8
     assert history[-1]["best_step"] == 2 and history[-1]["best_val_accuracy"] == 0.36
     assert "early stopping at step 4: validation accuracy has not improved for 1 evaluation(s)" in capsys.readouterr().err
+
+
+def test_questions_too_long_for_max_seq_length_are_scored_in_every_order_and_named(demo_run, tmp_path):
+    """max_seq_length below instruction + question + options: the four orders share no prefix any more
+    (each lost its own first tokens). Scoring must not crash, must equal full passes, and the log names the
+    questions whose question or options were cut."""
+    from mcqa.prompt import QUESTION_CUT
+    from mcqa.scoring import answer_log_probs, encode_all, rotation_log_probs
+
+    model_dir = demo_run / "results/default/merged"
+    tokenizer = load_tokenizer(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    records = read_records(demo_run / "results/data/test.json", "test")[:6]
+    prompts = {k: encode_all(tokenizer, records, 40, k) for k in range(4)}
+    assert all(p.cut == QUESTION_CUT for p in prompts[0])
+    ids = {k: [p.ids for p in encoded] for k, encoded in prompts.items()}
+    cached = rotation_log_probs(model, tokenizer, ids, batch_size=4)
+    for k in range(4):
+        torch.testing.assert_close(cached[k], answer_log_probs(model, tokenizer, ids[k], 4), rtol=0, atol=2e-4)
+    (tmp_path / "test.json").write_text(json.dumps(records, ensure_ascii=False))
+    result = run_script("answer_questions.py", "--model", model_dir, "--test", tmp_path / "test.json", "--answers",
+                        tmp_path / "answers.csv", "--probs", tmp_path / "probs.csv", "--max-seq-length", "42",
+                        "--settings", json.dumps({"batch_size": 4, "precision": "fp32", "load_in": "none",
+                                                  "rotations": 4, "prompt_format": "plain"}))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"WARNING 6 of them did not fit even without their article" in result.stderr
+    assert ", ".join(r["id"] for r in records) in result.stderr
+    assert len(read_csv(tmp_path / "answers.csv")) == 6

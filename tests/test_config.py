@@ -207,3 +207,19 @@ def test_select_best_training_gets_only_the_answering_setting_it_scores_with(tmp
     (command,) = [line for line in output.splitlines() if "train_lora.py --train" in line]
     assert "--rotations 2" in command and "--prompt-format plain" in command
     assert "\"batch_size\"" not in command and "\"precision\": \"fp32\"" not in command and "--answering" not in command
+
+
+def test_each_rule_depends_on_the_library_modules_it_imports_and_no_others(tmp_path):
+    """An edit to mcqa/metrics.py (used by answering, evaluation and the ensemble) must not retrain: every
+    rule's inputs are its script's mcqa imports, followed through the modules that import each other."""
+    output = dry_run(sample_workdir(tmp_path)).stdout
+    inputs = {}
+    for block in output.split("\nrule ")[1:]:
+        listed = re.search(r"input: (.*)", block)
+        inputs[block.split(":")[0]] = {path.rsplit("/", 1)[-1] for path in listed[1].split(", ")} if listed else set()
+    assert {"scoring.py", "modeling.py", "prompt.py", "bases.py"} <= inputs["train_lora"]
+    assert not {"metrics.py", "spreadsheet.py"} & inputs["train_lora"]
+    assert {"metrics.py", "scoring.py"} <= inputs["answer_questions"] and "spreadsheet.py" not in inputs["answer_questions"]
+    assert {"spreadsheet.py", "prompt.py", "records.py"} <= inputs["prepare_train_data"]
+    assert not {"scoring.py", "modeling.py", "metrics.py"} & inputs["prepare_train_data"]
+    assert inputs["merge_lora"] & {"prompt.py", "scoring.py", "modeling.py"} == set()

@@ -109,7 +109,8 @@ def rotation_log_probs(model, tokenizer, prompts: dict[int, list[list[int]]], ba
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         lengths = torch.tensor([shared[i] for i in rows])
-        prefix = pad_right([first[i][: shared[i]] for i in rows], tokenizer.pad_token_id)
+        # At least one (masked) position: prompts that lost their first tokens to fit share no prefix.
+        prefix = pad_right([first[i][: max(shared[i], 1)] for i in rows], tokenizer.pad_token_id)
         cache = DynamicCache()
         decoder(input_ids=prefix.to(device), past_key_values=cache, use_cache=True)
         width = prefix.shape[1]
