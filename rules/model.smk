@@ -142,6 +142,7 @@ rule evaluate_answers:
     params:
         settings=as_json(ANSWERING),
         max_seq_length=lambda wildcards: RUNS[wildcards.run]["max_seq_length"],
+        selected_step=lambda wildcards: "--selected-step" if RUNS[wildcards.run]["select_best"] else "",
         remote_code=remote_code_flag(),
     threads: ANSWER_RES["threads"]
     resources:
@@ -157,7 +158,7 @@ rule evaluate_answers:
     shell:
         "python {input.script:q} --model {input.model:q} --val {input.val:q} --out {output.metrics:q} --probs {output.probs:q} "
         "--max-seq-length {params.max_seq_length} --settings {params.settings:q} "
-        "{params.remote_code} > {log:q} 2>&1"
+        "{params.selected_step} {params.remote_code} > {log:q} 2>&1"
 
 
 rule plot_training:

@@ -2,6 +2,7 @@ rule summarize_experiments:
     input:
         unpack(get_experiment_inputs),
         script=SCRIPTS / "summarize_experiments.py",
+        lib=library_of("summarize_experiments.py"),
     output:
         tsv="results/experiments.tsv",
         html=report(

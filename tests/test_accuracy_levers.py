@@ -10,7 +10,7 @@ import torch
 from conftest import run_script, sample_workdir, snakemake
 from transformers import AutoModelForCausalLM
 
-from mcqa.metrics import metrics, wilson_interval
+from mcqa.metrics import CHOSEN, metrics, wilson_interval
 from mcqa.modeling import load_tokenizer
 from mcqa.prompt import answer_token_ids, build_input, rotate_input
 from mcqa.records import read_records
@@ -152,7 +152,9 @@ def test_best_checkpoint_on_validation_accuracy_is_the_one_kept(tmp_path):
     (best,) = [e for e in log if "best_step" in e]
     assert best["best_step"] == max(accuracies, key=accuracies.get) < max(accuracies)
     assert best["best_val_accuracy"] == max(accuracies.values()) > accuracies[max(accuracies)] + 0.2, accuracies
-    assert json.loads((workdir / "results/default/metrics.json").read_text())["accuracy"] == best["best_val_accuracy"]
+    result = json.loads((workdir / "results/default/metrics.json").read_text())
+    assert result["accuracy"] == best["best_val_accuracy"]
+    assert result["chosen_on_these_questions"] == CHOSEN["step"], "an accuracy picked on these questions says so"
     assert f"at step {best['best_step']} of" in (workdir / "logs/default/train_lora.log").read_text()
 
 
@@ -242,3 +244,46 @@ def test_questions_too_long_for_max_seq_length_are_scored_in_every_order_and_nam
     assert f"WARNING 6 of them did not fit even without their article" in result.stderr
     assert ", ".join(r["id"] for r in records) in result.stderr
     assert len(read_csv(tmp_path / "answers.csv")) == 6
+
+
+def test_ensemble_weights_by_accuracy_refuse_all_zero_and_name_a_zero_member(tmp_path):
+    a = write_probs(tmp_path / "a.csv", "ID", [["q1", 0.7, 0.1, 0.1, 0.1]])
+    b = write_probs(tmp_path / "b.csv", "ID", [["q1", 0.1, 0.8, 0.05, 0.05]])
+    va = write_probs(tmp_path / "va.csv", "record", [[0, 1, 0.6, 0.2, 0.1, 0.1]])
+    vb = write_probs(tmp_path / "vb.csv", "record", [[0, 1, 0.2, 0.5, 0.2, 0.1]])
+
+    def weighted(accuracy_a, accuracy_b):
+        for name, accuracy in (("ma", accuracy_a), ("mb", accuracy_b)):
+            (tmp_path / f"{name}.json").write_text(json.dumps({"accuracy": accuracy}))
+        return ensemble(tmp_path, "--members", "a", "b", "--weights", "val_accuracy", "--metrics",
+                        tmp_path / "ma.json", tmp_path / "mb.json", "--test-probs", a, b, "--val-probs", va, vb,
+                        "--metrics-out", tmp_path / "metrics.json")
+
+    result = weighted(0.0, 0.0)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "every member (a, b) has validation accuracy 0" in result.stderr and "ensemble.weights: equal" in result.stderr
+    result = weighted(0.0, 1.0)
+    assert result.returncode == 0 and "WARNING member a has validation accuracy 0, so it gets no weight" in result.stderr
+    assert read_csv(tmp_path / "answers.csv") == [{"ID": "q1", "Answer": "2"}]
+    assert json.loads((tmp_path / "metrics.json").read_text())["chosen_on_these_questions"] == CHOSEN["weights"]
+
+
+def test_experiments_table_says_which_accuracies_were_chosen_on_their_own_questions(tmp_path):
+    """select_best's best of 10 evaluations on 3 questions can read 1.0: ranked beside runs that chose
+    nothing, the table and the figure must say so."""
+    logs, files = [], []
+    for run, chosen in (("plain", None), ("best", CHOSEN["step"])):
+        (tmp_path / f"{run}.jsonl").write_text(json.dumps({"step": 10, "loss": 1.0, "elapsed_s": 5.0,
+                                                           "tokens_seen": 100}) + "\n")
+        result = {**metrics([[0.7, 0.1, 0.1, 0.1]] * 3, [1, 1, 2]), **({"chosen_on_these_questions": chosen}
+                                                                       if chosen else {})}
+        (tmp_path / f"{run}.json").write_text(json.dumps(result))
+        logs.append(tmp_path / f"{run}.jsonl")
+        files.append(tmp_path / f"{run}.json")
+    out = run_script("summarize_experiments.py", "--settings", json.dumps({"plain": {}, "best": {"select_best": True}}),
+                     "--train-logs", *logs, "--metrics", *files, "--tsv", tmp_path / "t.tsv", "--html",
+                     tmp_path / "t.html", "--png", tmp_path / "t.png")
+    assert out.returncode == 0, out.stderr
+    rows = {r["run"]: r for r in csv.DictReader(open(tmp_path / "t.tsv", encoding="utf-8"), delimiter="\t")}
+    assert rows["best"]["chosen on these questions"] == "step" and rows["plain"]["chosen on these questions"] == ""
+    assert "so its accuracy is optimistic" in (tmp_path / "t.html").read_text()

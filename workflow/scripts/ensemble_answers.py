@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from mcqa.metrics import PROB_COLUMNS, metrics, predicted_answers, write_answers, write_probs
+from mcqa.metrics import CHOSEN, PROB_COLUMNS, metrics, predicted_answers, write_answers, write_probs
 from mcqa.records import write_json_atomic
 
 
@@ -75,6 +75,12 @@ def main(argv: list[str] | None = None) -> int:
             if len(args.metrics) != len(args.members):
                 raise EnsembleError("weights by validation accuracy need every member's metrics.json")
             weights = [json.loads(Path(path).read_text())["accuracy"] for path in args.metrics]
+            if not any(weights):
+                raise EnsembleError(f"every member ({', '.join(args.members)}) has validation accuracy 0, so "
+                                    "weights by validation accuracy are all 0; set ensemble.weights: equal")
+            for member, weight in zip(args.members, weights):
+                if not weight:
+                    print(f"WARNING member {member} has validation accuracy 0, so it gets no weight", file=sys.stderr)
         else:
             weights = [1.0] * len(args.members)
         members = ", ".join(f"{m} (weight {w:.3g})" for m, w in zip(args.members, weights))
@@ -87,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
             _, _, val_probs, labels = combine(args.val_probs, weights)
             result = {**metrics(val_probs, labels), "members": dict(zip(args.members, weights)),
                       "weights": args.weights}
+            if args.weights == "val_accuracy":
+                result["chosen_on_these_questions"] = CHOSEN["weights"]
             write_json_atomic(args.metrics_out, result)
             print(f"ensemble of {members}: validation accuracy {result['accuracy']:.4f} {result['accuracy_ci95']}",
                   file=sys.stderr)

@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from mcqa.metrics import metrics, write_probs
+from mcqa.metrics import CHOSEN, metrics, write_probs
 from mcqa.records import read_records, write_json_atomic
 from mcqa.scoring import score_records
 
@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seq-length", required=True, type=int)
     parser.add_argument("--settings", required=True, help="JSON of the config's answering block")
     parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--selected-step", action="store_true",
+                        help="the model's training step was chosen on these questions (select_best): say so")
     args = parser.parse_args(argv)
     s = json.loads(args.settings)
 
@@ -31,11 +33,15 @@ def main(argv: list[str] | None = None) -> int:
     labels = [r["label"] for r in records]
     probs = score_records(args.model, records, args.max_seq_length, s, args.trust_remote_code)[0].exp().tolist()
     result = {**metrics(probs, labels), "rotations": s["rotations"]}
+    if args.selected_step:
+        result["chosen_on_these_questions"] = CHOSEN["step"]
     write_probs(args.probs, "record", range(len(records)), probs, labels)
     write_json_atomic(args.out, result)
     low, high = result["accuracy_ci95"]
     print(f"validation accuracy {result['accuracy']:.4f} (95% interval {low:.3f}-{high:.3f}) on {len(records)} "
           f"questions; log-loss {result['log_loss']:.4f}; predicted {result['predicted_counts']}", file=sys.stderr)
+    if args.selected_step:
+        print(f"optimistic: {CHOSEN['step']}", file=sys.stderr)
     return 0
 
 

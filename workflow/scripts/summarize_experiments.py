@@ -26,6 +26,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from mcqa.metrics import CHOSEN  # noqa: E402
+
 
 def differing_settings(settings: dict[str, dict]) -> list[str]:
     """Training keys whose values are not the same in every run."""
@@ -55,8 +57,10 @@ def validation_summary(metrics_path: str | None) -> dict:
     m = json.loads(Path(metrics_path).read_text(encoding="utf-8"))
     low, high = m["accuracy_ci95"]
     spread = " / ".join(str(m["predicted_counts"][a]) for a in "1234")
+    chosen = {text: kind for kind, text in CHOSEN.items()}.get(m.get("chosen_on_these_questions"), "")
     return {"val accuracy": round(m["accuracy"], 4), "95% interval": f"{low:.3f}-{high:.3f}", "ci_low": low,
-            "ci_high": high, "log-loss": round(m["log_loss"], 4), "predicted 1/2/3/4": spread}
+            "ci_high": high, "chosen on these questions": chosen, "log-loss": round(m["log_loss"], 4),
+            "predicted 1/2/3/4": spread}
 
 
 def table(runs: list[str], settings: dict, logs: list[str], metrics: list[str], ensemble: str | None) -> pd.DataFrame:
@@ -75,14 +79,22 @@ def table(runs: list[str], settings: dict, logs: list[str], metrics: list[str], 
     return frame.reset_index(drop=True)
 
 
+CHOSEN_NOTE = ("'chosen on these questions': the run's training step (select_best) or the ensemble's weights "
+               "(val_accuracy) were picked on the same validation questions it is scored on, so its accuracy is "
+               "optimistic (the best of several) and it is favoured beside runs that chose nothing.")
+
+
 def plot(frame: pd.DataFrame, out: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 0.5 * len(frame) + 1.5))
     if "val accuracy" in frame:
-        ordered = frame.iloc[::-1]
-        y = range(len(ordered))
-        ax.errorbar(ordered["val accuracy"], y, fmt="o", capsize=4,
-                    xerr=[ordered["val accuracy"] - ordered["ci_low"], ordered["ci_high"] - ordered["val accuracy"]])
-        ax.set_yticks(list(y), ordered["run"])
+        ordered = frame.iloc[::-1].reset_index(drop=True)
+        for chosen, group in ordered.groupby(ordered["chosen on these questions"].fillna("") != ""):
+            ax.errorbar(group["val accuracy"], group.index, fmt="o", capsize=4, mfc="none" if chosen else None,
+                        label="chosen on these questions (optimistic)" if chosen else "nothing chosen on them",
+                        xerr=[group["val accuracy"] - group["ci_low"], group["ci_high"] - group["val accuracy"]])
+        if ordered["chosen on these questions"].fillna("").any():
+            ax.legend(loc="lower right", fontsize=8)
+        ax.set_yticks(list(ordered.index), ordered["run"])
         ax.set_xlabel("validation accuracy (bars: 95% interval)")
         ax.grid(axis="x", alpha=0.3)
     else:
@@ -112,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>Experiments</title><style>"
         "table{border-collapse:collapse;font-family:sans-serif;font-size:14px}"
         "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f0f0f0}</style></head><body>"
-        f"<h2>{html.escape('Experiments, best validation accuracy first')}</h2>{body}</body></html>\n",
+        f"<h2>{html.escape('Experiments, best validation accuracy first')}</h2>{body}"
+        + (f"<p>{html.escape(CHOSEN_NOTE)}</p>" if shown.get("chosen on these questions", pd.Series()).fillna("").any()
+           else "") + "</body></html>\n",
         encoding="utf-8")
     plot(frame, args.png)
     print(f"{len(frame)} rows; differing settings: {', '.join(differing_settings(settings)) or 'none'}", file=sys.stderr)

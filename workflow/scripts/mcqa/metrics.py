@@ -11,6 +11,10 @@ from typing import Sequence
 from .prompt import ANSWERS
 
 PROB_COLUMNS = [f"p{a}" for a in ANSWERS]
+# What was chosen on the validation questions that a metrics.json then scores, making its accuracy
+# optimistic (metrics.json's chosen_on_these_questions, and a column of the experiments table).
+CHOSEN = {"step": "the training step kept (select_best), the best of several on these questions",
+          "weights": "the members' weights (ensemble.weights: val_accuracy), taken from these questions"}
 
 
 def wilson_interval(correct: int, n: int, z: float = 1.96) -> list[float]:
