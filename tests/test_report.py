@@ -76,3 +76,27 @@ def test_report_shows_every_run_figure_and_table_and_reruns_nothing(two_runs, tm
     figure = shown["Validation > all runs > show:accuracy with 95% intervals"]
     assert re.search(r"IMAGES .*\b770x\d+", figure), figure[-300:]  # the accuracy plot, drawn
     assert "rows read" in shown["Data > show:rows read, kept, fixed, skipped"]
+
+
+def test_front_page_shows_config_text_as_text_not_markup():
+    """File names and the base are config text: reStructuredText markup in them (a link to javascript:, a
+    role, emphasis) must reach the report's front page as the characters typed."""
+    import types
+
+    import docutils.core
+    import jinja2
+    import yaml
+
+    from conftest import REPO
+
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config.update(base_model="org/base_*x*", prompt_format="plain", answering={"rotations": 4}, runs={"a": {}},
+                  ensemble={"activate": True, "weights": "equal"})
+    config["data"].update(train="data/`see <javascript:alert(1)>`_.xlsx", test="data/|sub| :math:`x` [1]_.xlsx",
+                          split_by="article", val_fraction=0.2)
+    rst = jinja2.Template((REPO / "workflow/report/workflow.rst").read_text()).render(
+        snakemake=types.SimpleNamespace(config=config))
+    page = docutils.core.publish_parts(rst, writer="html", settings_overrides={"report_level": 5})["body"]
+    assert "javascript:" not in re.sub(r"&lt;javascript:alert\(1\)&gt;", "", page) and "<a " not in page
+    assert html.escape("data/`see <javascript:alert(1)>`_.xlsx", quote=False) in page
+    assert html.escape("data/|sub| :math:`x` [1]_.xlsx", quote=False) in page and "org/base_*x*" in page
