@@ -95,13 +95,15 @@ def check_base_model(name):
     """A base_model that names a local folder must hold a Hugging Face checkpoint; say so before any job runs.
 
     Absolute paths, paths starting with . or ~, paths with two or more
-    slashes and anything that exists are local; `org/name` or `name` that
-    does not exist is a hub id.
+    slashes, paths whose first folder exists here (models/Breeze-7B beside a
+    models/ folder) and anything that exists are local; any other `org/name`
+    or `name` is a hub id.
     """
     if name == "demo":
         return
     path = Path(name).expanduser()
-    if not (path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1 or path.exists()):
+    local = path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1 or path.exists()
+    if not (local or ("/" in name and Path(name.split("/")[0]).is_dir())):
         return
     if not path.is_dir():
         raise WorkflowError(

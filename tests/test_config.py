@@ -146,6 +146,8 @@ def test_real_model_config_gets_recipe_sized_defaults_and_only_its_runs(tmp_path
 @pytest.mark.parametrize("make, needle", [
     (lambda tmp: tmp / "no such model", "does not exist"),
     (lambda tmp: (tmp / "empty model").mkdir() or tmp / "empty model", "holds no config.json"),
+    # A folder of models whose base is misspelt: not a hub id "models/Breeze-7B" a minute into training.
+    (lambda tmp: (tmp / "work" / "models").mkdir(parents=True) or "models/Breeze-7B", "does not exist"),
     (lambda tmp: (fake_checkpoint(tmp / "weights only") / "tokenizer.json").unlink() or tmp / "weights only",
      "holds no tokenizer"),
 ])
@@ -223,3 +225,8 @@ def test_each_rule_depends_on_the_library_modules_it_imports_and_no_others(tmp_p
     assert {"spreadsheet.py", "prompt.py", "records.py"} <= inputs["prepare_train_data"]
     assert not {"scoring.py", "modeling.py", "metrics.py"} & inputs["prepare_train_data"]
     assert inputs["merge_lora"] & {"prompt.py", "scoring.py", "modeling.py"} == set()
+
+
+def test_hub_id_is_not_taken_for_a_missing_folder(tmp_path):
+    """`org/name` with no folder `org/` here is a hub id, planned as one (downloaded when training starts)."""
+    assert dry_run(sample_workdir(tmp_path, base_model="hfl/chinese-llama-2-7b")).returncode == 0

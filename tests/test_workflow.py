@@ -182,3 +182,26 @@ def test_checkpoints_of_another_training_are_not_resumed_and_the_log_says_why(tm
     assert not checkpoint_kept({**best, "eval_steps": 7})
     assert not checkpoint_kept(best, rotations=1) and 'rotations 4 -> 1' in capsys.readouterr().err
     assert not checkpoint_kept({**best, "lora_r": 8}) and "settings.lora_r 48 -> 8" in capsys.readouterr().err
+
+
+def test_a_full_disk_while_checkpointing_is_named_as_such(demo_run, tmp_path, monkeypatch, capsys):
+    """torch reports a full disk while saving as "unexpected pos ..."; the log must say the disk is full."""
+    import transformers
+
+    import train_lora
+    from conftest import training_defaults
+
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4352 vs 4240")
+
+    monkeypatch.setattr(transformers.Trainer, "_save_checkpoint", full)
+    settings = {**training_defaults(), "micro_batch_size": 8, "max_seq_length": 256, "epochs": 1,
+                "checkpoint_steps": 2}
+    data = demo_run / "results/data"
+    assert train_lora.main([
+        "--train", str(data / "train.json"), "--base-model", str(demo_run / "resources/models/demo"),
+        "--out", str(tmp_path / "adapter"), "--log-jsonl", str(tmp_path / "log.jsonl"),
+        "--checkpoint-dir", str(tmp_path / "checkpoints"), "--settings", json.dumps(settings)]) == 4
+    err = capsys.readouterr().err
+    assert f"ERROR writing to {tmp_path / 'checkpoints'} failed (RuntimeError: [enforce fail" in err
+    assert "MB free, so it is most likely full" in err and "training resumes from its last complete checkpoint" in err

@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file
 
 from mcqa.progress import format_duration
+from mcqa.records import disk_full_message
 
 PEFT_PREFIX = "base_model.model."
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -337,6 +338,11 @@ def main(argv: list[str] | None = None) -> int:
     except MergeError as exc:
         print(f"ERROR merging {args.adapter} into {args.base_model}: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if (full := disk_full_message(exc, args.out)) is None:
+            raise
+        print(f"ERROR {full}", file=sys.stderr)
+        return 4
     return 0
 
 

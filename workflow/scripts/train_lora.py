@@ -38,7 +38,7 @@ from mcqa.modeling import (DTYPES, PACKED_ATTENTION, attention_implementation, c
                             load_tokenizer, pad_right, resolve_precision, without_attention_mask)
 from mcqa.progress import format_duration
 from mcqa.prompt import PROMPT_FORMATS, PromptFrame, describe_cuts, encode_training_example, prompt_frame
-from mcqa.records import read_records
+from mcqa.records import disk_full_message, read_records
 from mcqa.scoring import ROTATIONS, score_rotations
 
 FINGERPRINT = "fingerprint.json"
@@ -635,6 +635,12 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as exc:
         print(f"ERROR {exc}", file=sys.stderr)
         return 3
+    except (RuntimeError, OSError) as exc:
+        if (full := disk_full_message(exc, checkpoint_dir, "run snakemake again: training resumes from its last "
+                                                           "complete checkpoint")) is None:
+            raise
+        print(f"ERROR {full}", file=sys.stderr)
+        return 4
     if trainer.is_world_process_zero():
         if s["select_best"]:
             best_step = int(OWNED_DIR.fullmatch(Path(trainer.state.best_model_checkpoint).name)[2])
