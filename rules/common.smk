@@ -103,7 +103,7 @@ def check_base_model(name):
         return
     path = Path(name).expanduser()
     local = path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1 or path.exists()
-    if not (local or ("/" in name and Path(name.split("/")[0]).is_dir())):
+    if not (local or (len(path.parts) == 2 and Path(path.parts[0]).is_dir())):
         return
     if not path.is_dir():
         raise WorkflowError(

@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file
 
 from mcqa.progress import format_duration
-from mcqa.records import disk_full_message
+from mcqa.storage import disk_full_message
 
 PEFT_PREFIX = "base_model.model."
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")

@@ -38,7 +38,8 @@ from mcqa.modeling import (DTYPES, PACKED_ATTENTION, attention_implementation, c
                             load_tokenizer, pad_right, resolve_precision, without_attention_mask)
 from mcqa.progress import format_duration
 from mcqa.prompt import PROMPT_FORMATS, PromptFrame, describe_cuts, encode_training_example, prompt_frame
-from mcqa.records import disk_full_message, read_records
+from mcqa.records import read_records
+from mcqa.storage import disk_full_message
 from mcqa.scoring import ROTATIONS, score_rotations
 
 FINGERPRINT = "fingerprint.json"
