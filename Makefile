@@ -30,7 +30,7 @@ lint: $(VENV)/.runtime
 	snakemake --lint
 
 clean:
-	rm -rf results logs benchmarks/default resources/models .snakemake
+	rm -rf results logs benchmarks/default resources/models resources/compile_cache .snakemake
 
 report: $(VENV)/.runtime
 	snakemake --cores 1 --report results/report.html $(ARGS)

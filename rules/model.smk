@@ -59,6 +59,7 @@ rule train_lora:
         "--base-model {params.base_model:q} --out {output.adapter:q} --log-jsonl {output.log_jsonl:q} "
         "--checkpoint-dir {params.checkpoint_dir:q} --deepspeed-config {input.deepspeed:q} "
         "--settings {params.settings:q} --prompt-format {params.prompt_format} {params.rotations} "
+        "--compile-cache resources/compile_cache "
         "{params.remote_code} {params.revision} "
         "> {log:q} 2>&1"
 

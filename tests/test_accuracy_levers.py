@@ -60,7 +60,7 @@ def test_rotations_undo_a_bias_toward_answer_1(demo_run):
     labels = torch.tensor([truth[r["id"]] for r in records])
 
     def answers(rotations):
-        log_probs, _ = score_rotations(model, tokenizer, records, 256, 16, rotations)
+        log_probs, _ = score_rotations(model, tokenizer, records, 256, 2048, rotations)
         return log_probs.argmax(dim=-1) + 1
 
     plain = {n: (answers(n) == labels).float().mean().item() for n in (1, 4)}
@@ -178,10 +178,32 @@ def test_lora_variants_and_revision_reach_training(tmp_path):
     assert '"use_dora": true' in command and '"use_rslora": true' in command and "--revision v1.0" in command
 
 
+@torch.inference_mode()
+def full_passes(model, prompts: list[list[int]], answer_ids) -> torch.Tensor:
+    """The answers' log-probabilities after each prompt, one unpadded, unpacked forward pass a prompt."""
+    return torch.stack([torch.log_softmax(model(torch.tensor([ids])).logits[0, -1], dim=-1)[list(answer_ids)]
+                        for ids in prompts])
+
+
+@pytest.mark.parametrize("batch_tokens", [64, 700, 100_000])
+def test_packed_scoring_equals_full_passes(demo_run, batch_tokens):
+    """Prompts packed end to end into rows (one prompt a row at 64 tokens, all in one at 100,000), with
+    position ids restarting per prompt: the scores of one full pass per prompt."""
+    from mcqa.scoring import answer_log_probs, encode_all
+
+    model_dir = demo_run / "results/default/merged"
+    tokenizer = load_tokenizer(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    prompts = [p.ids for p in encode_all(tokenizer, read_records(demo_run / "results/data/test.json", "test"), 256)]
+    answers = answer_token_ids(tokenizer)
+    torch.testing.assert_close(answer_log_probs(model, prompts, answers, batch_tokens), full_passes(model, prompts, answers),
+                               rtol=0, atol=2e-4)
+
+
 def test_rotations_compute_the_shared_prefix_once_with_the_same_scores(demo_run):
-    """The article and question, shared by the four orders, run once (key-value cache reused):
-    the same log-probabilities as scoring each order's full prompts."""
-    from mcqa.scoring import answer_log_probs, encode_all, rotation_log_probs, shared_prefix
+    """The article and question, shared by the four orders, run once (their keys and values kept): the
+    same log-probabilities as scoring each order's full prompts."""
+    from mcqa.scoring import encode_all, rotation_log_probs, shared_prefix
 
     model_dir = demo_run / "results/default/merged"
     tokenizer = load_tokenizer(str(model_dir))
@@ -190,9 +212,10 @@ def test_rotations_compute_the_shared_prefix_once_with_the_same_scores(demo_run)
     prompts = {k: [p.ids for p in encode_all(tokenizer, records, 256, k)] for k in range(4)}
     shared = sum(shared_prefix([prompts[k][i] for k in range(4)]) for i in range(len(records)))
     assert shared > 0.5 * sum(map(len, prompts[0])), "most of a prompt is shared by its four orders"
-    cached = rotation_log_probs(model, tokenizer, prompts, batch_size=7)
+    cached = rotation_log_probs(model, prompts, answer_token_ids(tokenizer), batch_tokens=700)
     for k in range(4):
-        torch.testing.assert_close(cached[k], answer_log_probs(model, tokenizer, prompts[k], 7), rtol=0, atol=2e-4)
+        torch.testing.assert_close(cached[k], full_passes(model, prompts[k], answer_token_ids(tokenizer)), rtol=0,
+                                   atol=2e-4)
 
 
 def test_early_stopping_stops_after_patience_evaluations_without_improvement(demo_run, tmp_path, monkeypatch, capsys):
@@ -223,7 +246,7 @@ def test_questions_too_long_for_max_seq_length_are_scored_in_every_order_and_nam
     (each lost its own first tokens). Scoring must not crash, must equal full passes, and the log names the
     questions whose question or options were cut."""
     from mcqa.prompt import QUESTION_CUT
-    from mcqa.scoring import answer_log_probs, encode_all, rotation_log_probs
+    from mcqa.scoring import encode_all, rotation_log_probs
 
     model_dir = demo_run / "results/default/merged"
     tokenizer = load_tokenizer(str(model_dir))
@@ -232,13 +255,13 @@ def test_questions_too_long_for_max_seq_length_are_scored_in_every_order_and_nam
     prompts = {k: encode_all(tokenizer, records, 40, k) for k in range(4)}
     assert all(p.cut == QUESTION_CUT for p in prompts[0])
     ids = {k: [p.ids for p in encoded] for k, encoded in prompts.items()}
-    cached = rotation_log_probs(model, tokenizer, ids, batch_size=4)
+    cached = rotation_log_probs(model, ids, answer_token_ids(tokenizer), batch_tokens=100)
     for k in range(4):
-        torch.testing.assert_close(cached[k], answer_log_probs(model, tokenizer, ids[k], 4), rtol=0, atol=2e-4)
+        torch.testing.assert_close(cached[k], full_passes(model, ids[k], answer_token_ids(tokenizer)), rtol=0, atol=2e-4)
     (tmp_path / "test.json").write_text(json.dumps(records, ensure_ascii=False))
     result = run_script("answer_questions.py", "--model", model_dir, "--test", tmp_path / "test.json", "--answers",
                         tmp_path / "answers.csv", "--probs", tmp_path / "probs.csv", "--max-seq-length", "42",
-                        "--settings", json.dumps({"batch_size": 4, "precision": "fp32", "load_in": "none",
+                        "--settings", json.dumps({"batch_tokens": 100, "precision": "fp32", "load_in": "none",
                                                   "rotations": 4, "prompt_format": "plain"}))
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"WARNING 6 of them did not fit even without their article" in result.stderr
@@ -287,3 +310,29 @@ def test_experiments_table_says_which_accuracies_were_chosen_on_their_own_questi
     rows = {r["run"]: r for r in csv.DictReader(open(tmp_path / "t.tsv", encoding="utf-8"), delimiter="\t")}
     assert rows["best"]["chosen on these questions"] == "step" and rows["plain"]["chosen on these questions"] == ""
     assert "so its accuracy is optimistic" in (tmp_path / "t.html").read_text()
+
+
+def test_packed_rotation_scoring_with_grouped_query_attention():
+    """Two key-value heads for four query heads (Llama-3, Qwen2.5, Breeze): the shared prefixes' keys and
+    values serve every order's tokens exactly as in full passes, also for prompts that share nothing."""
+    import random
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mcqa.scoring import answer_log_probs, rotation_log_probs
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    rng = random.Random(0)
+    prompts = {k: [] for k in range(4)}
+    for question in range(9):
+        shared = [rng.randrange(5, 50) for _ in range(rng.randrange(0 if question == 0 else 3, 40))]
+        for k in range(4):
+            prompts[k].append(shared + [rng.randrange(5, 50) for _ in range(rng.randrange(1, 9))])
+    answers = (1, 2, 3, 4)
+    cached = rotation_log_probs(model, prompts, answers, batch_tokens=90)
+    for k in range(4):
+        expected = full_passes(model, prompts[k], answers)
+        torch.testing.assert_close(cached[k], expected, rtol=0, atol=2e-5)
+        torch.testing.assert_close(answer_log_probs(model, prompts[k], answers, 90), expected, rtol=0, atol=2e-5)

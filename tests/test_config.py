@@ -99,7 +99,7 @@ def test_fresh_training_never_removes_what_it_did_not_write(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, shown", [
-    ({"answering": {"batch_size": 32.0}}, '"batch_size": 32,'),
+    ({"answering": {"batch_tokens": 4096.0}}, '"batch_tokens": 4096,'),
     ({"training": {"lora_r": 8.0}}, '"lora_r": 8,'),
     ({"runs": {"r8": {"micro_batch_tokens": 4096.0}}}, '"micro_batch_tokens": 4096,'),
 ])
@@ -110,7 +110,7 @@ def test_integer_settings_written_as_floats_reach_jobs_as_integers(tmp_path, ove
 
 
 @pytest.mark.parametrize("overrides, needle", [
-    ({"answering": {"batch_size": 32.5}}, "batch_size"),
+    ({"answering": {"batch_tokens": 4096.5}}, "batch_tokens"),
     ({"training": {"lora_r": 8.5}}, "lora_r"),
     ({"runs": {"r8": {"checkpoint_steps": 0.5}}}, "runs.r8"),
 ])
@@ -201,14 +201,14 @@ def test_more_training_gpus_than_resources_allow_is_refused_before_any_job(tmp_p
 
 
 def test_select_best_training_gets_only_the_answering_setting_it_scores_with(tmp_path):
-    """Lowering answering.batch_size after an out-of-memory error must not retrain a select_best run: its
+    """Lowering answering.batch_tokens after an out-of-memory error must not retrain a select_best run: its
     training command carries the rotations it selects with and the prompt format, nothing else of answering."""
     workdir = sample_workdir(tmp_path, runs={"best": {"select_best": True}},
-                             answering={"batch_size": 7, "precision": "fp32", "rotations": 2})
+                             answering={"batch_tokens": 777, "precision": "fp32", "rotations": 2})
     output = dry_run(workdir, "-p").stdout
     (command,) = [line for line in output.splitlines() if "train_lora.py --train" in line]
     assert "--rotations 2" in command and "--prompt-format plain" in command
-    assert "\"batch_size\"" not in command and "\"precision\": \"fp32\"" not in command and "--answering" not in command
+    assert "\"batch_tokens\"" not in command and "\"precision\": \"fp32\"" not in command and "--answering" not in command
 
 
 def test_each_rule_depends_on_the_library_modules_it_imports_and_no_others(tmp_path):

@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM
 from build_demo_model import build_model
 from mcqa.modeling import load_tokenizer, without_attention_mask
 from mcqa.records import read_records
-from train_lora import micro_batches, tokenize
+from mcqa.batching import micro_batches
+from train_lora import tokenize
 
 
 def tiny_base(path, vocab=97, bin_shards=False):
@@ -136,7 +137,7 @@ def test_answering_twice_gives_identical_files(demo_run, tmp_path):
         result = run_script(
             "answer_questions.py", "--model", demo_run / "results/default/merged", "--test",
             demo_run / "results/data/test.json", "--answers", answers, "--probs", probs, "--max-seq-length", "256",
-            "--settings", json.dumps({"batch_size": 4 + 3 * n, "precision": "auto", "load_in": "none", "rotations": 4,
+            "--settings", json.dumps({"batch_tokens": 400 + 300 * n, "precision": "auto", "load_in": "none", "rotations": 4,
                                       "prompt_format": "plain"}),
         )
         assert result.returncode == 0, result.stderr

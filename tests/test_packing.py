@@ -10,7 +10,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from mcqa.modeling import PACKED_ATTENTION, without_attention_mask
-from train_lora import AnswerOnlyCollator, micro_batches
+from mcqa.batching import micro_batches
+from train_lora import AnswerOnlyCollator
 
 
 def lora_model(num_key_value_heads: int) -> torch.nn.Module:

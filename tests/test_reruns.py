@@ -99,7 +99,7 @@ def test_new_run_reruns_only_that_run_and_the_ensemble(finished):
 
 
 def test_answering_setting_reruns_only_answers_and_evaluation(finished):
-    edit_config(finished, lambda c: c.setdefault("answering", {}).update(batch_size=5))
+    edit_config(finished, lambda c: c.setdefault("answering", {}).update(batch_tokens=999))
     jobs, _ = dry_run(finished)
     assert jobs == ENSEMBLE | VALIDATION | per_run("answer_questions", "evaluate_answers", "plot_confusion")
 

@@ -6,7 +6,8 @@ import random
 
 import pytest
 
-from train_lora import AnswerOnlyCollator, MicroBatchDataset, micro_batches
+from mcqa.batching import micro_batches
+from train_lora import AnswerOnlyCollator, MicroBatchDataset
 
 
 def lengths(n: int = 3000, seed: int = 0) -> list[int]:

@@ -21,7 +21,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import re
 import shutil
 import sys
@@ -34,13 +33,15 @@ import torch
 from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from mcqa.bases import tied_modules_refused
-from mcqa.modeling import (DTYPES, PACKED_ATTENTION, attention_implementation, compile_decoder_layers, load_model,
+from mcqa.batching import micro_batches
+from mcqa.modeling import (DTYPES, PACKED_ATTENTION, compile_decoder_layers, load_model, use_compile_cache,
                             load_tokenizer, pad_right, resolve_precision, without_attention_mask)
 from mcqa.progress import format_duration
-from mcqa.prompt import PROMPT_FORMATS, PromptFrame, describe_cuts, encode_training_example, prompt_frame
+from mcqa.prompt import (ANSWER_SUFFIX_TOKENS, PROMPT_FORMATS, PromptFrame, describe_cuts, encode_prompts, prompt_frame,
+                         training_example)
 from mcqa.records import read_records
 from mcqa.storage import disk_full_message
-from mcqa.scoring import ROTATIONS, score_rotations
+from mcqa.scoring import ROTATIONS, encode_rotations, score_prompts
 
 FINGERPRINT = "fingerprint.json"
 HISTORY = "train_log.jsonl"  # beside the checkpoints; copied to --log-jsonl at the end
@@ -56,65 +57,13 @@ def tokenize(records: list[dict], tokenizer, max_seq_length: int,
              frame: PromptFrame | None = None) -> tuple[list[dict], list[str | None]]:
     """Training features (plain format unless `frame` says otherwise) and what each example's prompt lost to fit."""
     frame = frame or prompt_frame(tokenizer, "plain")
-    features, cuts = [], []
-    for r in records:
-        ids, labels, cut = encode_training_example(tokenizer, r["instruction"], r["input"], r["label"], max_seq_length,
-                                                   frame)
-        cuts.append(cut)
+    prompts = encode_prompts(tokenizer, [r["instruction"] for r in records], [r["input"] for r in records],
+                             max_seq_length - ANSWER_SUFFIX_TOKENS, frame)
+    features = []
+    for r, prompt in zip(records, prompts):
+        ids, labels, _ = training_example(prompt, r["label"], frame)
         features.append({"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)})
-    return features, cuts
-
-
-def micro_batches(lengths: list[int], max_examples: int, max_tokens: int, seed: int, packed: bool = False,
-                  group: int = 1024, multiple_of: int = 8) -> list[list[int]]:
-    """Example indices cut into micro-batches of at most `max_examples` examples and `max_tokens` tokens.
-
-    The examples are shuffled (seeded) and taken in groups of `group`, each
-    group sorted longest first and cut by first_fit (packed) or
-    similar_lengths (padded). 0 tokens means no token limit; an example
-    longer than `max_tokens` trains alone.
-    """
-    order = list(range(len(lengths)))
-    random.Random(seed).shuffle(order)
-    batches: list[list[int]] = []
-    for start in range(0, len(order), group):
-        longest_first = sorted(order[start : start + group], key=lambda i: -lengths[i])
-        if packed:
-            batches += first_fit(longest_first, lengths, max_examples, max_tokens)
-        else:
-            batches += similar_lengths(longest_first, lengths, max_examples, max_tokens, multiple_of)
-    return batches
-
-
-def first_fit(longest_first: list[int], lengths: list[int], max_examples: int, max_tokens: int) -> list[list[int]]:
-    """Each example into the first micro-batch with room for its tokens (first-fit decreasing):
-    packed micro-batches come out nearly full."""
-    batches: list[list[int]] = []
-    room: list[float] = []
-    for i in longest_first:
-        fits = (b for b, free in enumerate(room) if lengths[i] <= free and len(batches[b]) < max_examples)
-        if (b := next(fits, None)) is None:
-            batches.append([])
-            room.append(max_tokens or math.inf)
-            b = len(batches) - 1
-        batches[b].append(i)
-        room[b] -= lengths[i]
-    return batches
-
-
-def similar_lengths(longest_first: list[int], lengths: list[int], max_examples: int, max_tokens: int,
-                    multiple_of: int) -> list[list[int]]:
-    """Cut greedily: a micro-batch closes when one more example would make it exceed `max_tokens`
-    once padded to its longest example, so examples of similar length share a padded batch."""
-    batches: list[list[int]] = []
-    batch: list[int] = []
-    for i in longest_first:
-        width = -(-lengths[batch[0] if batch else i] // multiple_of) * multiple_of
-        if batch and (len(batch) == max_examples or (max_tokens and (len(batch) + 1) * width > max_tokens)):
-            batches.append(batch)
-            batch = []
-        batch.append(i)
-    return batches + [batch]
+    return features, [p.cut for p in prompts]
 
 
 class MicroBatchDataset(torch.utils.data.Dataset):
@@ -170,28 +119,34 @@ class AnswerOnlyTrainer(Trainer):
         return output
 
 
-def compile_layers(model: torch.nn.Module, load_in: str) -> str:
-    """Compile the decoder layers where that pays; says what was done, for the log."""
+def compile_layers(model: torch.nn.Module, load_in: str, cache: str) -> str:
+    """Compile the decoder layers where that pays, keeping what the compiler makes in `cache` so that the
+    next training of the same shape on the same machine (or shared file system) reuses it; says what was
+    done, for the log."""
     if not torch.cuda.is_available():
         return "off on a CPU (compiling would take longer than a CPU run trains)"
     if load_in != "none":
         return f"off with a {load_in} base (bitsandbytes layers are not compiled)"
-    return f"{compile_decoder_layers(model)} decoder layers compiled; the first step waits for it"
+    if cache:
+        use_compile_cache(Path(cache))
+    return (f"{compile_decoder_layers(model)} decoder layers compiled, cache {cache or 'torch default'}; "
+            "the first step waits for it")
 
 
-def answer_accuracy(records: list[dict], tokenizer, frame: PromptFrame, max_seq_length: int, batch_size: int,
+def answer_accuracy(records: list[dict], tokenizer, frame: PromptFrame, max_seq_length: int, batch_tokens: int,
                     rotations: int, precision: str) -> Callable[[torch.nn.Module], float]:
     """A function giving a model's validation accuracy, scored as evaluate_answers scores it (same prompts
-    and rotations; half precision through autocast as in training)."""
+    and rotations, packed scoring; half precision through autocast as in training, the layers uncompiled)."""
     labels = torch.tensor([r["label"] for r in records])
+    prompts = encode_rotations(tokenizer, records, max_seq_length, rotations, frame)
 
     def accuracy(model: torch.nn.Module) -> float:
         was_training = model.training
         model.eval()
         autocast = torch.autocast("cuda", dtype=DTYPES[precision]) if precision != "fp32" and torch.cuda.is_available() \
             else contextlib.nullcontext()
-        with autocast, attention_implementation(model, "sdpa"):  # scoring batches are padded, never packed
-            log_probs, _ = score_rotations(model, tokenizer, records, max_seq_length, batch_size, rotations, frame=frame)
+        with autocast, torch.compiler.set_stance("force_eager"):  # scoring rows are not training's shapes
+            log_probs, _ = score_prompts(model, prompts, frame.answer_ids, batch_tokens)
         model.train(was_training)
         return (log_probs.argmax(dim=-1) + 1 == labels).sum().item() / len(labels)  # as metrics.json has it, not float32
 
@@ -527,6 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--revision", default=None, help="hub commit, branch or tag of the base model")
     parser.add_argument("--deepspeed-config", default="", help="used when launched by torchrun on several GPUs")
     parser.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="plain")
+    parser.add_argument("--compile-cache", default="", help="folder for torch.compile's caches (kept across runs)")
     parser.add_argument("--rotations", type=int, default=1, choices=sorted(ROTATIONS),
                         help="option orders each validation question is scored in by select_best (answering.rotations)")
     args = parser.parse_args(argv)
@@ -597,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
     )
     if s["compile"]:
-        report(f"torch.compile: {compile_layers(model, s['load_in'])}")
+        report(f"torch.compile: {compile_layers(model, s['load_in'], args.compile_cache)}")
     trainable, total = model.get_nb_trainable_parameters()
     report(f"LoRA: {trainable:,} trainable of {total:,} parameters")
 
@@ -617,9 +573,10 @@ def main(argv: list[str] | None = None) -> int:
         if not val_records:
             print("ERROR select_best needs validation records (--val)", file=sys.stderr)
             return 2
-        # Scored in micro-batches of the training's own size, which fit beside the training's memory.
+        # Scored in rows of the training's own token budget, which fit beside the training's memory.
         trainer.answer_accuracy = answer_accuracy(val_records, tokenizer, frame, s["max_seq_length"],
-                                                  s["micro_batch_size"], args.rotations, precision)
+                                                  s["micro_batch_tokens"] or s["micro_batch_size"] * s["max_seq_length"],
+                                                  args.rotations, precision)
         if s["early_stopping_patience"]:
             trainer.add_callback(EarlyStopping(early_stopping_patience=s["early_stopping_patience"]))
     # Rank 0 decides whether to resume (and cleans up); the Trainer has set up

@@ -6,7 +6,7 @@ import contextlib
 import os
 import re
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -124,26 +124,77 @@ def pad_right(sequences: list[list[int]], value: int, multiple_of: int = 1) -> t
 PACKED_ATTENTION = "packed_varlen"
 
 
+class PrefixCache:
+    """Keys and values of a packed pass over shared prefixes, for a second packed pass whose sequences each
+    continue one of them (a question's option orders after its instruction, article and question).
+
+    Passed to the decoder as `prefix_cache`, it reaches packed_attention in every layer: in the first pass
+    it keeps each layer's keys and values; once `continue_with` has laid out the second pass, each layer
+    attends over its sequence's prefix followed by the sequence itself.
+    """
+
+    def __init__(self):
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.index: torch.Tensor | None = None
+
+    def continue_with(self, prefixes: list[int], prefix_lengths: Sequence[int], owners: list[int], batch: dict) -> None:
+        """Lay out the second pass: its sequence n continues the prefix of question owners[n] (one of
+        `prefixes`, whose lengths prefix_lengths gives, in the order of the first pass, or none)."""
+        starts, offset = {}, 0
+        for i in prefixes:
+            starts[i], offset = offset, offset + prefix_lengths[i]
+        cu = batch["cu_seq_lens_q"].tolist()
+        index, lengths = [], []
+        for n, i in enumerate(owners):
+            own = list(range(offset + cu[n], offset + cu[n + 1]))
+            before = list(range(starts[i], starts[i] + prefix_lengths[i])) if i in starts else []
+            index += before + own
+            lengths.append(len(before) + len(own))
+        device = batch["cu_seq_lens_q"].device
+        self.index = torch.tensor(index, device=device)
+        batch["cu_seq_lens_k"] = torch.tensor([0, *lengths], device=device).cumsum(0).to(torch.int32)
+        batch["max_length_k"] = max(lengths)
+
+    def keys_values(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's keys and values for attention, (tokens, heads, dim) each: the pass's own while the
+        prefixes run (and kept), each sequence's prefix and its own afterwards."""
+        if self.index is None:
+            self.keys[layer], self.values[layer] = key, value
+            return key, value
+        if layer not in self.keys:  # no prompt of the group had a prefix
+            return key[self.index], value[self.index]
+        return torch.cat([self.keys[layer], key])[self.index], torch.cat([self.values[layer], value])[self.index]
+
+
 def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                     cu_seq_lens_q: torch.Tensor | None = None, max_length_q: int | None = None,
-                     **kwargs) -> tuple[torch.Tensor, None]:
-    """Causal attention within each example of a packed row (an AttentionInterface function).
+                     cu_seq_lens_q: torch.Tensor | None = None, cu_seq_lens_k: torch.Tensor | None = None,
+                     max_length_q: int | None = None, max_length_k: int | None = None,
+                     prefix_cache: PrefixCache | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """Causal attention within each sequence of a packed row (an AttentionInterface function).
 
-    Examples lie end to end in one row (query, key, value of shape (1, heads,
-    tokens, dim)); `cu_seq_lens_q` holds where each starts, with the total
-    last. On a GPU in half precision, torch's variable-length flash-attention
-    kernel does all examples in one call without a token attending across
-    examples; elsewhere (a CPU, or fp32), the examples are laid out as
-    right-padded rows for one SDPA call (what the tests compare against padded
-    batches on the CPU). Returns (1, tokens, heads, dim).
+    Sequences lie end to end in one row (query, key, value of shape (1,
+    heads, tokens, dim)); `cu_seq_lens_q` holds where each starts, with the
+    total last. With a `prefix_cache`, sequence n's keys are its prefix's and
+    then its own (`cu_seq_lens_k`), the last query seeing every key: the
+    causal mask is aligned at the end. On a GPU in half precision, torch's
+    variable-length flash-attention kernel does all sequences in one call;
+    elsewhere (a CPU, or fp32) they are laid out as right-padded rows for one
+    SDPA call (what the tests compare against padded batches on the CPU).
+    Returns (1, tokens, heads, dim).
     """
     if cu_seq_lens_q is None or query.shape[0] != 1:
-        raise ValueError(f"{PACKED_ATTENTION} attention needs one packed row and cu_seq_lens_q (train_lora's "
-                         "AnswerOnlyCollator with packing); other batches use sdpa")
+        raise ValueError(f"{PACKED_ATTENTION} attention needs one packed row and cu_seq_lens_q (a packed training "
+                         "micro-batch or scoring row); other batches use sdpa")
     if dropout:
         raise ValueError(f"{PACKED_ATTENTION} attention has no attention dropout; this model asks for {dropout}")
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, dim)
+    continuing = prefix_cache is not None and prefix_cache.index is not None
+    if prefix_cache is not None:
+        k, v = prefix_cache.keys_values(module.layer_idx, k, v)
+    if not continuing:  # the keys are the queries' own tokens
+        cu_seq_lens_k, max_length_k = cu_seq_lens_q, max_length_q
     gqa = k.shape[1] != q.shape[1]
     if q.is_cuda and q.dtype == torch.float32 and torch.is_autocast_enabled("cuda"):
         # fp32 states under half-precision autocast (norms kept in fp32 next to an 8-bit base):
@@ -152,27 +203,45 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         from torch.nn.attention.varlen import varlen_attn
 
-        options = {"window_size": (-1, 0)}  # causal
+        options = {"window_size": (-1, 0)}  # causal, aligned at the end of each sequence's keys
         if gqa:
             options["enable_gqa"] = True
         if scaling is not None and scaling != q.shape[-1] ** -0.5:  # the default scale needs no argument
             options["scale"] = scaling
-        out = varlen_attn(q, k, v, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, **options)
+        out = varlen_attn(q, k, v, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, **options)
     else:
-        # No varlen kernel: the examples as right-padded rows (pad_right's reasoning: causal
-        # attention never reads a row's padding), one SDPA call, and back to one packed row.
-        lengths = cu_seq_lens_q.diff()
-        example = torch.repeat_interleave(torch.arange(len(lengths), device=q.device), lengths)
-        slot = example * max_length_q + torch.arange(len(example), device=q.device) - cu_seq_lens_q[example]
-
-        def rows(t: torch.Tensor) -> torch.Tensor:
-            padded = t.new_zeros(len(lengths) * max_length_q, *t.shape[1:]).index_copy(0, slot, t)
-            return padded.view(len(lengths), max_length_q, *t.shape[1:]).transpose(1, 2)
-
-        out = F.scaled_dot_product_attention(rows(q), rows(k), rows(v), is_causal=True, scale=scaling,
-                                             enable_gqa=gqa)
-        out = out.transpose(1, 2).reshape(-1, *q.shape[1:])[slot]
+        out = padded_rows_attention(q, k, v, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, scaling, gqa,
+                                    continuing)
     return out.unsqueeze(0), None
+
+
+def padded_rows_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                          max_q: int, max_k: int, scaling: float | None, gqa: bool, continuing: bool) -> torch.Tensor:
+    """packed_attention without a varlen kernel: each sequence as a right-padded row, one SDPA call.
+
+    Where queries and keys are the same tokens (training, a prefix pass), the
+    padding needs no mask (pad_right's reasoning: causal attention never
+    reads a row's padding); where a sequence's keys start with a prefix, the
+    mask lets query i see keys up to i + (keys - queries).
+    """
+    def layout(t: torch.Tensor, cu: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        lengths = cu.diff()
+        row = torch.repeat_interleave(torch.arange(len(lengths), device=t.device), lengths)
+        slot = row * width + torch.arange(len(row), device=t.device) - cu[row]
+        padded = t.new_zeros(len(lengths) * width, *t.shape[1:]).index_copy(0, slot, t)
+        return padded.view(len(lengths), width, *t.shape[1:]).transpose(1, 2), slot
+
+    rows_q, slot = layout(q, cu_q, max_q)
+    rows_k, _ = layout(k, cu_k, max_k)
+    rows_v, _ = layout(v, cu_k, max_k)
+    if not continuing:
+        out = F.scaled_dot_product_attention(rows_q, rows_k, rows_v, is_causal=True, scale=scaling, enable_gqa=gqa)
+    else:
+        shift = (cu_k.diff() - cu_q.diff())[:, None, None]
+        mask = torch.arange(max_k, device=q.device)[None, None, :] <= torch.arange(max_q, device=q.device)[None, :, None] + shift
+        out = F.scaled_dot_product_attention(rows_q, rows_k, rows_v, attn_mask=mask[:, None], scale=scaling,
+                                             enable_gqa=gqa)
+    return out.transpose(1, 2).reshape(-1, *q.shape[1:])[slot]
 
 
 AttentionInterface.register(PACKED_ATTENTION, packed_attention)
@@ -188,6 +257,18 @@ def attention_implementation(model: torch.nn.Module, name: str) -> Iterator[None
         yield
     finally:
         model.set_attn_implementation(before)
+
+
+def use_compile_cache(folder: Path) -> None:
+    """Keep inductor's compiled kernels and graphs, and AOTAutograd's, in `folder`, read back by later runs."""
+    import torch._functorch.config
+    import torch._inductor.config
+
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder.absolute())
+    os.environ["TRITON_CACHE_DIR"] = str(folder.absolute() / "triton")
+    torch._inductor.config.fx_graph_cache = True
+    torch._functorch.config.enable_autograd_cache = True
 
 
 def compile_decoder_layers(model: torch.nn.Module) -> int:

@@ -219,12 +219,31 @@ def encode_prompt(tokenizer, instruction: str, text: str, max_tokens: int, frame
     return Prompt(best, ARTICLE_CUT)
 
 
-def encode_training_example(tokenizer, instruction: str, text: str, answer: int, max_seq_length: int,
-                            frame: PromptFrame) -> tuple[list[int], list[int], str | None]:
-    """(input_ids, labels, cut) for one labelled record; the loss sees only the answer digit and the end token."""
-    prompt = encode_prompt(tokenizer, instruction, text, max_seq_length - ANSWER_SUFFIX_TOKENS, frame)
+def encode_prompts(tokenizer, instructions: Sequence[str], texts: Sequence[str], max_tokens: int,
+                   frame: PromptFrame) -> list[Prompt]:
+    """encode_prompt of many records: their whole texts encoded in one call (the tokenizer's own parallel
+    batch), and only those too long cut and encoded again, one at a time."""
+    whole = tokenizer([frame.text(i, t) for i, t in zip(instructions, texts)], add_special_tokens=False)["input_ids"]
+    prompts = []
+    for instruction, text, ids in zip(instructions, texts, whole):
+        ids = [*frame.bos_ids, *ids]
+        prompts.append(Prompt(ids, None) if len(ids) <= max_tokens else
+                       encode_prompt(tokenizer, instruction, text, max_tokens, frame))
+    return prompts
+
+
+def training_example(prompt: Prompt, answer: int, frame: PromptFrame) -> tuple[list[int], list[int], str | None]:
+    """(input_ids, labels, cut) of a labelled record's prompt: the loss sees only the answer digit and the
+    end token."""
     target = [frame.answer_ids[answer - 1], frame.end_id]
     return prompt.ids + target, [-100] * len(prompt.ids) + target, prompt.cut
+
+
+def encode_training_example(tokenizer, instruction: str, text: str, answer: int, max_seq_length: int,
+                            frame: PromptFrame) -> tuple[list[int], list[int], str | None]:
+    """(input_ids, labels, cut) for one labelled record."""
+    return training_example(encode_prompt(tokenizer, instruction, text, max_seq_length - ANSWER_SUFFIX_TOKENS, frame),
+                            answer, frame)
 
 
 def worst_cut(cuts: Iterable[str | None]) -> str | None:
