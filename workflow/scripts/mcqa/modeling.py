@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import re
 from pathlib import Path
@@ -204,8 +205,10 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         from torch.nn.attention.varlen import varlen_attn
 
         options = {"window_size": (-1, 0)}  # causal, aligned at the end of each sequence's keys
-        if gqa:
+        if gqa and "enable_gqa" in inspect.signature(varlen_attn).parameters:
             options["enable_gqa"] = True
+        elif gqa:  # torch before 2.13 has no grouped-query flag: each key-value head serves its group
+            k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
         if scaling is not None and scaling != q.shape[-1] ** -0.5:  # the default scale needs no argument
             options["scale"] = scaling
         out = varlen_attn(q, k, v, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, **options)
