@@ -1,11 +1,12 @@
 """Packed scoring on a GPU against full passes: the answer log-probabilities of packed rows (one option
-order) and of shared prefixes with every order's options (four orders), in bf16 with the variable-length
-attention kernel, each compared with one full bf16 pass per prompt and with fp32.
+order, each question alone) and of four orders with the questions of an article sharing its tokens, in
+bf16 with the variable-length attention kernel, each compared with one full bf16 pass per prompt and with
+fp32.
 
     python benchmarks/scoring_check.py --out benchmarks/results/<name>.json
 
-A random Llama (4 layers, hidden 1024, 16 query and 4 key-value heads) and random prompts whose four orders
-share a prefix of 0-400 tokens and differ in 5-60 tokens. Packing is right when its difference from the
+A random Llama (4 layers, hidden 1024, 16 query and 4 key-value heads) and random prompts: three questions an
+article of 0-400 tokens, a question of 0-40 tokens, and four orders that differ in 5-60 tokens. Packing is right when its difference from the
 fp32 scores is no larger than a full bf16 pass's (bf16's own rounding).
 """
 
@@ -21,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow" / "scripts"))
 
-from mcqa.scoring import answer_log_probs, rotation_log_probs  # noqa: E402
+from mcqa.scoring import shared_prefix_log_probs  # noqa: E402
 
 
 @torch.inference_mode()
@@ -43,17 +44,20 @@ def main() -> int:
                          num_attention_heads=16, num_key_value_heads=4, attn_implementation="sdpa")
     model = LlamaForCausalLM(config).cuda().eval()
     rng = random.Random(0)
-    prompts = {k: [] for k in range(4)}
-    for _ in range(args.questions):
-        shared = [rng.randrange(5, 4000) for _ in range(rng.randrange(0, 400))]
+    prompts, articles = {k: [] for k in range(4)}, []
+    for question in range(args.questions):
+        articles.append(question // 3)  # three questions an article
+        article = random.Random(question // 3)
+        shared = [article.randrange(5, 4000) for _ in range(article.randrange(0, 400))]
+        shared += [rng.randrange(5, 4000) for _ in range(rng.randrange(0, 40))]
         for k in range(4):
             prompts[k].append(shared + [rng.randrange(5, 4000) for _ in range(rng.randrange(5, 60))])
     answers = (16, 17, 18, 19)
     reference = {k: full_passes(model, prompts[k], answers) for k in range(4)}  # fp32
     model.to(torch.bfloat16)
     full = {k: full_passes(model, prompts[k], answers) for k in range(4)}
-    packed = {k: answer_log_probs(model, prompts[k], answers, 4096) for k in range(4)}
-    rotated = rotation_log_probs(model, prompts, answers, 4096)
+    packed = {k: shared_prefix_log_probs(model, {k: prompts[k]}, answers, 4096)[k] for k in range(4)}
+    rotated = shared_prefix_log_probs(model, prompts, answers, 4096, groups=articles)
 
     def error(scores: dict) -> float:
         return round(max((scores[k] - reference[k]).abs().max().item() for k in range(4)), 5)

@@ -186,24 +186,30 @@ def full_passes(model, prompts: list[list[int]], answer_ids) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("batch_tokens", [64, 700, 100_000])
-def test_packed_scoring_equals_full_passes(demo_run, batch_tokens):
-    """Prompts packed end to end into rows (one prompt a row at 64 tokens, all in one at 100,000), with
-    position ids restarting per prompt: the scores of one full pass per prompt."""
-    from mcqa.scoring import answer_log_probs, encode_all
+@pytest.mark.parametrize("by_article", [False, True])
+def test_packed_scoring_equals_full_passes(demo_run, batch_tokens, by_article):
+    """Prompts packed end to end into rows (one group a row at 64 tokens, all in one at 100,000), with
+    position ids restarting per prompt, and the questions of an article sharing its tokens: the scores of
+    one full pass per prompt."""
+    from mcqa.prompt import split_input
+    from mcqa.scoring import encode_all, shared_prefix_log_probs
 
     model_dir = demo_run / "results/default/merged"
     tokenizer = load_tokenizer(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    prompts = [p.ids for p in encode_all(tokenizer, read_records(demo_run / "results/data/test.json", "test"), 256)]
+    records = read_records(demo_run / "results/data/val.json", "labelled")
+    prompts = [p.ids for p in encode_all(tokenizer, records, 256)]
+    articles = [split_input(r["input"])[0] for r in records]
+    assert len(set(articles)) < len(articles), "the sample has articles with several questions"
     answers = answer_token_ids(tokenizer)
-    torch.testing.assert_close(answer_log_probs(model, prompts, answers, batch_tokens), full_passes(model, prompts, answers),
-                               rtol=0, atol=2e-4)
+    scores = shared_prefix_log_probs(model, {0: prompts}, answers, batch_tokens, articles if by_article else None)
+    torch.testing.assert_close(scores[0], full_passes(model, prompts, answers), rtol=0, atol=2e-4)
 
 
 def test_rotations_compute_the_shared_prefix_once_with_the_same_scores(demo_run):
     """The article and question, shared by the four orders, run once (their keys and values kept): the
     same log-probabilities as scoring each order's full prompts."""
-    from mcqa.scoring import encode_all, rotation_log_probs, shared_prefix
+    from mcqa.scoring import encode_all, shared_prefix, shared_prefix_log_probs
 
     model_dir = demo_run / "results/default/merged"
     tokenizer = load_tokenizer(str(model_dir))
@@ -212,7 +218,7 @@ def test_rotations_compute_the_shared_prefix_once_with_the_same_scores(demo_run)
     prompts = {k: [p.ids for p in encode_all(tokenizer, records, 256, k)] for k in range(4)}
     shared = sum(shared_prefix([prompts[k][i] for k in range(4)]) for i in range(len(records)))
     assert shared > 0.5 * sum(map(len, prompts[0])), "most of a prompt is shared by its four orders"
-    cached = rotation_log_probs(model, prompts, answer_token_ids(tokenizer), batch_tokens=700)
+    cached = shared_prefix_log_probs(model, prompts, answer_token_ids(tokenizer), batch_tokens=700)
     for k in range(4):
         torch.testing.assert_close(cached[k], full_passes(model, prompts[k], answer_token_ids(tokenizer)), rtol=0,
                                    atol=2e-4)
@@ -246,7 +252,7 @@ def test_questions_too_long_for_max_seq_length_are_scored_in_every_order_and_nam
     (each lost its own first tokens). Scoring must not crash, must equal full passes, and the log names the
     questions whose question or options were cut."""
     from mcqa.prompt import QUESTION_CUT
-    from mcqa.scoring import encode_all, rotation_log_probs
+    from mcqa.scoring import encode_all, shared_prefix_log_probs
 
     model_dir = demo_run / "results/default/merged"
     tokenizer = load_tokenizer(str(model_dir))
@@ -255,7 +261,7 @@ def test_questions_too_long_for_max_seq_length_are_scored_in_every_order_and_nam
     prompts = {k: encode_all(tokenizer, records, 40, k) for k in range(4)}
     assert all(p.cut == QUESTION_CUT for p in prompts[0])
     ids = {k: [p.ids for p in encoded] for k, encoded in prompts.items()}
-    cached = rotation_log_probs(model, ids, answer_token_ids(tokenizer), batch_tokens=100)
+    cached = shared_prefix_log_probs(model, ids, answer_token_ids(tokenizer), batch_tokens=100)
     for k in range(4):
         torch.testing.assert_close(cached[k], full_passes(model, ids[k], answer_token_ids(tokenizer)), rtol=0, atol=2e-4)
     (tmp_path / "test.json").write_text(json.dumps(records, ensure_ascii=False))
@@ -319,20 +325,23 @@ def test_packed_rotation_scoring_with_grouped_query_attention():
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from mcqa.scoring import answer_log_probs, rotation_log_probs
+    from mcqa.scoring import shared_prefix_log_probs
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2)).eval()
     rng = random.Random(0)
-    prompts = {k: [] for k in range(4)}
-    for question in range(9):
-        shared = [rng.randrange(5, 50) for _ in range(rng.randrange(0 if question == 0 else 3, 40))]
+    prompts, articles = {k: [] for k in range(4)}, []
+    for question in range(12):
+        article = question // 3  # three questions an article; the first article has no tokens of its own
+        rng_article = random.Random(article)
+        shared = [rng_article.randrange(5, 50) for _ in range(0 if article == 0 else rng_article.randrange(3, 30))]
+        shared += [rng.randrange(5, 50) for _ in range(rng.randrange(0, 12))]
+        articles.append(article)
         for k in range(4):
             prompts[k].append(shared + [rng.randrange(5, 50) for _ in range(rng.randrange(1, 9))])
     answers = (1, 2, 3, 4)
-    cached = rotation_log_probs(model, prompts, answers, batch_tokens=90)
-    for k in range(4):
-        expected = full_passes(model, prompts[k], answers)
-        torch.testing.assert_close(cached[k], expected, rtol=0, atol=2e-5)
-        torch.testing.assert_close(answer_log_probs(model, prompts[k], answers, 90), expected, rtol=0, atol=2e-5)
+    for groups in (None, articles):
+        cached = shared_prefix_log_probs(model, prompts, answers, batch_tokens=90, groups=groups)
+        for k in range(4):
+            torch.testing.assert_close(cached[k], full_passes(model, prompts[k], answers), rtol=0, atol=2e-5)

@@ -146,7 +146,7 @@ def answer_accuracy(records: list[dict], tokenizer, frame: PromptFrame, max_seq_
         autocast = torch.autocast("cuda", dtype=DTYPES[precision]) if precision != "fp32" and torch.cuda.is_available() \
             else contextlib.nullcontext()
         with autocast, torch.compiler.set_stance("force_eager"):  # scoring rows are not training's shapes
-            log_probs, _ = score_prompts(model, prompts, frame.answer_ids, batch_tokens)
+            log_probs, _ = score_prompts(model, records, prompts, frame.answer_ids, batch_tokens)
         model.train(was_training)
         return (log_probs.argmax(dim=-1) + 1 == labels).sum().item() / len(labels)  # as metrics.json has it, not float32
 

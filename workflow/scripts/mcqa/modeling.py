@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import os
 import re
 from pathlib import Path
@@ -127,11 +128,12 @@ PACKED_ATTENTION = "packed_varlen"
 
 class PrefixCache:
     """Keys and values of a packed pass over shared prefixes, for a second packed pass whose sequences each
-    continue one of them (a question's option orders after its instruction, article and question).
+    continue one of them (the option orders of a question, or the questions of an article, after the part
+    their prompts share).
 
     Passed to the decoder as `prefix_cache`, it reaches packed_attention in every layer: in the first pass
-    it keeps each layer's keys and values; once `continue_with` has laid out the second pass, each layer
-    attends over its sequence's prefix followed by the sequence itself.
+    it keeps each layer's keys and values; once `index` is set (see continuation), each layer attends over
+    its sequence's prefix followed by the sequence itself.
     """
 
     def __init__(self):
@@ -139,33 +141,33 @@ class PrefixCache:
         self.values: dict[int, torch.Tensor] = {}
         self.index: torch.Tensor | None = None
 
-    def continue_with(self, prefixes: list[int], prefix_lengths: Sequence[int], owners: list[int], batch: dict) -> None:
-        """Lay out the second pass: its sequence n continues the prefix of question owners[n] (one of
-        `prefixes`, whose lengths prefix_lengths gives, in the order of the first pass, or none)."""
-        starts, offset = {}, 0
-        for i in prefixes:
-            starts[i], offset = offset, offset + prefix_lengths[i]
-        cu = batch["cu_seq_lens_q"].tolist()
-        index, lengths = [], []
-        for n, i in enumerate(owners):
-            own = list(range(offset + cu[n], offset + cu[n + 1]))
-            before = list(range(starts[i], starts[i] + prefix_lengths[i])) if i in starts else []
-            index += before + own
-            lengths.append(len(before) + len(own))
-        device = batch["cu_seq_lens_q"].device
-        self.index = torch.tensor(index, device=device)
-        batch["cu_seq_lens_k"] = torch.tensor([0, *lengths], device=device).cumsum(0).to(torch.int32)
-        batch["max_length_k"] = max(lengths)
-
     def keys_values(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's keys and values for attention, (tokens, heads, dim) each: the pass's own while the
         prefixes run (and kept), each sequence's prefix and its own afterwards."""
         if self.index is None:
             self.keys[layer], self.values[layer] = key, value
             return key, value
-        if layer not in self.keys:  # no prompt of the group had a prefix
+        if layer not in self.keys:  # no sequence of the second pass had a prefix
             return key[self.index], value[self.index]
         return torch.cat([self.keys[layer], key])[self.index], torch.cat([self.values[layer], value])[self.index]
+
+
+def continuation(prefix_lengths: Sequence[int], owners: Sequence[int], lengths: Sequence[int]) -> dict:
+    """How a second packed pass continues a first one's prefixes: sequence n (of `lengths` tokens) follows
+    prefix owners[n] (an index into prefix_lengths, in the first pass's order, or -1 for none).
+
+    Returns PrefixCache's `index` into the first pass's tokens followed by the second's, and the keys'
+    cu_seq_lens_k and max_length_k, as CPU tensors.
+    """
+    prefix_starts = [0, *itertools.accumulate(prefix_lengths)]
+    offset, start, index, key_lengths = prefix_starts[-1], 0, [], []
+    for owner, length in zip(owners, lengths):
+        before = range(prefix_starts[owner], prefix_starts[owner + 1]) if owner >= 0 else range(0)
+        index += [*before, *range(offset + start, offset + start + length)]
+        key_lengths.append(len(before) + length)
+        start += length
+    return {"index": torch.tensor(index), "cu_seq_lens_k": torch.tensor([0, *key_lengths]).cumsum(0).to(torch.int32),
+            "max_length_k": max(key_lengths)}
 
 
 def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

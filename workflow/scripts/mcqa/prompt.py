@@ -185,51 +185,55 @@ class Prompt(NamedTuple):
     cut: str | None
 
 
-def encode_prompt(tokenizer, instruction: str, text: str, max_tokens: int, frame: PromptFrame) -> Prompt:
-    """The prompt of a record, at most `max_tokens` tokens: the one-pass encoding of its text.
+def encode_prompts(tokenizer, instructions: Sequence[str], texts: Sequence[str], max_tokens: int,
+                   frame: PromptFrame) -> list[Prompt]:
+    """The prompt of each record, at most `max_tokens` tokens: the one-pass encoding of its text.
 
     Only the article is cut, from its end, by whole characters (never inside
     one), as much as is needed: the longest article that fits is found by
     bisection and the cut text is encoded again, so the ids are exactly the
     one-pass encoding of the cut text. Instruction, question, options and
     answer cue stay whole; when even they do not fit, the prompt keeps its
-    last `max_tokens` tokens and says so (QUESTION_CUT).
+    last `max_tokens` tokens and says so (QUESTION_CUT). The records are
+    encoded together, each round of the bisection in one call of the
+    tokenizer (its own parallel batch); a record's prompt is the same alone.
     """
-    article, rest = split_input(text)
-    marker = ARTICLE_MARKER if article.startswith(ARTICLE_MARKER) else ""
-    body = article[len(marker):]
+    parts = []
+    for text in texts:
+        article, rest = split_input(text)
+        marker = ARTICLE_MARKER if article.startswith(ARTICLE_MARKER) else ""
+        parts.append((marker, article[len(marker):], rest))
 
-    def encode(chars: int) -> list[int]:
-        return [*frame.bos_ids, *_encode(tokenizer, frame.text(instruction, f"{marker}{body[:chars]}{rest}"))]
+    def encode(wanted: dict[int, int]) -> dict[int, list[int]]:
+        """Record -> the ids of its text with the first `wanted[record]` characters of its article."""
+        order = list(wanted)
+        batch = [frame.text(instructions[n], f"{parts[n][0]}{parts[n][1][: wanted[n]]}{parts[n][2]}") for n in order]
+        encoded = tokenizer(batch, add_special_tokens=False)["input_ids"] if batch else []
+        return {n: [*frame.bos_ids, *ids] for n, ids in zip(order, encoded)}
 
-    ids = encode(len(body))
-    if len(ids) <= max_tokens:
-        return Prompt(ids, None)
-    best = encode(0)
-    if len(best) > max_tokens:
-        return Prompt(best[-max_tokens:], QUESTION_CUT)
-    fits, too_long = 0, len(body)
-    while too_long - fits > 1:
-        middle = (fits + too_long) // 2
-        candidate = encode(middle)
-        if len(candidate) <= max_tokens:
-            fits, best = middle, candidate
+    whole = encode({n: len(parts[n][1]) for n in range(len(texts))})
+    prompts: dict[int, Prompt] = {n: Prompt(ids, None) for n, ids in whole.items() if len(ids) <= max_tokens}
+    best = {}  # record -> the longest fitting prompt found so far
+    bounds = {}  # record -> (characters that fit, characters too many)
+    for n, ids in encode({n: 0 for n in whole if n not in prompts}).items():
+        if len(ids) > max_tokens:
+            prompts[n] = Prompt(ids[-max_tokens:], QUESTION_CUT)
         else:
-            too_long = middle
-    return Prompt(best, ARTICLE_CUT)
+            best[n], bounds[n] = ids, (0, len(parts[n][1]))
+    while searching := {n: (fits + too_long) // 2 for n, (fits, too_long) in bounds.items() if too_long - fits > 1}:
+        for n, ids in encode(searching).items():
+            fits, too_long = bounds[n]
+            if len(ids) <= max_tokens:
+                best[n], bounds[n] = ids, (searching[n], too_long)
+            else:
+                bounds[n] = (fits, searching[n])
+    prompts.update({n: Prompt(ids, ARTICLE_CUT) for n, ids in best.items()})
+    return [prompts[n] for n in range(len(texts))]
 
 
-def encode_prompts(tokenizer, instructions: Sequence[str], texts: Sequence[str], max_tokens: int,
-                   frame: PromptFrame) -> list[Prompt]:
-    """encode_prompt of many records: their whole texts encoded in one call (the tokenizer's own parallel
-    batch), and only those too long cut and encoded again, one at a time."""
-    whole = tokenizer([frame.text(i, t) for i, t in zip(instructions, texts)], add_special_tokens=False)["input_ids"]
-    prompts = []
-    for instruction, text, ids in zip(instructions, texts, whole):
-        ids = [*frame.bos_ids, *ids]
-        prompts.append(Prompt(ids, None) if len(ids) <= max_tokens else
-                       encode_prompt(tokenizer, instruction, text, max_tokens, frame))
-    return prompts
+def encode_prompt(tokenizer, instruction: str, text: str, max_tokens: int, frame: PromptFrame) -> Prompt:
+    """The prompt of one record (see encode_prompts)."""
+    return encode_prompts(tokenizer, [instruction], [text], max_tokens, frame)[0]
 
 
 def training_example(prompt: Prompt, answer: int, frame: PromptFrame) -> tuple[list[int], list[int], str | None]:

@@ -6,10 +6,11 @@ padding: position ids restart at each prompt and the variable-length
 attention kernel that training uses keeps every token within its prompt
 (mcqa.modeling.packed_attention; on a CPU the same function lays the prompts
 out as padded rows). Only each prompt's last position goes through the
-output layer. With several option orders, a question's shared part
-(instruction, article, question) runs once, and all its orders' remaining
-tokens then run together in one packed pass that attends to that part's
-keys and values (PrefixCache).
+output layer. The prompts of a group share their leading tokens: a question's
+option orders share the instruction, article and question, and the questions
+of one article share the instruction and the article. That shared part runs
+once, and the rest of every prompt of the group then runs in a second packed
+pass that attends to its keys and values (PrefixCache).
 """
 
 from __future__ import annotations
@@ -17,15 +18,16 @@ from __future__ import annotations
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
+from typing import Hashable, Sequence
 
 import torch
 
 from .batching import first_fit
-from .modeling import PACKED_ATTENTION, PrefixCache, attention_implementation, load_model, load_tokenizer, resolve_precision
+from .modeling import PACKED_ATTENTION, PrefixCache, attention_implementation, continuation, load_model, load_tokenizer, \
+    resolve_precision
 from .progress import Meter
 from .prompt import ANSWER_SUFFIX_TOKENS, ANSWERS, Prompt, PromptFrame, describe_cuts, encode_prompts, prompt_frame, \
-    rotate_input, worst_cut
+    rotate_input, split_input, worst_cut
 
 ROTATIONS = {1: (0,), 2: (0, 2), 4: (0, 1, 2, 3)}  # answering.rotations -> shifts of the options
 
@@ -40,49 +42,26 @@ def encode_all(tokenizer, records: list[dict], max_seq_length: int, shift: int =
                           frame)
 
 
-def packed(sequences: Sequence[Sequence[int]], device: torch.device, starts: Sequence[int] | None = None) -> dict:
-    """Token sequences end to end in one row, as the decoder takes them: ids, position ids (each sequence's
-    counting on from `starts`, else from 0) and where each sequence begins (cu_seq_lens, total last)."""
+def packed_row(sequences: Sequence[Sequence[int]], starts: Sequence[int] | None = None) -> dict:
+    """Token sequences end to end in one row, as the decoder takes them (CPU tensors, pinned for a copy
+    that does not stop the host): ids, position ids (each sequence counting on from `starts`, else from 0)
+    and where each sequence begins (cu_seq_lens, total last)."""
     lengths = [len(s) for s in sequences]
     starts = starts or [0] * len(sequences)
     cumulative = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
-    return {
-        "input_ids": torch.tensor([t for s in sequences for t in s], dtype=torch.long, device=device)[None],
-        "position_ids": torch.tensor([p for s, n in zip(starts, lengths) for p in range(s, s + n)],
-                                     device=device)[None],
-        "cu_seq_lens_q": cumulative.to(device), "cu_seq_lens_k": cumulative.to(device),
-        "max_length_q": max(lengths), "max_length_k": max(lengths),
-    }
+    row = {"input_ids": torch.tensor([t for s in sequences for t in s], dtype=torch.long)[None],
+           "position_ids": torch.tensor([p for s, n in zip(starts, lengths) for p in range(s, s + n)])[None],
+           "cu_seq_lens_q": cumulative, "max_length_q": max(lengths)}
+    return {k: v.pin_memory() if torch.is_tensor(v) and torch.cuda.is_available() else v for k, v in row.items()}
 
 
-def answer_scores(model, hidden: torch.Tensor, ends: torch.Tensor, answer_ids: torch.Tensor) -> torch.Tensor:
-    """(N, 4) log-probabilities over the whole vocabulary of the answer digits after the tokens at `ends`."""
-    logits = model.get_output_embeddings()(hidden[0, ends.long()]).float()
-    return torch.log_softmax(logits, dim=-1)[:, answer_ids]
-
-
-@torch.inference_mode()
-def answer_log_probs(model, encoded: list[list[int]], answer_ids: Sequence[int], batch_tokens: int,
-                     meter: Meter | None = None) -> torch.Tensor:
-    """(N, 4) log-probabilities over the whole vocabulary of the answer digits after each prompt, the
-    prompts packed into rows of up to `batch_tokens` tokens (a longer prompt runs alone)."""
-    decoder, device = model.get_decoder(), model.get_output_embeddings().weight.device
-    answers = torch.tensor(answer_ids, device=device)
-    lengths = [len(ids) for ids in encoded]
-    result = torch.empty(len(encoded), len(answer_ids))
-    with attention_implementation(model, PACKED_ATTENTION):
-        for row in first_fit(sorted(range(len(encoded)), key=lambda i: -lengths[i]), lengths, len(encoded), batch_tokens):
-            batch = packed([encoded[i] for i in row], device)
-            hidden = decoder(**batch, use_cache=False).last_hidden_state
-            result[row] = answer_scores(model, hidden, batch["cu_seq_lens_q"][1:] - 1, answers).cpu()
-            if meter:
-                meter.update(len(row))
-    return result
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def shared_prefix(prompts: list[list[int]]) -> int:
-    """How many leading tokens a question's prompts in every option order have in common (at least one
-    token is left to each, whose logits are the answer)."""
+    """How many leading tokens a group of prompts has in common (at least one token is left to each,
+    whose logits are the answer)."""
     length = 0
     for tokens in zip(*prompts):
         if len(set(tokens)) > 1:
@@ -92,39 +71,55 @@ def shared_prefix(prompts: list[list[int]]) -> int:
 
 
 @torch.inference_mode()
-def rotation_log_probs(model, prompts: dict[int, list[list[int]]], answer_ids: Sequence[int], batch_tokens: int,
-                       meter: Meter | None = None) -> dict[int, torch.Tensor]:
-    """For each shift, the (N, 4) log-probabilities that answer_log_probs gives its prompts, with the part
-    of a question's prompts that every order shares (instruction, article, question) run once.
+def shared_prefix_log_probs(model, prompts: dict[int, list[list[int]]], answer_ids: Sequence[int], batch_tokens: int,
+                            groups: Sequence[Hashable] | None = None, meter: Meter | None = None) -> dict[int, torch.Tensor]:
+    """For each option order (shift), the (N, 4) log-probabilities over the whole vocabulary of the answer
+    digits after each of its N prompts, with the leading tokens that a group's prompts share run once.
 
-    Questions are taken in groups whose shared parts and remaining tokens (every order's options and
-    answer cue) fit `batch_tokens`. A group's shared parts run as one packed row, keeping each layer's keys
-    and values; then every order's remaining tokens of the group run as a second packed row, each
-    attending to its question's shared keys and values and causally to itself, with positions continuing
-    the shared part. The result is the full prompts' up to rounding.
+    A group is every order of the questions that `groups` gives the same key (by default each question
+    alone). Groups are taken together while their shared parts and remaining tokens fit `batch_tokens` (a
+    larger group runs alone): their shared parts run as one packed row, keeping each layer's keys and
+    values; then every prompt's remaining tokens run as a second packed row, each attending to its group's
+    shared keys and values and causally to itself, with positions continuing the shared part. The result
+    is that of one full pass per prompt, up to rounding.
     """
     shifts = list(prompts)
     decoder, device = model.get_decoder(), model.get_output_embeddings().weight.device
     answers = torch.tensor(answer_ids, device=device)
-    first = prompts[shifts[0]]
-    shared = [shared_prefix([prompts[k][i] for k in shifts]) for i in range(len(first))]
-    cost = [len(first[i]) + sum(len(prompts[k][i]) - shared[i] for k in shifts[1:]) for i in range(len(first))]
-    result = {k: torch.empty(len(first), len(answer_ids)) for k in shifts}
+    members: dict[Hashable, list[int]] = {}
+    for i, key in enumerate(groups if groups is not None else range(len(prompts[shifts[0]]))):
+        members.setdefault(key, []).append(i)
+    keys = list(members)
+    shared = [shared_prefix([prompts[k][i] for i in members[g] for k in shifts]) for g in keys]
+    cost = [shared[n] + sum(len(prompts[k][i]) - shared[n] for i in members[g] for k in shifts)
+            for n, g in enumerate(keys)]
+    chunks = []  # (prefix row, owners' prefix rows) and (rest row, continuation, what each rest is), prepared ahead
+    for chunk in first_fit(sorted(range(len(keys)), key=lambda n: -cost[n]), cost, len(keys), batch_tokens):
+        prefixed = [n for n in chunk if shared[n]]  # prompts that lost their first tokens to fit may share none
+        rests = [(n, k, i) for n in chunk for i in members[keys[n]] for k in shifts]
+        rest = packed_row([prompts[k][i][shared[n]:] for n, k, i in rests], starts=[shared[n] for n, _, _ in rests])
+        layout = continuation([shared[n] for n in prefixed], [prefixed.index(n) if shared[n] else -1 for n, _, _ in rests],
+                              [len(prompts[k][i]) - shared[n] for n, k, i in rests])
+        prefix = packed_row([prompts[shifts[0]][members[keys[n]][0]][: shared[n]] for n in prefixed]) if prefixed else None
+        chunks.append((prefix, rest, layout, [(k, i) for _, k, i in rests]))
+    scores, where = [], []
     with attention_implementation(model, PACKED_ATTENTION):
-        for group in first_fit(sorted(range(len(first)), key=lambda i: -cost[i]), cost, len(first), batch_tokens):
+        for prefix, rest, layout, order in chunks:
             cache = PrefixCache()
-            prefixes = [i for i in group if shared[i]]  # a prompt that lost its first tokens to fit shares none
-            if prefixes:
-                decoder(**packed([first[i][: shared[i]] for i in prefixes], device), prefix_cache=cache, use_cache=False)
-            rests = [(k, i) for k in shifts for i in group]
-            batch = packed([prompts[k][i][shared[i]:] for k, i in rests], device, starts=[shared[i] for _, i in rests])
-            cache.continue_with(prefixes, shared, [i for _, i in rests], batch)
+            if prefix is not None:
+                decoder(**to_device(prefix, device), prefix_cache=cache, use_cache=False)
+            layout = to_device(layout, device)
+            cache.index = layout.pop("index")
+            batch = {**to_device(rest, device), **layout}
             hidden = decoder(**batch, prefix_cache=cache, use_cache=False).last_hidden_state
-            scores = answer_scores(model, hidden, batch["cu_seq_lens_q"][1:] - 1, answers).cpu()
-            for n, (k, i) in enumerate(rests):
-                result[k][i] = scores[n]
+            ends = batch["cu_seq_lens_q"][1:].long() - 1
+            scores.append(torch.log_softmax(model.get_output_embeddings()(hidden[0, ends]).float(), dim=-1)[:, answers])
+            where += order
             if meter:
-                meter.update(len(rests))
+                meter.update(len(order))
+    result = {k: torch.empty(len(prompts[k]), len(answer_ids)) for k in shifts}
+    for (k, i), row in zip(where, torch.cat(scores).cpu()):
+        result[k][i] = row
     return result
 
 
@@ -153,15 +148,14 @@ def encode_rotations(tokenizer, records: list[dict], max_seq_length: int, rotati
     return {shift: encode_all(tokenizer, records, max_seq_length, shift, frame) for shift in ROTATIONS[rotations]}
 
 
-def score_prompts(model, prompts: dict[int, list[Prompt]], answer_ids: Sequence[int], batch_tokens: int,
-                  meter: Meter | None = None) -> tuple[torch.Tensor, list[str | None]]:
+def score_prompts(model, records: list[dict], prompts: dict[int, list[Prompt]], answer_ids: Sequence[int],
+                  batch_tokens: int, meter: Meter | None = None) -> tuple[torch.Tensor, list[str | None]]:
     """(N, 4) log-probabilities of the records' options, combined over the option orders of `prompts`, and
-    what each record's prompts lost to fit (the most in any order, see worst_cut)."""
+    what each record's prompts lost to fit (the most in any order, see worst_cut). The questions of one
+    article share its prompts' leading tokens."""
     ids = {shift: [p.ids for p in encoded] for shift, encoded in prompts.items()}
-    if len(ids) == 1:
-        scores = {0: answer_log_probs(model, ids[0], answer_ids, batch_tokens, meter)}
-    else:
-        scores = rotation_log_probs(model, ids, answer_ids, batch_tokens, meter)
+    articles = [split_input(r["input"])[0] for r in records]
+    scores = shared_prefix_log_probs(model, ids, answer_ids, batch_tokens, articles, meter)
     return combine_rotations(scores), [worst_cut(p.cut for p in orders) for orders in zip(*prompts.values())]
 
 
@@ -170,7 +164,7 @@ def score_rotations(model, tokenizer, records: list[dict], max_seq_length: int, 
     """(N, 4) log-probabilities of the records' options, combined over `rotations` orders, and what each
     record's prompts lost to fit."""
     frame = frame or prompt_frame(tokenizer, "plain")
-    return score_prompts(model, encode_rotations(tokenizer, records, max_seq_length, rotations, frame),
+    return score_prompts(model, records, encode_rotations(tokenizer, records, max_seq_length, rotations, frame),
                          frame.answer_ids, batch_tokens, meter)
 
 
@@ -192,16 +186,15 @@ def score_records(model_path: str, records: list[dict], max_seq_length: int, set
         model = load_model(model_path, precision, settings["load_in"], trust_remote_code).eval()
         loaded = time.perf_counter() - start
         prompts = encoding.result()
-    print(f"{len(records)} questions x {settings['rotations']} option order(s), {settings['prompt_format']} prompts; "
-          f"precision {precision}; model loaded in {loaded:.1f} s, prompts encoded by "
-          f"{time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     encoded = time.perf_counter() - start
+    print(f"{len(records)} questions x {settings['rotations']} option order(s), {settings['prompt_format']} prompts; "
+          f"precision {precision}; model loaded in {loaded:.1f} s, prompts encoded by {encoded:.1f} s",
+          file=sys.stderr, flush=True)
     meter = Meter(len(records) * settings["rotations"], "prompts")
-    log_probs, cuts = score_prompts(model, prompts, frame.answer_ids, settings["batch_tokens"], meter)
-    torch.cuda.synchronize() if torch.cuda.is_available() else None
+    log_probs, cuts = score_prompts(model, records, prompts, frame.answer_ids, settings["batch_tokens"], meter)
+    scoring = time.perf_counter() - start - encoded
     print(describe_cuts(cuts, [r.get("id", f"record {n}") for n, r in enumerate(records)], max_seq_length),
           file=sys.stderr, flush=True)
-    scoring = time.perf_counter() - start - encoded
     return log_probs, {"questions": len(records), "rotations": settings["rotations"], "load_s": round(loaded, 2),
                        "ready_s": round(encoded, 2), "scoring_s": round(scoring, 2),
                        "questions_per_s": round(len(records) / max(scoring, 1e-9), 1)}
