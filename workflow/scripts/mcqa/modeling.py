@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import itertools
 import os
 import re
 from pathlib import Path
@@ -127,13 +126,13 @@ PACKED_ATTENTION = "packed_varlen"
 
 
 class PrefixCache:
-    """Keys and values of a packed pass over shared prefixes, for a second packed pass whose sequences each
-    continue one of them (the option orders of a question, or the questions of an article, after the part
-    their prompts share).
+    """Keys and values of packed passes over shared prefixes, for later packed passes whose sequences each
+    continue some of them (the questions of an article after its instruction and article, then each
+    question's option orders after its question).
 
-    Passed to the decoder as `prefix_cache`, it reaches packed_attention in every layer: in the first pass
-    it keeps each layer's keys and values; once `index` is set (see continuation), each layer attends over
-    its sequence's prefix followed by the sequence itself.
+    Passed to the decoder as `prefix_cache`, it reaches packed_attention in every layer, which keeps each
+    pass's keys and values; once `index` is set (see continuation), each sequence attends over the kept
+    tokens of its prefixes followed by its own.
     """
 
     def __init__(self):
@@ -142,28 +141,28 @@ class PrefixCache:
         self.index: torch.Tensor | None = None
 
     def keys_values(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """This layer's keys and values for attention, (tokens, heads, dim) each: the pass's own while the
-        prefixes run (and kept), each sequence's prefix and its own afterwards."""
-        if self.index is None:
+        """This layer's keys and values for attention, (tokens, heads, dim) each: the pass's own until an
+        index is set, each sequence's prefixes and its own after; the pass's own are kept either way."""
+        if layer in self.keys:
+            self.keys[layer], self.values[layer] = torch.cat([self.keys[layer], key]), torch.cat([self.values[layer], value])
+        else:
             self.keys[layer], self.values[layer] = key, value
+        if self.index is None:
             return key, value
-        if layer not in self.keys:  # no sequence of the second pass had a prefix
-            return key[self.index], value[self.index]
-        return torch.cat([self.keys[layer], key])[self.index], torch.cat([self.values[layer], value])[self.index]
+        return self.keys[layer][self.index], self.values[layer][self.index]
 
 
-def continuation(prefix_lengths: Sequence[int], owners: Sequence[int], lengths: Sequence[int]) -> dict:
-    """How a second packed pass continues a first one's prefixes: sequence n (of `lengths` tokens) follows
-    prefix owners[n] (an index into prefix_lengths, in the first pass's order, or -1 for none).
+def continuation(prefixes: Sequence[Sequence[range]], lengths: Sequence[int], offset: int) -> dict:
+    """How a packed pass continues earlier ones: its sequence n (of lengths[n] tokens) follows the tokens
+    of prefixes[n] (ranges in the numbering of every earlier pass's tokens, in order), and its own tokens
+    are numbered from `offset` on.
 
-    Returns PrefixCache's `index` into the first pass's tokens followed by the second's, and the keys'
-    cu_seq_lens_k and max_length_k, as CPU tensors.
+    Returns PrefixCache's `index` and the keys' cu_seq_lens_k and max_length_k, as CPU tensors.
     """
-    prefix_starts = [0, *itertools.accumulate(prefix_lengths)]
-    offset, start, index, key_lengths = prefix_starts[-1], 0, [], []
-    for owner, length in zip(owners, lengths):
-        before = range(prefix_starts[owner], prefix_starts[owner + 1]) if owner >= 0 else range(0)
-        index += [*before, *range(offset + start, offset + start + length)]
+    index, key_lengths, start = [], [], offset
+    for spans, length in zip(prefixes, lengths):
+        before = [t for span in spans for t in span]
+        index += [*before, *range(start, start + length)]
         key_lengths.append(len(before) + length)
         start += length
     return {"index": torch.tensor(index), "cu_seq_lens_k": torch.tensor([0, *key_lengths]).cumsum(0).to(torch.int32),
@@ -287,6 +286,9 @@ def compile_decoder_layers(model: torch.nn.Module) -> int:
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    # The frozen embedding's output does not require grad while every later layer's input does: dynamo
+    # would compile the first layer's graph a second time for it (a recompile that doubled the wait).
+    model.enable_input_require_grads()
     for layer in layers:
         layer.compile(dynamic=True)
     return len(layers)

@@ -74,14 +74,14 @@ def shared_prefix(prompts: list[list[int]]) -> int:
 def shared_prefix_log_probs(model, prompts: dict[int, list[list[int]]], answer_ids: Sequence[int], batch_tokens: int,
                             groups: Sequence[Hashable] | None = None, meter: Meter | None = None) -> dict[int, torch.Tensor]:
     """For each option order (shift), the (N, 4) log-probabilities over the whole vocabulary of the answer
-    digits after each of its N prompts, with the leading tokens that a group's prompts share run once.
+    digits after each of its N prompts, with the leading tokens that prompts share run once.
 
-    A group is every order of the questions that `groups` gives the same key (by default each question
-    alone). Groups are taken together while their shared parts and remaining tokens fit `batch_tokens` (a
-    larger group runs alone): their shared parts run as one packed row, keeping each layer's keys and
-    values; then every prompt's remaining tokens run as a second packed row, each attending to its group's
-    shared keys and values and causally to itself, with positions continuing the shared part. The result
-    is that of one full pass per prompt, up to rounding.
+    The questions that `groups` gives the same key (by default each alone) share the leading tokens of all
+    their prompts (an article's instruction and article); a question's orders share theirs (its question).
+    Groups are taken together while their tokens fit `batch_tokens` (a larger group runs alone) and run in
+    three packed rows: the groups' shared parts, then the questions' shared parts, then every prompt's
+    rest, each row attending to the keys and values of the parts before it (PrefixCache) and causally to
+    itself, with positions continuing them. The result is that of one full pass per prompt, up to rounding.
     """
     shifts = list(prompts)
     decoder, device = model.get_decoder(), model.get_output_embeddings().weight.device
@@ -90,28 +90,44 @@ def shared_prefix_log_probs(model, prompts: dict[int, list[list[int]]], answer_i
     for i, key in enumerate(groups if groups is not None else range(len(prompts[shifts[0]]))):
         members.setdefault(key, []).append(i)
     keys = list(members)
-    shared = [shared_prefix([prompts[k][i] for i in members[g] for k in shifts]) for g in keys]
-    cost = [shared[n] + sum(len(prompts[k][i]) - shared[n] for i in members[g] for k in shifts)
-            for n, g in enumerate(keys)]
-    chunks = []  # (prefix row, owners' prefix rows) and (rest row, continuation, what each rest is), prepared ahead
+    article = [shared_prefix([prompts[k][i] for i in members[g] for k in shifts]) for g in keys]
+    question = {}  # question -> the end of the part its orders share (after its group's)
+    for n, g in enumerate(keys):
+        question.update({i: max(article[n], shared_prefix([prompts[k][i] for k in shifts])) for i in members[g]})
+    cost = [article[n] + sum(question[i] - article[n] + sum(len(prompts[k][i]) - question[i] for k in shifts)
+                             for i in members[g]) for n, g in enumerate(keys)]
+    passes = []  # each group of groups: its three rows (CPU, pinned), their layouts and what each rest is
     for chunk in first_fit(sorted(range(len(keys)), key=lambda n: -cost[n]), cost, len(keys), batch_tokens):
-        prefixed = [n for n in chunk if shared[n]]  # prompts that lost their first tokens to fit may share none
+        firsts = {n: prompts[shifts[0]][members[keys[n]][0]] for n in chunk}
+        articles = [n for n in chunk if article[n]]
+        spans, taken = {}, 0  # group -> its article part's tokens in the numbering of the rows before
+        for n in articles:
+            spans[n], taken = range(taken, taken + article[n]), taken + article[n]
+        questions = [(n, i) for n in chunk for i in members[keys[n]] if question[i] > article[n]]
+        lengths = [question[i] - article[n] for n, i in questions]
+        own = {}  # question -> its question part's tokens
+        for (n, i), length in zip(questions, lengths):
+            own[i], taken = range(taken, taken + length), taken + length
         rests = [(n, k, i) for n in chunk for i in members[keys[n]] for k in shifts]
-        rest = packed_row([prompts[k][i][shared[n]:] for n, k, i in rests], starts=[shared[n] for n, _, _ in rests])
-        layout = continuation([shared[n] for n in prefixed], [prefixed.index(n) if shared[n] else -1 for n, _, _ in rests],
-                              [len(prompts[k][i]) - shared[n] for n, k, i in rests])
-        prefix = packed_row([prompts[shifts[0]][members[keys[n]][0]][: shared[n]] for n in prefixed]) if prefixed else None
-        chunks.append((prefix, rest, layout, [(k, i) for _, k, i in rests]))
+        rows = [
+            (packed_row([firsts[n][: article[n]] for n in articles]), None) if articles else None,
+            (packed_row([prompts[shifts[0]][i][article[n]: question[i]] for n, i in questions],
+                        starts=[article[n] for n, _ in questions]),
+             continuation([[spans[n]] if n in spans else [] for n, _ in questions], lengths,
+                          sum(article[n] for n in articles))) if questions else None,
+            (packed_row([prompts[k][i][question[i]:] for n, k, i in rests], starts=[question[i] for _, _, i in rests]),
+             continuation([[s for s in (spans.get(n), own.get(i)) if s is not None] for n, _, i in rests],
+                          [len(prompts[k][i]) - question[i] for n, k, i in rests], taken)),
+        ]
+        passes.append((rows, [(k, i) for _, k, i in rests]))
     scores, where = [], []
     with attention_implementation(model, PACKED_ATTENTION):
-        for prefix, rest, layout, order in chunks:
+        for rows, order in passes:
             cache = PrefixCache()
-            if prefix is not None:
-                decoder(**to_device(prefix, device), prefix_cache=cache, use_cache=False)
-            layout = to_device(layout, device)
-            cache.index = layout.pop("index")
-            batch = {**to_device(rest, device), **layout}
-            hidden = decoder(**batch, prefix_cache=cache, use_cache=False).last_hidden_state
+            for row in filter(None, rows):
+                batch, layout = to_device(row[0], device), to_device(row[1], device) if row[1] else {}
+                cache.index = layout.pop("index", None)
+                hidden = decoder(**batch, **layout, prefix_cache=cache, use_cache=False).last_hidden_state
             ends = batch["cu_seq_lens_q"][1:].long() - 1
             scores.append(torch.log_softmax(model.get_output_embeddings()(hidden[0, ends]).float(), dim=-1)[:, answers])
             where += order
