@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from mcqa.batching import micro_batches
+from mcqa.batching import divisible, micro_batches
 from train_lora import AnswerOnlyCollator, MicroBatchDataset
 
 
@@ -67,3 +67,13 @@ def test_a_micro_batch_item_is_collated_like_its_examples():
     expected = collate([features[0], features[2]])
     assert all(item[k].equal(expected[k]) for k in expected)
     assert item["input_ids"].shape == (2, 16)
+
+
+@pytest.mark.parametrize("processes", [2, 3, 4])
+def test_micro_batches_divide_among_processes_with_every_example_once(processes):
+    lens = lengths(301)
+    batches = micro_batches(lens, 7, 2048, seed=0, packed=True)
+    even = divisible(batches, processes)
+    assert len(even) % processes == 0 and len(even) - len(batches) < processes
+    assert sorted(i for b in even for i in b) == list(range(301))
+    assert divisible([[0], [1], [2]], 2) == [[0], [1], [2]], "single examples cannot be halved"

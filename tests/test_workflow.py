@@ -13,6 +13,7 @@ from conftest import INTERRUPTIBLE_TRAINING, logged_steps, resumed_steps, sample
 
 from mcqa.modeling import load_tokenizer
 from mcqa.records import read_records
+from mcqa.batching import micro_batches
 from train_lora import tokenize
 
 
@@ -135,18 +136,28 @@ def test_training_history_survives_a_resume(killed_training):
 
 
 def test_several_gpus_train_data_parallel_through_torchrun(tmp_path):
-    """resources.train.gpu: 2 launches two ranks (here on CPU, with DDP); each sees half the data,
-    and the log counts every token and example once, not once per rank."""
-    workdir = sample_workdir(tmp_path, resources={"train": {"gpu": 2, "threads": 2}}, training={"epochs": 3})
-    snakemake(workdir, "results/default/adapter", "--resources", "gpu=2")
+    """resources.train.gpu: 2 launches two ranks (here on CPU, with DDP); each sees half the packed
+    micro-batches, and the log counts every token and example once, not once per rank. Seven examples a
+    micro-batch make an odd number of them (21): both ranks must still step as often (neither waits for the
+    other at an epoch's end) and no micro-batch may be trained twice to even them out."""
+    from mcqa.batching import divisible
+
+    workdir = sample_workdir(tmp_path, resources={"train": {"gpu": 2, "threads": 2}},
+                             training={"epochs": 3, "micro_batch_size": 7})
+    snakemake(workdir, "results/default/adapter", "--resources", "gpu=2", timeout=600)
     log = (workdir / "logs/default/train_lora.log").read_text()
-    assert "about 9 optimizer steps per epoch on 2 process(es)" in log  # 144 examples / (8 x 2)
-    assert max(logged_steps(workdir)) == 27  # 3 epochs
-    assert (workdir / "results/default/adapter/adapter_model.safetensors").exists()
     records = read_records(workdir / "results/data/train.json", "labelled")
     features, _ = tokenize(records, load_tokenizer(str(workdir / "resources/models/demo")), 256)
+    lengths = [len(f["input_ids"]) for f in features]
+    batches = micro_batches(lengths, 7, 8192, 42, packed=True)
+    assert len(batches) % 2 == 1 and len(divisible(batches, 2)) == len(batches) + 1
+    steps = (len(batches) + 1) // 2
+    assert f"{len(batches) + 1} packed micro-batches" in log
+    assert f"about {steps} optimizer steps per epoch on 2 process(es)" in log
+    assert max(logged_steps(workdir)) == 3 * steps
+    assert (workdir / "results/default/adapter/adapter_model.safetensors").exists()
     final = [json.loads(line) for line in (workdir / "results/default/train_log.jsonl").read_text().splitlines()][-1]
-    assert final["tokens_seen"] == 3 * sum(len(f["input_ids"]) for f in features)
+    assert final["tokens_seen"] == 3 * sum(lengths)
     assert final["examples_seen"] == 3 * len(features)
 
 

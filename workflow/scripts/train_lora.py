@@ -33,7 +33,7 @@ import torch
 from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from mcqa.bases import tied_modules_refused
-from mcqa.batching import micro_batches
+from mcqa.batching import divisible, micro_batches
 from mcqa.modeling import (DTYPES, PACKED_ATTENTION, compile_decoder_layers, load_model, use_compile_cache,
                             load_tokenizer, pad_right, resolve_precision, without_attention_mask)
 from mcqa.progress import format_duration
@@ -515,7 +515,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ERROR {args.train} has no records to train on", file=sys.stderr)
         return 2
     lengths = [len(f["input_ids"]) for f in train_features]
-    batches = micro_batches(lengths, s["micro_batch_size"], s["micro_batch_tokens"], s["seed"], s["packing"])
+    # As many micro-batches on every process, each example once: no process waits at the end of an epoch
+    # for another, and none trains a micro-batch twice.
+    batches = divisible(micro_batches(lengths, s["micro_batch_size"], s["micro_batch_tokens"], s["seed"], s["packing"]),
+                        int(os.environ.get("WORLD_SIZE", 1)))
     train_dataset = MicroBatchDataset(train_features, batches)
     # What the model is trained on, special tokens shown, so a user can check a new base's prompt at a glance.
     report("first training example, decoded: "

@@ -57,3 +57,19 @@ def similar_lengths(longest_first: list[int], lengths: list[int], max_examples: 
             batch = []
         batch.append(i)
     return batches + [batch]
+
+
+def divisible(batches: list[list[int]], processes: int) -> list[list[int]]:
+    """The micro-batches, their number made a multiple of `processes` by halving the largest.
+
+    Each process of a data-parallel training takes every processes-th
+    micro-batch; a number that does not divide would make the sampler train
+    some micro-batches twice to give every process as many steps. Halving
+    keeps every example trained exactly once per epoch. Only when every
+    micro-batch holds one example does the number stay as it is.
+    """
+    batches = [list(b) for b in batches]
+    while len(batches) % processes and (largest := max(batches, key=len)) and len(largest) > 1:
+        batches.remove(largest)
+        batches += [largest[: len(largest) // 2], largest[len(largest) // 2:]]
+    return batches
