@@ -16,6 +16,8 @@ SCHEMAS = Path(workflow.basedir) / "workflow" / "schemas"
 # What the user wrote, before validation fills in defaults: the demo's small
 # sizes must not override a training key the user set.
 USER_TRAINING = copy.deepcopy(config.get("training") or {})
+USER_DATA = copy.deepcopy(config.get("data") or {})
+USER_RUNS = "runs" in config  # else the single `default` run of the schema
 
 
 @functools.cache
@@ -88,7 +90,18 @@ def library_of(script):
     return sorted(str(module) for module in imported_modules(SCRIPTS / script) | {SCRIPTS / "mcqa" / "__init__.py"})
 DEMO_MODEL = "resources/models/demo"
 IS_DEMO = config["base_model"] == "demo"
-HAS_VAL = config["data"]["val_fraction"] > 0
+FOLDS = config["data"]["folds"]
+if FOLDS and USER_DATA.get("val_fraction"):
+    raise WorkflowError(
+        f"config data: folds {FOLDS} and val_fraction {USER_DATA['val_fraction']} together: with folds every training "
+        "question is validated once, by the fold model that did not train on it. Remove data.val_fraction (or set "
+        "it to 0) to cross-validate, or set data.folds: 0 to hold out one share."
+    )
+if FOLDS:
+    config["data"]["val_fraction"] = 0  # the schema's default share is not held out when folds are
+HAS_VAL = bool(FOLDS) or config["data"]["val_fraction"] > 0
+# Keys of a run that shape the workflow's jobs rather than a training: they never reach train_lora.
+WORKFLOW_KEYS = ("seeds", "train", "refit")
 
 
 def check_base_model(name):
@@ -154,12 +167,18 @@ check_chat_template(config["base_model"])
 ANSWERING = {**config["answering"], "prompt_format": config["prompt_format"]}
 
 
-def run_settings(run):
+def run_settings(run, point=None):
     """The run's training settings, validated: schema defaults, then the demo's sizes
-    (base_model: demo only), then the config's `training` keys, then the run's own."""
+    (base_model: demo only), then the config's `training` keys, then the run's own, then a sweep point's."""
     demo = config["demo_model"]["training"] if IS_DEMO else {}
-    settings = {**config["training"], **demo, **USER_TRAINING, **(config["runs"][run] or {})}
+    settings = {**config["training"], **demo, **USER_TRAINING, **(config["runs"][run] or {}), **(point or {})}
     settings = validated(settings, "training.schema.yaml", f"config runs.{run}")
+    if settings["refit"] and not FOLDS:
+        raise WorkflowError(f"config runs.{run}: refit trains one more model on every row beside the fold models; "
+                            "it needs data.folds (K >= 2)")
+    if settings["refit"] and settings["select_best"]:
+        raise WorkflowError(f"config runs.{run}: refit trains on every row, so no question is left to select a step "
+                            "on; set select_best: false, or refit: false")
     if settings["select_best"] and not HAS_VAL:
         raise WorkflowError(
             f"config runs.{run}: select_best picks the adapter by validation accuracy, but data.val_fraction is 0, "
@@ -173,18 +192,122 @@ def run_settings(run):
     return settings
 
 
+def sweep_points():
+    """(name, settings) of each point of the `sweep` grid, named by Snakemake's Paramspace; [("", {})] without one."""
+    if not config["sweep"]:
+        return [("", {})]
+    import itertools
+
+    import pandas as pd
+    from snakemake.utils import Paramspace
+
+    keys = sorted(config["sweep"])
+    grid = pd.DataFrame(list(itertools.product(*(config["sweep"][k] for k in keys))), columns=keys)
+    space = Paramspace(grid, filename_params="*", param_sep="-", filename_sep="_")
+    return [(name, {k: row[k].item() if hasattr(row[k], "item") else row[k] for k in keys})
+            for name, (_, row) in zip(space.instance_patterns, grid.iterrows())]
+
+
+def expanded_runs():
+    """Run name -> settings for every run trained or scored: each config run at each sweep point, and each
+    replica of its seeds; and replica -> the run it replicates."""
+    runs, replicas = {}, {}
+    for run in config["runs"]:
+        for point_name, point in sweep_points():
+            name = "_".join(filter(None, [run if USER_RUNS or not point_name else "", point_name]))
+            settings = run_settings(run, point)
+            for seed in settings["seeds"] or [None]:
+                replica = f"{name}_seed{seed}" if seed is not None else name
+                runs[replica] = {**settings, **({"seed": seed} if seed is not None else {})}
+                if seed is not None:
+                    replicas[replica] = name
+    bad = [run for run in runs if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", run) or run in RESERVED_NAMES]
+    if bad:
+        raise WorkflowError(f"config sweep: run names {', '.join(bad)} are not plain folder names; use values of "
+                            "letters, digits, '.', '-' and '_'")
+    return runs, replicas
+
+
+# Folders under results/ that are not runs, and names that would collide with them.
+RESERVED_NAMES = ("data", "ensemble")
+RUNS, REPLICAS = expanded_runs()
+# What is trained: one model a run, or with folds one a fold (and a refit); baselines train nothing.
+FOLD_NAMES = [f"fold{k}" for k in range(FOLDS)]
+TRAINED = {}  # model -> its run
+for run, settings in RUNS.items():
+    if settings["train"]:
+        units = [f"{run}/{fold}" for fold in FOLD_NAMES] + [f"{run}/refit"] * settings["refit"] if FOLDS else [run]
+        TRAINED.update(dict.fromkeys(units, run))
+BASELINES = [run for run, settings in RUNS.items() if not settings["train"]]
+SCORED = {**TRAINED, **{run: run for run in BASELINES}}  # what answers and evaluates: model -> its run
+FOLDED = [run for run in RUNS if FOLDS and RUNS[run]["train"]]  # runs whose results combine fold models
+
+
+def run_of(wildcards):
+    return SCORED[wildcards.model]
+
+
+def fold_of(model):
+    """The fold a model trains without (its held-out fold), or None."""
+    tail = model.rsplit("/", 1)[-1]
+    return tail if "/" in model and tail in FOLD_NAMES else None
+
+
+def training_settings(wildcards):
+    """A model's training settings as JSON, without the keys that only shape the workflow."""
+    return as_json({k: v for k, v in RUNS[run_of(wildcards)].items() if k not in WORKFLOW_KEYS})
+
+
 def rotations_flag(wildcards):
     """For runs that pick their best step by validation accuracy, the option orders it is scored in (the one
     answering setting their training uses; the others rerun no training)."""
-    return f"--rotations {config['answering']['rotations']}" if RUNS[wildcards.run]["select_best"] else ""
+    return f"--rotations {config['answering']['rotations']}" if RUNS[run_of(wildcards)]["select_best"] else ""
 
 
-RUNS = {run: run_settings(run) for run in config["runs"]}
+def regex(names):
+    return "|".join(re.escape(name) for name in names) or "(?!)"
 
 
 wildcard_constraints:
-    run="|".join(re.escape(run) for run in RUNS),
-    member="|".join(re.escape(run) for run in [*RUNS, "ensemble"]),
+    run=regex(RUNS),
+    model=regex(SCORED),
+    member=regex([*RUNS, "ensemble"]),
+
+
+def get_training_data(wildcards):
+    """What a model trains on, and validates on during training: its fold's files, all rows for a refit, or
+    the single split."""
+    fold = fold_of(wildcards.model)
+    if fold:
+        return {"train": f"results/data/{fold}/train.json", "val": f"results/data/{fold}/val.json"}
+    if wildcards.model.endswith("/refit"):
+        return {"train": "results/data/train.json"}
+    return {"train": "results/data/train.json", "val": "results/data/val.json"}
+
+
+def get_validation_data(wildcards):
+    """What a model is evaluated on: its held-out fold, the validation split, or for a baseline with folds
+    every training row (nothing was trained on them)."""
+    fold = fold_of(wildcards.model)
+    if fold:
+        return f"results/data/{fold}/val.json"
+    return "results/data/train.json" if FOLDS else "results/data/val.json"
+
+
+def get_scoring_model(wildcards):
+    """The model a unit answers with: its merged checkpoint, or a baseline's base (built for the demo)."""
+    if wildcards.model in TRAINED:
+        return f"results/{wildcards.model}/merged"
+    return base_model_input(wildcards)
+
+
+def scoring_model_path(wildcards):
+    return f"results/{wildcards.model}/merged" if wildcards.model in TRAINED else base_model_path()
+
+
+def validation_probs(run):
+    """The file of a run's validation probabilities: out-of-fold with folds, else the validation split's."""
+    return f"results/{run}/oof_probs.csv" if run in FOLDED else f"results/{run}/val_probs.csv"
 
 
 def as_json(settings):
@@ -237,7 +360,8 @@ def train_launcher(wildcards, resources, threads):
 
 
 def ensemble_members():
-    """The runs the ensemble combines ([] when it is off or would have fewer than two)."""
+    """The runs the ensemble combines ([] when it is off or would have fewer than two); every seed
+    replica is a member of its own."""
     settings = config["ensemble"]
     members = settings["runs"] or list(RUNS)
     unknown = [run for run in members if run not in RUNS]
@@ -245,10 +369,11 @@ def ensemble_members():
         raise WorkflowError(f"config ensemble.runs: {', '.join(unknown)} not among runs ({', '.join(RUNS)})")
     if settings["runs"] and len(members) < 2:
         raise WorkflowError("config ensemble.runs: an ensemble needs at least two runs")
-    if settings["weights"] == "val_accuracy" and not HAS_VAL:
+    if (settings["weights"] == "val_accuracy" or settings["method"] == "greedy") and not HAS_VAL:
         raise WorkflowError(
-            "config ensemble.weights: val_accuracy needs validation accuracies, but data.val_fraction is 0; "
-            "set weights: equal or hold out a validation share"
+            f"config ensemble: {'method greedy' if settings['method'] == 'greedy' else 'weights: val_accuracy'} "
+            "chooses on validation probabilities, but data.val_fraction is 0; set weights: equal (and method: "
+            "mean_probability), hold out a validation share, or use data.folds"
         )
     # Sorted: the order of members changes no mean, so reordering runs in the config reruns nothing.
     return sorted(members) if settings["activate"] and len(members) >= 2 else []
@@ -257,14 +382,32 @@ def ensemble_members():
 ENSEMBLE = ensemble_members()
 
 
-def get_ensemble_weights_input(wildcards):
-    """The members' metrics.json when the ensemble weighs them by validation accuracy (else nothing)."""
-    return expand("results/{run}/metrics.json", run=ENSEMBLE) if config["ensemble"]["weights"] == "val_accuracy" else []
+def ensemble_chooses():
+    """Whether the ensemble's weights are chosen on validation probabilities (which its answers then need)."""
+    return config["ensemble"]["method"] == "greedy" or config["ensemble"]["weights"] == "val_accuracy"
+
+
+def get_ensemble_validation_input(wildcards):
+    """The members' validation (with folds out-of-fold) probabilities, when the weights are chosen on them."""
+    return [validation_probs(run) for run in ENSEMBLE] if ensemble_chooses() else []
+
+
+def experiments_manifest():
+    """What the experiments table shows of each run: its settings, its models' training logs, its metrics
+    and, for a seed replica, the run it replicates."""
+    manifest = {}
+    for run, settings in RUNS.items():
+        models = [model for model, of in TRAINED.items() if of == run]
+        manifest[run] = {"settings": {k: v for k, v in settings.items() if k != "seeds"},
+                         "train_logs": [f"results/{model}/train_log.jsonl" for model in models],
+                         "metrics": f"results/{run}/metrics.json" if HAS_VAL else None,
+                         "replica_of": REPLICAS.get(run), "folds": FOLDS}
+    return manifest
 
 
 def get_experiment_inputs(wildcards):
-    """What the experiments table reads: each run's training log, metrics and the ensemble's metrics."""
-    files = {"train_logs": expand("results/{run}/train_log.jsonl", run=RUNS)}
+    """What the experiments table reads: each run's training logs, metrics and the ensemble's metrics."""
+    files = {"train_logs": [log for entry in experiments_manifest().values() for log in entry["train_logs"]]}
     if HAS_VAL:
         files["metrics"] = expand("results/{run}/metrics.json", run=RUNS)
         if ENSEMBLE:
@@ -275,7 +418,9 @@ def get_experiment_inputs(wildcards):
 def get_final_output():
     """Everything `snakemake` with no target builds."""
     outputs = ["results/data/report.json", "results/data/report.html", "results/experiments.html"]
-    outputs += expand("results/{run}/{name}", run=RUNS, name=["answers.csv", "train_curve.png"])
+    outputs += expand("results/{run}/answers.csv", run=RUNS)
+    outputs += [f"results/{model}/train_curve.png" for model in TRAINED]
+    outputs += [f"results/{model}/answers.csv" for model in TRAINED if model.endswith("/refit")]
     members = list(RUNS) + (["ensemble"] if ENSEMBLE else [])
     if HAS_VAL:
         outputs += expand("results/{member}/{name}", member=members, name=["metrics.json", "confusion.png"])

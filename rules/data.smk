@@ -7,7 +7,10 @@ rule prepare_train_data:
         train="results/data/train.json",
         val="results/data/val.json",
         report="results/data/train_report.json",
+        folds=["results/data/folds.json", *expand("results/data/{fold}/{part}.json", fold=FOLD_NAMES,
+                                                  part=["train", "val"])] if FOLDS else [],
     params:
+        folds=f"--folds {FOLDS} --folds-dir results/data" if FOLDS else "",
         val_fraction=config["data"]["val_fraction"],
         split_seed=config["data"]["split_seed"],
         split_by=config["data"]["split_by"],
@@ -19,7 +22,7 @@ rule prepare_train_data:
     shell:
         "python {input.script:q} train --input {input.table:q} --train-out {output.train:q} "
         "--val-out {output.val:q} --report-out {output.report:q} --val-fraction {params.val_fraction} "
-        "--split-seed {params.split_seed} --split-by {params.split_by} "
+        "--split-seed {params.split_seed} --split-by {params.split_by} {params.folds} "
         "--on-invalid {params.on_invalid} > {log:q} 2>&1"
 
 

@@ -1,7 +1,7 @@
 rule ensemble_answers:
     input:
         probs=expand("results/{run}/answer_probs.csv", run=ENSEMBLE),
-        metrics=get_ensemble_weights_input,
+        val_probs=get_ensemble_validation_input,
         script=SCRIPTS / "ensemble_answers.py",
         lib=library_of("ensemble_answers.py"),
     output:
@@ -15,20 +15,20 @@ rule ensemble_answers:
     params:
         members=ENSEMBLE,
         weights=config["ensemble"]["weights"],
-        metrics=lambda wildcards, input: ["--metrics", *input.metrics] if input.metrics else [],
+        method=config["ensemble"]["method"],
     log:
         "logs/ensemble_answers.log",
     conda:
         "../envs/data.yaml"
     shell:
-        "python {input.script:q} --members {params.members:q} --weights {params.weights} {params.metrics:q} "
-        "--test-probs {input.probs:q} --answers {output.answers:q} --probs {output.probs:q} > {log:q} 2>&1"
+        "python {input.script:q} --members {params.members:q} --weights {params.weights} --method {params.method} "
+        "--val-probs {input.val_probs:q} --test-probs {input.probs:q} --answers {output.answers:q} "
+        "--probs {output.probs:q} > {log:q} 2>&1"
 
 
 rule evaluate_ensemble:
     input:
-        probs=expand("results/{run}/val_probs.csv", run=ENSEMBLE),
-        metrics=get_ensemble_weights_input,
+        probs=[validation_probs(run) for run in ENSEMBLE],
         script=SCRIPTS / "ensemble_answers.py",
         lib=library_of("ensemble_answers.py"),
     output:
@@ -36,11 +36,11 @@ rule evaluate_ensemble:
     params:
         members=ENSEMBLE,
         weights=config["ensemble"]["weights"],
-        metrics=lambda wildcards, input: ["--metrics", *input.metrics] if input.metrics else [],
+        method=config["ensemble"]["method"],
     log:
         "logs/evaluate_ensemble.log",
     conda:
         "../envs/data.yaml"
     shell:
-        "python {input.script:q} --members {params.members:q} --weights {params.weights} {params.metrics:q} "
+        "python {input.script:q} --members {params.members:q} --weights {params.weights} --method {params.method} "
         "--val-probs {input.probs:q} --metrics-out {output:q} > {log:q} 2>&1"

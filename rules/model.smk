@@ -22,18 +22,20 @@ rule build_demo_model:
 
 
 rule train_lora:
+    wildcard_constraints:
+        model=regex(TRAINED),
     input:
-        train="results/data/train.json",
-        val="results/data/val.json",
+        unpack(get_training_data),
         base=base_model_input,
         deepspeed=Path(workflow.basedir) / "resources" / "deepspeed" / "zero2.json",
         script=SCRIPTS / "train_lora.py",
         lib=library_of("train_lora.py"),
     output:
-        adapter=directory("results/{run}/adapter"),
-        log_jsonl="results/{run}/train_log.jsonl",
+        adapter=directory("results/{model}/adapter"),
+        log_jsonl="results/{model}/train_log.jsonl",
     params:
-        settings=lambda wildcards: as_json(RUNS[wildcards.run]),
+        settings=training_settings,
+        val=lambda wildcards, input: f"--val {shlex.quote(input.val)}" if hasattr(input, "val") else "",
         base_model=base_model_path(),
         remote_code=remote_code_flag(),
         revision=revision_flag(),
@@ -42,20 +44,20 @@ rule train_lora:
         launcher=train_launcher,
         # Not an output: Snakemake must not delete it when a job fails, so a
         # rerun resumes from the last checkpoint.
-        checkpoint_dir="results/{run}/checkpoints",
+        checkpoint_dir="results/{model}/checkpoints",
     threads: TRAIN_RES["threads"]
     resources:
         gpu=TRAIN_RES["gpu"],
         mem_mb=TRAIN_RES["mem_mb"],
         runtime=TRAIN_RES["runtime"],
     log:
-        "logs/{run}/train_lora.log",
+        "logs/{model}/train_lora.log",
     benchmark:
-        "benchmarks/{run}/train_lora.tsv"
+        "benchmarks/{model}/train_lora.tsv"
     conda:
         "../envs/train.yaml"
     shell:
-        "{params.launcher} {input.script:q} --train {input.train:q} --val {input.val:q} "
+        "{params.launcher} {input.script:q} --train {input.train:q} {params.val} "
         "--base-model {params.base_model:q} --out {output.adapter:q} --log-jsonl {output.log_jsonl:q} "
         "--checkpoint-dir {params.checkpoint_dir:q} --deepspeed-config {input.deepspeed:q} "
         "--settings {params.settings:q} --prompt-format {params.prompt_format} {params.rotations} "
@@ -65,13 +67,15 @@ rule train_lora:
 
 
 rule merge_lora:
+    wildcard_constraints:
+        model=regex(TRAINED),
     input:
-        adapter="results/{run}/adapter",
+        adapter="results/{model}/adapter",
         base=base_model_input,
         script=SCRIPTS / "merge_lora.py",
         lib=library_of("merge_lora.py"),
     output:
-        directory("results/{run}/merged"),
+        directory("results/{model}/merged"),
     params:
         base_model=base_model_path(),
     threads: MERGE_RES["threads"]
@@ -80,9 +84,9 @@ rule merge_lora:
         mem_mb=MERGE_RES["mem_mb"],
         runtime=MERGE_RES["runtime"],
     log:
-        "logs/{run}/merge_lora.log",
+        "logs/{model}/merge_lora.log",
     benchmark:
-        "benchmarks/{run}/merge_lora.tsv"
+        "benchmarks/{model}/merge_lora.tsv"
     conda:
         "../envs/merge.yaml"
     shell:
@@ -92,21 +96,22 @@ rule merge_lora:
 
 rule answer_questions:
     input:
-        model="results/{run}/merged",
+        model=get_scoring_model,
         test="results/data/test.json",
         script=SCRIPTS / "answer_questions.py",
         lib=library_of("answer_questions.py"),
     output:
         answers=report(
-            "results/{run}/answers.csv",
+            "results/{model}/answers.csv",
             caption="../workflow/report/answers.rst",
             category="Answers",
-            labels={"run": "{run}", "file": "answers.csv"},
+            labels={"run": "{model}", "file": "answers.csv"},
         ),
-        probs="results/{run}/answer_probs.csv",
+        probs="results/{model}/answer_probs.csv",
     params:
+        model=scoring_model_path,
         settings=as_json(ANSWERING),
-        max_seq_length=lambda wildcards: RUNS[wildcards.run]["max_seq_length"],
+        max_seq_length=lambda wildcards: RUNS[run_of(wildcards)]["max_seq_length"],
         remote_code=remote_code_flag(),
     threads: ANSWER_RES["threads"]
     resources:
@@ -114,24 +119,87 @@ rule answer_questions:
         mem_mb=ANSWER_RES["mem_mb"],
         runtime=ANSWER_RES["runtime"],
     log:
-        "logs/{run}/answer_questions.log",
+        "logs/{model}/answer_questions.log",
     benchmark:
-        "benchmarks/{run}/answer_questions.tsv"
+        "benchmarks/{model}/answer_questions.tsv"
     conda:
         "../envs/answer.yaml"
     shell:
-        "python {input.script:q} --model {input.model:q} --test {input.test:q} --answers {output.answers:q} "
+        "python {input.script:q} --model {params.model:q} --test {input.test:q} --answers {output.answers:q} "
         "--probs {output.probs:q} --max-seq-length {params.max_seq_length} "
         "--settings {params.settings:q} {params.remote_code} > {log:q} 2>&1"
 
 
 rule evaluate_answers:
     input:
-        model="results/{run}/merged",
-        val="results/data/val.json",
+        model=get_scoring_model,
+        val=get_validation_data,
         script=SCRIPTS / "evaluate_answers.py",
         lib=library_of("evaluate_answers.py"),
     output:
+        metrics=report(
+            "results/{model}/metrics.json",
+            caption="../workflow/report/metrics.rst",
+            category="Validation",
+            subcategory="metrics",
+            labels={"run": "{model}", "figure": "metrics.json"},
+        ),
+        probs="results/{model}/val_probs.csv",
+    params:
+        model=scoring_model_path,
+        settings=as_json(ANSWERING),
+        max_seq_length=lambda wildcards: RUNS[run_of(wildcards)]["max_seq_length"],
+        selected_step=lambda wildcards: "--selected-step" if RUNS[run_of(wildcards)]["select_best"] else "",
+        remote_code=remote_code_flag(),
+    threads: ANSWER_RES["threads"]
+    resources:
+        gpu=ANSWER_RES["gpu"],
+        mem_mb=ANSWER_RES["mem_mb"],
+        runtime=ANSWER_RES["runtime"],
+    log:
+        "logs/{model}/evaluate_answers.log",
+    benchmark:
+        "benchmarks/{model}/evaluate_answers.tsv"
+    conda:
+        "../envs/answer.yaml"
+    shell:
+        "python {input.script:q} --model {params.model:q} --val {input.val:q} --out {output.metrics:q} --probs {output.probs:q} "
+        "--max-seq-length {params.max_seq_length} --settings {params.settings:q} "
+        "{params.selected_step} {params.remote_code} > {log:q} 2>&1"
+
+
+rule plot_training:
+    wildcard_constraints:
+        model=regex(TRAINED),
+    input:
+        log_jsonl="results/{model}/train_log.jsonl",
+        script=SCRIPTS / "plot_training.py",
+    output:
+        report(
+            "results/{model}/train_curve.png",
+            caption="../workflow/report/train_curve.rst",
+            category="Training",
+            labels={"run": "{model}", "figure": "training curve"},
+        ),
+    log:
+        "logs/{model}/plot_training.log",
+    conda:
+        "../envs/data.yaml"
+    shell:
+        "python {input.script:q} --log-jsonl {input.log_jsonl:q} --out {output:q} --title {wildcards.model:q} > {log:q} 2>&1"
+
+
+rule combine_folds:
+    input:
+        val_probs=lambda wildcards: expand("results/{{run}}/{fold}/val_probs.csv", fold=FOLD_NAMES),
+        answer_probs=lambda wildcards: expand("results/{{run}}/{fold}/answer_probs.csv", fold=FOLD_NAMES),
+        folds="results/data/folds.json",
+        script=SCRIPTS / "combine_folds.py",
+        lib=library_of("combine_folds.py"),
+    wildcard_constraints:
+        run=regex(FOLDED),
+    output:
+        oof="results/{run}/oof_probs.csv",
         metrics=report(
             "results/{run}/metrics.json",
             caption="../workflow/report/metrics.rst",
@@ -139,43 +207,20 @@ rule evaluate_answers:
             subcategory="metrics",
             labels={"run": "{run}", "figure": "metrics.json"},
         ),
-        probs="results/{run}/val_probs.csv",
-    params:
-        settings=as_json(ANSWERING),
-        max_seq_length=lambda wildcards: RUNS[wildcards.run]["max_seq_length"],
-        selected_step=lambda wildcards: "--selected-step" if RUNS[wildcards.run]["select_best"] else "",
-        remote_code=remote_code_flag(),
-    threads: ANSWER_RES["threads"]
-    resources:
-        gpu=ANSWER_RES["gpu"],
-        mem_mb=ANSWER_RES["mem_mb"],
-        runtime=ANSWER_RES["runtime"],
-    log:
-        "logs/{run}/evaluate_answers.log",
-    benchmark:
-        "benchmarks/{run}/evaluate_answers.tsv"
-    conda:
-        "../envs/answer.yaml"
-    shell:
-        "python {input.script:q} --model {input.model:q} --val {input.val:q} --out {output.metrics:q} --probs {output.probs:q} "
-        "--max-seq-length {params.max_seq_length} --settings {params.settings:q} "
-        "{params.selected_step} {params.remote_code} > {log:q} 2>&1"
-
-
-rule plot_training:
-    input:
-        log_jsonl="results/{run}/train_log.jsonl",
-        script=SCRIPTS / "plot_training.py",
-    output:
-        report(
-            "results/{run}/train_curve.png",
-            caption="../workflow/report/train_curve.rst",
-            category="Training",
-            labels={"run": "{run}", "figure": "training curve"},
+        answers=report(
+            "results/{run}/answers.csv",
+            caption="../workflow/report/answers.rst",
+            category="Answers",
+            labels={"run": "{run}", "file": "answers.csv"},
         ),
+        answer_probs="results/{run}/answer_probs.csv",
+    params:
+        selected_step=lambda wildcards: "--selected-step" if RUNS[wildcards.run]["select_best"] else "",
     log:
-        "logs/{run}/plot_training.log",
+        "logs/{run}/combine_folds.log",
     conda:
         "../envs/data.yaml"
     shell:
-        "python {input.script:q} --log-jsonl {input.log_jsonl:q} --out {output:q} --title {wildcards.run:q} > {log:q} 2>&1"
+        "python {input.script:q} --folds {input.folds:q} --val-probs {input.val_probs:q} "
+        "--answer-probs {input.answer_probs:q} --oof {output.oof:q} --metrics {output.metrics:q} "
+        "--answers {output.answers:q} --probs {output.answer_probs:q} {params.selected_step} > {log:q} 2>&1"

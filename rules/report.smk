@@ -20,17 +20,15 @@ rule summarize_experiments:
             labels={"figure": "accuracy with 95% intervals"},
         ),
     params:
-        settings=as_json(RUNS),
-        metrics=lambda wildcards, input: ["--metrics", *input.metrics] if HAS_VAL else [],
+        manifest=as_json(experiments_manifest()),
         ensemble=lambda wildcards, input: ["--ensemble-metrics", input.ensemble] if HAS_VAL and ENSEMBLE else [],
     log:
         "logs/summarize_experiments.log",
     conda:
         "../envs/data.yaml"
     shell:
-        "python {input.script:q} --settings {params.settings:q} --train-logs {input.train_logs:q} "
-        "{params.metrics:q} {params.ensemble:q} --tsv {output.tsv:q} --html {output.html:q} --png {output.png:q} "
-        "> {log:q} 2>&1"
+        "python {input.script:q} --manifest {params.manifest:q} {params.ensemble:q} --tsv {output.tsv:q} "
+        "--html {output.html:q} --png {output.png:q} > {log:q} 2>&1"
 
 
 rule plot_confusion:

@@ -211,3 +211,19 @@ def two_runs(tmp_path_factory):
                              training={"lora_r": 48, "lora_alpha": 64, "warmup_ratio": 0.03})
     result = snakemake(workdir, "--cores", "4")
     return workdir, result.stdout + result.stderr
+
+
+# Cross-validation on the sample: two folds, a run with a refit, a run replicated over two seeds, a
+# baseline, and the greedy ensemble of them, one short epoch each.
+CV_RUNS = {"a": {"refit": True}, "b": {"lora_r": 8, "seeds": [1, 2]}, "base": {"train": False}}
+CV_TARGETS = ("results/experiments.html", "results/ensemble/answers.csv", "results/ensemble/metrics.json",
+              "results/a/refit/answers.csv")
+
+
+@pytest.fixture(scope="session")
+def cross_validated(tmp_path_factory) -> Path:
+    """The workdir of a finished cross-validated workflow (the targets above, not every figure)."""
+    workdir = sample_workdir(tmp_path_factory.mktemp("cv"), data={"folds": 2}, runs=CV_RUNS,
+                             training={"epochs": 1}, ensemble={"method": "greedy"}, resources=ONE_THREAD)
+    snakemake(workdir, *CV_TARGETS)
+    return workdir

@@ -17,6 +17,8 @@ import random
 import statistics
 import sys
 from collections import defaultdict
+from pathlib import Path
+from typing import Callable
 
 from mcqa.prompt import INSTRUCTION, build_input
 from mcqa.records import write_json_atomic
@@ -85,20 +87,24 @@ def base_report(result: ReadResult, path: str, skipped: list[dict]) -> dict:
     }
 
 
-def split_rows(rows: list[Row], val_fraction: float, seed: int, split_by: str) -> tuple[list[Row], list[Row]]:
-    """Hold out about val_fraction of the rows; with split_by=article whole articles go to one side.
-
-    With split_by=row, identical rows (same article, question and options)
-    still stay together, so validation never scores a question trained on.
-    """
-    if val_fraction <= 0:
-        return rows, []
+def grouped(rows: list[Row], split_by: str, seed: int) -> tuple[list, dict, Callable[[Row], object]]:
+    """The groups that must stay on one side of a split, in a seeded order: an article's questions
+    (split_by=article) or identical rows (same article, question and options; split_by=row), so validation
+    never scores a question trained on."""
     key = (lambda r: r.article) if split_by == "article" else (lambda r: (r.article, r.question, tuple(r.options)))
     groups: dict[object, list[Row]] = defaultdict(list)
     for r in rows:
         groups[key(r)].append(r)
     order = list(groups)
     random.Random(seed).shuffle(order)
+    return order, groups, key
+
+
+def split_rows(rows: list[Row], val_fraction: float, seed: int, split_by: str) -> tuple[list[Row], list[Row]]:
+    """Hold out about val_fraction of the rows, whole groups at a time (see grouped)."""
+    if val_fraction <= 0:
+        return rows, []
+    order, groups, key = grouped(rows, split_by, seed)
     target = round(val_fraction * len(rows))
     val_keys, taken = set(), 0
     for k in order:
@@ -109,6 +115,35 @@ def split_rows(rows: list[Row], val_fraction: float, seed: int, split_by: str) -
     train = [r for r in rows if key(r) not in val_keys]
     val = [r for r in rows if key(r) in val_keys]
     return train, val
+
+
+def assign_folds(rows: list[Row], folds: int, seed: int, split_by: str) -> list[int]:
+    """Each row's fold (0 to folds-1): the groups (see grouped), in their seeded order, each to the fold
+    with the fewest rows so far, so the folds are as even as whole groups allow."""
+    order, groups, key = grouped(rows, split_by, seed)
+    sizes, fold_of_group = [0] * folds, {}
+    for group in order:
+        fold_of_group[group] = smallest = sizes.index(min(sizes))
+        sizes[smallest] += len(groups[group])
+    return [fold_of_group[key(r)] for r in rows]
+
+
+def write_folds(rows: list[Row], folds: int, seed: int, split_by: str, folder: Path, path: str) -> dict:
+    """folds.json (which rows of train.json each fold holds out) and, for each fold, the train.json of the
+    other folds and the val.json of its own; returns the folds' part of the data report."""
+    fold = assign_folds(rows, folds, seed, split_by)
+    held_out = [[n for n, f in enumerate(fold) if f == k] for k in range(folds)]
+    if min(map(len, held_out)) == 0:
+        raise InputError(f"{path}: {len(rows)} usable rows in {len({r.article for r in rows})} articles cannot make "
+                         f"{folds} folds that each hold something out; lower data.folds.")
+    for k, rows_out in enumerate(held_out):
+        out = set(rows_out)
+        write_json_atomic(folder / f"fold{k}" / "train.json", [labelled_record(r) for n, r in enumerate(rows) if n not in out])
+        write_json_atomic(folder / f"fold{k}" / "val.json", [labelled_record(rows[n]) for n in rows_out])
+    write_json_atomic(folder / "folds.json", {"folds": folds, "held_out": held_out})
+    articles = [{r.article for n, r in enumerate(rows) if fold[n] == k} for k in range(folds)]
+    return {"folds": folds, "fold_records": list(map(len, held_out)),
+            "articles_in_two_folds": sum(len(a & b) for i, a in enumerate(articles) for b in articles[i + 1:])}
 
 
 def check_split(train: list[Row], val: list[Row], val_fraction: float, path: str) -> None:
@@ -148,12 +183,17 @@ def prepare_train(args: argparse.Namespace) -> None:
         "val_articles": len({r.article for r in val}),
         "articles_on_both_sides": len({r.article for r in train} & {r.article for r in val}),
     }
+    if args.folds:
+        report["split"].update(write_folds(train, args.folds, args.split_seed, args.split_by, Path(args.folds_dir),
+                                           args.input))
     write_json_atomic(args.train_out, [labelled_record(r) for r in train])
     write_json_atomic(args.val_out, [labelled_record(r) for r in val])
     write_json_atomic(args.report_out, report)
     print(
         f"{args.input}: read {result.rows_read}, kept {len(result.rows)}, fixed {sum(result.fixes.values())} "
-        f"{result.fixes}, skipped {len(skipped)}; train {len(train)}, val {len(val)}{sheets_note(result)}",
+        f"{result.fixes}, skipped {len(skipped)}; train {len(train)}, val {len(val)}"
+        + (f"; {args.folds} folds of {report['split']['fold_records']} records" if args.folds else "")
+        + sheets_note(result),
         file=sys.stderr,
     )
 
@@ -190,6 +230,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--split-seed", type=int, default=42)
     train.add_argument("--split-by", choices=["article", "row"], default="article")
     train.add_argument("--on-invalid", choices=["error", "skip"], default="error")
+    train.add_argument("--folds", type=int, default=0, help="K >= 2: write K folds (with --folds-dir)")
+    train.add_argument("--folds-dir", default="", help="folder of folds.json and fold<k>/train.json, val.json")
     test = sub.add_parser("test", help="unlabelled file -> test.json")
     test.add_argument("--input", required=True)
     test.add_argument("--out", required=True)

@@ -1,15 +1,18 @@
 """One table and one figure comparing every run (and the ensemble): experiments.tsv, .html, .png.
 
-    summarize_experiments.py --settings '{"run": {...}, ...}' --train-logs a/train_log.jsonl b/train_log.jsonl \
-        [--metrics a/metrics.json b/metrics.json] [--ensemble-metrics ensemble/metrics.json] \
+    summarize_experiments.py --manifest '{"run": {"settings": {...}, "train_logs": [...], "metrics": ...,
+        "replica_of": null, "folds": 0}, ...}' [--ensemble-metrics ensemble/metrics.json] \
         --tsv experiments.tsv --html experiments.html --png experiments.png
 
 A row per run: the training settings that differ between runs (only those),
-validation accuracy with its 95% interval, log-loss, how the predictions
-spread over answers 1-4, the best step (select_best), the final training
-loss, tokens/s, training minutes and peak GPU memory. Sorted by validation
-accuracy. The figure shows each accuracy with its interval, so runs whose
-intervals overlap are visibly not told apart by this validation set.
+validation accuracy (with folds: out-of-fold, on every training question)
+with its 95% interval and, with folds, the spread of the fold accuracies,
+log-loss, how the predictions spread over answers 1-4, the best step
+(select_best), the final training loss, tokens/s, training minutes (summed
+over a run's fold models) and peak GPU memory. A baseline (train: false)
+says so; the replicas of a run's seeds get a row of their mean and spread.
+Sorted by validation accuracy. The figure shows each accuracy with its
+interval, so runs whose intervals overlap are visibly not told apart.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -35,19 +39,30 @@ def differing_settings(settings: dict[str, dict]) -> list[str]:
     return [k for k in keys if len({json.dumps(s.get(k), sort_keys=True) for s in settings.values()}) > 1]
 
 
-def training_summary(log_path: str) -> dict:
-    """Final loss, throughput, minutes, peak memory and best step from a train_log.jsonl."""
-    entries = [json.loads(line) for line in Path(log_path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    steps = [e for e in entries if "loss" in e]
-    totals = [e for e in entries if "elapsed_s" in e and e.get("tokens_seen")]
-    last = totals[-1] if totals else {}
-    best = next((e for e in entries if "best_step" in e), {})
+def training_summary(log_paths: list[str]) -> dict:
+    """Final loss, throughput, minutes, peak memory and best step from a run's train_log.jsonl files (one,
+    or one a fold model: losses averaged, minutes summed); nothing for a baseline."""
+    if not log_paths:
+        return {"kind": "baseline (no training)"}
+    summaries = []
+    for path in log_paths:
+        entries = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        steps = [e for e in entries if "loss" in e]
+        totals = [e for e in entries if "elapsed_s" in e and e.get("tokens_seen")]
+        last = totals[-1] if totals else {}
+        best = next((e for e in entries if "best_step" in e), {})
+        summaries.append({"best": best.get("best_step"), "loss": steps[-1]["loss"] if steps else None,
+                          "tokens": last.get("tokens_seen", 0), "seconds": last.get("elapsed_s", 0),
+                          "peak": max((e.get("peak_gpu_mem_gb", 0) for e in entries), default=0)})
+    losses = [s["loss"] for s in summaries if s["loss"] is not None]
+    seconds = sum(s["seconds"] for s in summaries)
+    bests = [s["best"] for s in summaries if s["best"] is not None]
     return {
-        "best step": best.get("best_step"),
-        "final training loss": round(steps[-1]["loss"], 4) if steps else None,
-        "tokens/s": round(last["tokens_seen"] / last["elapsed_s"]) if last.get("elapsed_s") else None,
-        "training minutes": round(last["elapsed_s"] / 60, 2) if last else None,
-        "peak GPU GiB": max((e.get("peak_gpu_mem_gb", 0) for e in entries), default=0) or None,
+        "best step": bests[0] if len(bests) == 1 else (" / ".join(map(str, bests)) if bests else None),
+        "final training loss": round(sum(losses) / len(losses), 4) if losses else None,
+        "tokens/s": round(sum(s["tokens"] for s in summaries) / seconds) if seconds else None,
+        "training minutes": round(seconds / 60, 2) if seconds else None,
+        "peak GPU GiB": max(s["peak"] for s in summaries) or None,
     }
 
 
@@ -58,17 +73,37 @@ def validation_summary(metrics_path: str | None) -> dict:
     low, high = m["accuracy_ci95"]
     spread = " / ".join(str(m["predicted_counts"][a]) for a in "1234")
     chosen = {text: kind for kind, text in CHOSEN.items()}.get(m.get("chosen_on_these_questions"), "")
+    folds = f"{m['folds']} (sd {m['fold_accuracy_sd']:.4f})" if m.get("folds") else ""
     return {"val accuracy": round(m["accuracy"], 4), "95% interval": f"{low:.3f}-{high:.3f}", "ci_low": low,
-            "ci_high": high, "chosen on these questions": chosen, "log-loss": round(m["log_loss"], 4),
+            "ci_high": high, "folds": folds, "chosen on these questions": chosen, "log-loss": round(m["log_loss"], 4),
             "predicted 1/2/3/4": spread}
 
 
-def table(runs: list[str], settings: dict, logs: list[str], metrics: list[str], ensemble: str | None) -> pd.DataFrame:
+def seed_rows(rows: list[dict], manifest: dict) -> list[dict]:
+    """A row for each run replicated over seeds: its replicas' mean accuracy and their spread."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        if (base := manifest.get(row["run"], {}).get("replica_of")) and "val accuracy" in row:
+            groups.setdefault(base, []).append(row)
+    means = []
+    for base, replicas in groups.items():
+        accuracies = [r["val accuracy"] for r in replicas]
+        mean = statistics.fmean(accuracies)
+        sd = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
+        means.append({"run": f"{base} (mean of {len(replicas)} seeds)", "val accuracy": round(mean, 4),
+                      "95% interval": f"sd {sd:.4f} over seeds", "ci_low": mean - sd, "ci_high": mean + sd,
+                      "kind": "seed mean (bars: one sd)"})
+    return means
+
+
+def table(manifest: dict, ensemble: str | None) -> pd.DataFrame:
+    settings = {run: entry["settings"] for run, entry in manifest.items()}
     differ = differing_settings(settings)
     rows = []
-    for n, run in enumerate(runs):
+    for run, entry in manifest.items():
         rows.append({"run": run, **{k: json.dumps(settings[run].get(k)) for k in differ},
-                     **validation_summary(metrics[n] if metrics else None), **training_summary(logs[n])})
+                     **validation_summary(entry["metrics"]), **training_summary(entry["train_logs"])})
+    rows += seed_rows(rows, manifest)
     if ensemble:
         rows.append({"run": "ensemble", **validation_summary(ensemble)})
     frame = pd.DataFrame(rows)
@@ -107,16 +142,16 @@ def plot(frame: pd.DataFrame, out: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--settings", required=True, help="JSON: run name -> its training settings")
-    parser.add_argument("--train-logs", nargs="+", required=True, help="train_log.jsonl of each run, in settings order")
-    parser.add_argument("--metrics", nargs="*", default=[], help="metrics.json of each run, in settings order")
+    parser.add_argument("--manifest", required=True,
+                        help="JSON: run -> its settings, train_logs, metrics, replica_of and folds")
     parser.add_argument("--ensemble-metrics", default="")
     parser.add_argument("--tsv", required=True)
     parser.add_argument("--html", required=True)
     parser.add_argument("--png", required=True)
     args = parser.parse_args(argv)
-    settings = json.loads(args.settings)
-    frame = table(list(settings), settings, args.train_logs, args.metrics, args.ensemble_metrics or None)
+    manifest = json.loads(args.manifest)
+    settings = {run: entry["settings"] for run, entry in manifest.items()}
+    frame = table(manifest, args.ensemble_metrics or None)
     shown = frame.drop(columns=[c for c in ("ci_low", "ci_high") if c in frame])
     shown.to_csv(args.tsv, sep="\t", index=False)
     body = shown.to_html(index=False, na_rep="", border=0, classes="experiments")

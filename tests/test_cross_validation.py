@@ -1,0 +1,180 @@
+"""Cross-validation, seed replicas, a baseline, sweeps and ensembles chosen on out-of-fold probabilities."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+
+import pytest
+from conftest import CV_RUNS, CV_TARGETS, run_script, sample_workdir, snakemake
+
+from mcqa.prompt import split_input
+from mcqa.records import read_records
+
+
+def read_csv(path):
+    with open(path, encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def scheduled(result) -> dict[str, int]:
+    table = result.stdout.split("Job stats:")[1].split("total")[0]
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
+
+
+def test_fold_models_never_train_on_their_held_out_articles(cross_validated):
+    data = cross_validated / "results/data"
+    everything = read_records(data / "train.json", "labelled")
+    folds = json.loads((data / "folds.json").read_text())
+    assert sorted(n for fold in folds["held_out"] for n in fold) == list(range(len(everything)))
+    for k, held_out in enumerate(folds["held_out"]):
+        train = read_records(data / f"fold{k}/train.json", "labelled")
+        val = read_records(data / f"fold{k}/val.json", "labelled")
+        assert [r["input"] for r in val] == [everything[n]["input"] for n in held_out]
+        assert len(train) + len(val) == len(everything)
+        assert not {split_input(r["input"])[0] for r in train} & {split_input(r["input"])[0] for r in val}
+    log = (cross_validated / "logs/a/fold0/train_lora.log").read_text()
+    assert f"fold0/train.json: 0 of {len(everything) - len(folds['held_out'][0])} questions" in log
+
+
+def test_out_of_fold_probabilities_score_every_training_question_once(cross_validated):
+    everything = read_records(cross_validated / "results/data/train.json", "labelled")
+    for run in ("a", "b_seed1", "b_seed2"):
+        rows = read_csv(cross_validated / f"results/{run}/oof_probs.csv")
+        assert [int(r["record"]) for r in rows] == list(range(len(everything)))
+        assert [int(r["label"]) for r in rows] == [r["label"] for r in everything]
+        metrics = json.loads((cross_validated / f"results/{run}/metrics.json").read_text())
+        assert metrics["questions"] == len(everything) and len(metrics["fold_accuracy"]) == 2
+        correct = sum(max(range(4), key=lambda a: float(r[f"p{a + 1}"])) + 1 == int(r["label"]) for r in rows)
+        assert metrics["accuracy"] == correct / len(rows)
+
+
+def test_a_run_answers_with_the_mean_of_its_fold_models(cross_validated):
+    folds = [read_csv(cross_validated / f"results/a/fold{k}/answer_probs.csv") for k in range(2)]
+    mean = read_csv(cross_validated / "results/a/answer_probs.csv")
+    answers = read_csv(cross_validated / "results/a/answers.csv")
+    assert [r["ID"] for r in mean] == [r["ID"] for r in folds[0]] == [r["ID"] for r in answers]
+    for n, row in enumerate(mean):
+        four = [float(row[f"p{a}"]) for a in "1234"]
+        assert four == pytest.approx([(float(folds[0][n][f"p{a}"]) + float(folds[1][n][f"p{a}"])) / 2
+                                      for a in "1234"], abs=2e-6)
+        assert int(answers[n]["Answer"]) == four.index(max(four)) + 1
+    assert len(read_csv(cross_validated / "results/a/refit/answers.csv")) == len(answers)
+    assert (cross_validated / "results/a/refit/adapter/adapter_model.safetensors").exists()
+
+
+def test_baseline_scores_the_base_without_training_or_merging(cross_validated):
+    output = snakemake(cross_validated, "-n", "-p", "--forcerun", "answer_questions", "evaluate_answers",
+                       *CV_TARGETS).stdout
+    planned = scheduled(snakemake(cross_validated, "-n", "--forceall", *CV_TARGETS))
+    trained = sum(1 for run, settings in CV_RUNS.items() if settings.get("train", True)
+                  for _ in settings.get("seeds", [None]))
+    assert planned["train_lora"] == planned["merge_lora"] == trained * 2 + 1  # two folds each, a's refit
+    commands = [line for line in output.splitlines() if "answer_questions.py --model" in line]
+    assert any("--model resources/models/demo " in line and "results/base/answers.csv" in line for line in commands)
+    assert not (cross_validated / "results/base/adapter").exists()
+    metrics = json.loads((cross_validated / "results/base/metrics.json").read_text())
+    assert metrics["questions"] == len(read_records(cross_validated / "results/data/train.json", "labelled"))
+
+
+def test_experiments_table_shows_folds_seeds_and_the_baseline(cross_validated):
+    with open(cross_validated / "results/experiments.tsv", encoding="utf-8") as fh:
+        rows = {r["run"]: r for r in csv.DictReader(fh, delimiter="\t")}
+    assert set(rows) == {"a", "b_seed1", "b_seed2", "b (mean of 2 seeds)", "base", "ensemble"}
+    assert rows["a"]["folds"].startswith("2 (sd ") and rows["base"]["kind"] == "baseline (no training)"
+    replicas = [float(rows[f"b_seed{s}"]["val accuracy"]) for s in (1, 2)]
+    assert float(rows["b (mean of 2 seeds)"]["val accuracy"]) == pytest.approx(sum(replicas) / 2, abs=1e-4)
+    assert rows["ensemble"]["chosen on these questions"] == "weights"
+
+
+def test_greedy_ensemble_is_chosen_on_out_of_fold_probabilities(cross_validated):
+    metrics = json.loads((cross_validated / "results/ensemble/metrics.json").read_text())
+    assert metrics["method"] == "greedy" and set(metrics["members"]) == {"a", "b_seed1", "b_seed2", "base"}
+    assert metrics["questions"] == len(read_records(cross_validated / "results/data/train.json", "labelled"))
+    assert sum(metrics["members"].values()) >= 1
+
+
+def write_probs(path, rows):
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["record", "label", "p1", "p2", "p3", "p4"])
+        writer.writerows(rows)
+    return path
+
+
+def forward_selection(members: dict[str, list[list[float]]], labels: list[int], rounds: int) -> dict[str, int]:
+    """Caruana's forward selection with replacement, written out plainly: each round add the member that
+    makes the mean most accurate (then lowest log-loss, then first); keep the picks of the best round."""
+    import math
+
+    picks, best, best_counts = [], None, None
+    for _ in range(rounds):
+        scored = []
+        for name in members:
+            chosen = picks + [name]
+            mean = [[sum(members[m][q][a] for m in chosen) / len(chosen) for a in range(4)] for q in range(len(labels))]
+            right = sum(max(range(4), key=lambda a: row[a]) + 1 == label for row, label in zip(mean, labels))
+            loss = -sum(math.log(row[label - 1]) for row, label in zip(mean, labels)) / len(labels)
+            scored.append(((right / len(labels), -loss), name))
+        score, name = max(scored, key=lambda item: (item[0], -list(members).index(item[1])))
+        picks.append(name)
+        if best is None or score > best:
+            best, best_counts = score, {m: picks.count(m) for m in members}
+    return best_counts
+
+
+def test_greedy_ensemble_of_hand_made_probabilities_is_forward_selection(tmp_path):
+    """Three members on four questions: a is right on questions 1 and 2, b on 3, c on 1 and 4, so no one
+    member and no equal mean is right on all; the weights must be exactly forward selection's counts."""
+    labels = [1, 2, 3, 4]
+    members = {"a": [[.7, .1, .1, .1], [.1, .7, .1, .1], [.4, .2, .3, .1], [.4, .2, .1, .3]],
+               "b": [[.2, .4, .2, .2], [.4, .3, .2, .1], [.1, .1, .7, .1], [.3, .3, .3, .1]],
+               "c": [[.8, .1, .05, .05], [.5, .3, .1, .1], [.3, .1, .2, .4], [.1, .1, .1, .7]]}
+    files = [write_probs(tmp_path / f"{name}.csv", [[q, labels[q], *probs[q]] for q in range(4)])
+             for name, probs in members.items()]
+    out = run_script("ensemble_answers.py", "--members", *members, "--method", "greedy", "--val-probs", *files,
+                     "--metrics-out", tmp_path / "metrics.json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads((tmp_path / "metrics.json").read_text())
+    expected = forward_selection(members, labels, rounds=25)
+    assert result["members"] == {name: float(count) for name, count in expected.items()}
+    assert len({count for count in expected.values()}) > 1, "the example must tell the members apart"
+    assert result["chosen_on_these_questions"].startswith("the members' weights")
+
+
+def test_sweep_expands_a_grid_into_runs_named_by_their_settings(tmp_path):
+    workdir = sample_workdir(tmp_path, sweep={"lora_r": [8, 16], "learning_rate": [0.001, 0.002]})
+    output = snakemake(workdir, "-n", "-p").stdout
+    trainings = {re.search(r"results/(\S+)/adapter", line)[1]: json.loads(line.split("--settings '")[1].split("'")[0])
+                 for line in output.splitlines() if "train_lora.py --train" in line}
+    assert set(trainings) == {f"learning_rate-{lr}_lora_r-{r}" for lr in (0.001, 0.002) for r in (8, 16)}
+    assert trainings["learning_rate-0.002_lora_r-8"]["lora_r"] == 8
+    assert trainings["learning_rate-0.002_lora_r-8"]["learning_rate"] == 0.002
+    named = sample_workdir(tmp_path / "named", runs={"r": {"epochs": 2}}, sweep={"lora_r": [8, 16]})
+    assert "results/r_lora_r-16/adapter" in snakemake(named, "-n", "-p").stdout
+
+
+def test_folds_and_a_validation_share_together_are_refused(tmp_path):
+    result = snakemake(sample_workdir(tmp_path, data={"folds": 5, "val_fraction": 0.2}), "-n", check=False)
+    assert result.returncode != 0
+    assert "folds 5 and val_fraction 0.2 together" in result.stdout + result.stderr
+    assert snakemake(sample_workdir(tmp_path / "one", data={"folds": 1}), "-n", check=False).returncode != 0
+
+
+def test_a_new_seed_reruns_only_its_own_jobs_and_changing_folds_retrains(cross_validated, tmp_path):
+    import shutil
+
+    import yaml
+
+    copy = tmp_path / "cv"
+    shutil.copytree(cross_validated, copy, symlinks=True)
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    config["runs"]["b"]["seeds"] = [1, 2, 3]
+    (copy / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
+    output = snakemake(copy, "-n", *CV_TARGETS).stdout
+    runs = {m[1] for m in re.finditer(r"wildcards: (?:model|run)=([^,\s]+)", output)}
+    assert {run.split("/")[0] for run in runs} == {"b_seed3"}
+    config["data"]["folds"] = 3
+    (copy / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
+    assert scheduled(snakemake(copy, "-n", *CV_TARGETS))["train_lora"] == 3 * 4 + 1
