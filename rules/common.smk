@@ -370,10 +370,10 @@ def ensemble_members():
     if settings["runs"] and len(members) < 2:
         raise WorkflowError("config ensemble.runs: an ensemble needs at least two runs")
     if (settings["weights"] == "val_accuracy" or settings["method"] == "greedy") and not HAS_VAL:
+        chooser = "method: greedy" if settings["method"] == "greedy" else "weights: val_accuracy"
         raise WorkflowError(
-            f"config ensemble: {'method greedy' if settings['method'] == 'greedy' else 'weights: val_accuracy'} "
-            "chooses on validation probabilities, but data.val_fraction is 0; set weights: equal (and method: "
-            "mean_probability), hold out a validation share, or use data.folds"
+            f"config ensemble.{chooser} needs validation accuracies, but data.val_fraction is 0; set weights: equal "
+            "and method: mean_probability, hold out a validation share, or cross-validate with data.folds"
         )
     # Sorted: the order of members changes no mean, so reordering runs in the config reruns nothing.
     return sorted(members) if settings["activate"] and len(members) >= 2 else []

@@ -278,21 +278,19 @@ def test_questions_too_long_for_max_seq_length_are_scored_in_every_order_and_nam
 def test_ensemble_weights_by_accuracy_refuse_all_zero_and_name_a_zero_member(tmp_path):
     a = write_probs(tmp_path / "a.csv", "ID", [["q1", 0.7, 0.1, 0.1, 0.1]])
     b = write_probs(tmp_path / "b.csv", "ID", [["q1", 0.1, 0.8, 0.05, 0.05]])
-    va = write_probs(tmp_path / "va.csv", "record", [[0, 1, 0.6, 0.2, 0.1, 0.1]])
-    vb = write_probs(tmp_path / "vb.csv", "record", [[0, 1, 0.2, 0.5, 0.2, 0.1]])
 
-    def weighted(accuracy_a, accuracy_b):
-        for name, accuracy in (("ma", accuracy_a), ("mb", accuracy_b)):
-            (tmp_path / f"{name}.json").write_text(json.dumps({"accuracy": accuracy}))
-        return ensemble(tmp_path, "--members", "a", "b", "--weights", "val_accuracy", "--metrics",
-                        tmp_path / "ma.json", tmp_path / "mb.json", "--test-probs", a, b, "--val-probs", va, vb,
-                        "--metrics-out", tmp_path / "metrics.json")
+    def weighted(label_a, label_b):
+        """Validation on one question: a member is right (accuracy 1) when its label is its top answer."""
+        va = write_probs(tmp_path / "va.csv", "record", [[0, label_a, 0.6, 0.2, 0.1, 0.1]])
+        vb = write_probs(tmp_path / "vb.csv", "record", [[0, label_b, 0.2, 0.5, 0.2, 0.1]])
+        return ensemble(tmp_path, "--members", "a", "b", "--weights", "val_accuracy", "--test-probs", a, b,
+                        "--val-probs", va, vb, "--metrics-out", tmp_path / "metrics.json")
 
-    result = weighted(0.0, 0.0)
+    result = weighted(3, 3)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "every member (a, b) has validation accuracy 0" in result.stderr and "ensemble.weights: equal" in result.stderr
-    result = weighted(0.0, 1.0)
-    assert result.returncode == 0 and "WARNING member a has validation accuracy 0, so it gets no weight" in result.stderr
+    result = weighted(2, 2)  # a answers 1 (wrong), b answers 2 (right)
+    assert result.returncode == 0 and "WARNING member a gets no weight (validation accuracy 0)" in result.stderr
     assert read_csv(tmp_path / "answers.csv") == [{"ID": "q1", "Answer": "2"}]
     assert json.loads((tmp_path / "metrics.json").read_text())["chosen_on_these_questions"] == CHOSEN["weights"]
 

@@ -33,7 +33,7 @@ def dry_run(workdir) -> tuple[set[tuple[str, str]], str]:
     jobs = set()
     for block in re.split(r"\n(?=\[.*\]\n(?:local)?rule )|\n(?=(?:local)?rule )", output):
         if match := re.search(r"^(?:local)?rule (\w+):", block, re.M):
-            wildcard = re.search(r"wildcards: (?:run|member)=(\S+)", block)
+            wildcard = re.search(r"wildcards: (?:run|member|model)=(\S+)", block)
             jobs.add((match[1], wildcard[1] if wildcard else ""))
     return jobs, output
 
