@@ -26,8 +26,10 @@ run: $(VENV)/.runtime
 test: $(VENV)/.test
 	python -m pytest -q tests $(ARGS)
 
-lint: $(VENV)/.runtime
+lint: $(VENV)/.test
 	snakemake --lint
+	snakefmt --check Snakefile rules/
+	ruff check workflow tests benchmarks
 
 clean:
 	rm -rf results logs benchmarks/default resources/models resources/compile_cache .snakemake

@@ -33,12 +33,13 @@ SCRIPTS = REPO / "workflow" / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
 from build_demo_model import build_model, train_tokenizer  # noqa: E402
+from mcqa.history import logging_steps, read_history  # noqa: E402
 from mcqa.modeling import load_tokenizer  # noqa: E402
 from mcqa.prompt import prompt_text  # noqa: E402
 from mcqa.records import read_records  # noqa: E402
 from mcqa.scoring import encode_all  # noqa: E402
 from mcqa.batching import micro_batches  # noqa: E402
-from train_lora import tokenize  # noqa: E402
+from mcqa.training import tokenize  # noqa: E402
 
 SHAPES = {
     "7b": dict(vocab_size=55296, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32),
@@ -144,8 +145,8 @@ def setup(args, work: Path, shape: dict) -> dict:
 
 def train_rate(log_jsonl: Path, skip: int) -> dict:
     """Throughput from the end of the first `skip` logged steps (warm-up) to the last one."""
-    entries = [json.loads(line) for line in log_jsonl.read_text().splitlines()]
-    steps = [e for e in entries if "tokens_per_s" in e]
+    entries = read_history(log_jsonl)
+    steps = logging_steps(entries)
     first, last = steps[skip - 1], steps[-1]
     seconds = last["elapsed_s"] - first["elapsed_s"]
     return {"tokens_per_s": round((last["tokens_seen"] - first["tokens_seen"]) / seconds, 1),
@@ -156,7 +157,8 @@ def train_rate(log_jsonl: Path, skip: int) -> dict:
 
 def train_command(work: Path, out: Path, settings: dict, gpus: int) -> list:
     """train_lora.py as the train_lora rule launches it: plain python, or torchrun with ZeRO-2 on several GPUs."""
-    launcher = [sys.executable] + ([] if gpus == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"])
+    launcher = [sys.executable] + ([] if gpus == 1 else
+                                   ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"])
     command = [*launcher, SCRIPTS / "train_lora.py", "--train", work / "data/train.json", "--base-model",
                work / "base", "--out", out / "adapter", "--log-jsonl", out / "train_log.jsonl", "--checkpoint-dir",
                out / "checkpoints", "--settings", json.dumps(settings)]
@@ -240,7 +242,7 @@ def packing_check(args, work: Path, examples: int = 8) -> dict:
     from peft import LoraConfig, get_peft_model
 
     from mcqa.modeling import PACKED_ATTENTION, load_model, without_attention_mask
-    from train_lora import AnswerOnlyCollator
+    from mcqa.batching import AnswerOnlyCollator
 
     precision = "bf16" if cuda() else "fp32"
     features, _ = tokenize(read_records(work / "data/train.json", "labelled")[:examples],
@@ -255,7 +257,7 @@ def packing_check(args, work: Path, examples: int = 8) -> dict:
                 p.normal_(0, 0.01)
     device = next(model.parameters()).device
 
-    def loss_and_gradients(attention: str, packed: bool = False) -> tuple[float, torch.Tensor]:
+    def loss_and_gradients(model, attention: str, packed: bool = False) -> tuple[float, torch.Tensor]:
         model.set_attn_implementation(attention)
         batch = AnswerOnlyCollator(pad_token_id=0, packed=packed)([features])
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in without_attention_mask(batch).items()}
@@ -264,10 +266,10 @@ def packing_check(args, work: Path, examples: int = 8) -> dict:
         loss.backward()
         return loss.item(), torch.cat([p.grad.float().flatten() for n, p in model.named_parameters() if "lora_" in n])
 
-    padded_loss, padded = loss_and_gradients("sdpa")
-    packed_loss, packed = loss_and_gradients(PACKED_ATTENTION, packed=True)
+    padded_loss, padded = loss_and_gradients(model, "sdpa")
+    packed_loss, packed = loss_and_gradients(model, PACKED_ATTENTION, packed=True)
     model.float()
-    reference_loss, reference = loss_and_gradients("sdpa")
+    reference_loss, reference = loss_and_gradients(model, "sdpa")
     del model
     torch.cuda.empty_cache() if cuda() else None
 

@@ -5,9 +5,9 @@ fp32.
 
     python benchmarks/scoring_check.py --out benchmarks/results/<name>.json
 
-A random Llama (4 layers, hidden 1024, 16 query and 4 key-value heads) and random prompts: three questions an
-article of 0-400 tokens, a question of 0-40 tokens, and four orders that differ in 5-60 tokens. Packing is right when its difference from the
-fp32 scores is no larger than a full bf16 pass's (bf16's own rounding).
+A random Llama (4 layers, hidden 1024, 16 query and 4 key-value heads) and random prompts: three questions
+an article of 0-400 tokens, a question of 0-40 tokens, and four orders that differ in 5-60 tokens. Packing is
+right when its difference from the fp32 scores is no larger than a full bf16 pass's (bf16's own rounding).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow" / "scrip
 
 from build_demo_model import build_model  # noqa: E402
 from mcqa.modeling import without_attention_mask  # noqa: E402
-from train_lora import AnswerOnlyCollator  # noqa: E402
+from mcqa.batching import AnswerOnlyCollator  # noqa: E402
 
 SHAPES = [(16, 512), (16, 504), (16, 496), (24, 344), (23, 344), (23, 352), (32, 256), (31, 264), (64, 128)]
 

@@ -68,7 +68,14 @@ validated(config, "config.schema.yaml", "config")
 
 SCRIPTS = Path(workflow.basedir) / "workflow" / "scripts"
 sys.path.insert(0, str(SCRIPTS))
-from mcqa.bases import has_tokenizer, install_hint, missing_packages, tied_embeddings, tied_modules_refused, tokenizer_packages
+from mcqa.bases import (
+    has_tokenizer,
+    install_hint,
+    missing_packages,
+    tied_embeddings,
+    tied_modules_refused,
+    tokenizer_packages,
+)
 
 
 @functools.cache
@@ -88,6 +95,8 @@ def library_of(script):
     """The mcqa modules a stage script uses: an edit to one of them makes exactly those stages' outputs
     stale (a comment in metrics.py retrains nothing)."""
     return sorted(str(module) for module in imported_modules(SCRIPTS / script) | {SCRIPTS / "mcqa" / "__init__.py"})
+
+
 DEMO_MODEL = "resources/models/demo"
 IS_DEMO = config["base_model"] == "demo"
 FOLDS = config["data"]["folds"]
@@ -153,8 +162,11 @@ def check_chat_template(name):
     path = Path(name).expanduser()
     if path.is_dir():
         tokenizer_config = path / "tokenizer_config.json"
-        has_template = (path / "chat_template.jinja").exists() or (path / "chat_template.json").exists() or (
-            tokenizer_config.exists() and json.loads(tokenizer_config.read_text()).get("chat_template"))
+        has_template = (
+            (path / "chat_template.jinja").exists()
+            or (path / "chat_template.json").exists()
+            or (tokenizer_config.exists() and json.loads(tokenizer_config.read_text()).get("chat_template"))
+        )
         if not has_template:
             raise WorkflowError(
                 f"config prompt_format: chat, but base_model {name} has no chat template (no chat_template in "
@@ -174,11 +186,15 @@ def run_settings(run, point=None):
     settings = {**config["training"], **demo, **USER_TRAINING, **(config["runs"][run] or {}), **(point or {})}
     settings = validated(settings, "training.schema.yaml", f"config runs.{run}")
     if settings["refit"] and not FOLDS:
-        raise WorkflowError(f"config runs.{run}: refit trains one more model on every row beside the fold models; "
-                            "it needs data.folds (K >= 2)")
+        raise WorkflowError(
+            f"config runs.{run}: refit trains one more model on every row beside the fold models; "
+            "it needs data.folds (K >= 2)"
+        )
     if settings["refit"] and settings["select_best"]:
-        raise WorkflowError(f"config runs.{run}: refit trains on every row, so no question is left to select a step "
-                            "on; set select_best: false, or refit: false")
+        raise WorkflowError(
+            f"config runs.{run}: refit trains on every row, so no question is left to select a step "
+            "on; set select_best: false, or refit: false"
+        )
     if settings["select_best"] and not HAS_VAL:
         raise WorkflowError(
             f"config runs.{run}: select_best picks the adapter by validation accuracy, but data.val_fraction is 0, "
@@ -188,7 +204,9 @@ def run_settings(run, point=None):
         raise WorkflowError(f"config runs.{run}: early_stopping_patience needs select_best: true")
     base = Path(config["base_model"]).expanduser()
     if settings["modules_to_save"] and (base / "config.json").is_file() and tied_embeddings(base):
-        raise WorkflowError(f"config runs.{run}: {tied_modules_refused(config['base_model'], settings['modules_to_save'])}")
+        raise WorkflowError(
+            f"config runs.{run}: {tied_modules_refused(config['base_model'], settings['modules_to_save'])}"
+        )
     return settings
 
 
@@ -204,8 +222,10 @@ def sweep_points():
     keys = sorted(config["sweep"])
     grid = pd.DataFrame(list(itertools.product(*(config["sweep"][k] for k in keys))), columns=keys)
     space = Paramspace(grid, filename_params="*", param_sep="-", filename_sep="_")
-    return [(name, {k: row[k].item() if hasattr(row[k], "item") else row[k] for k in keys})
-            for name, (_, row) in zip(space.instance_patterns, grid.iterrows())]
+    return [
+        (name, {k: row[k].item() if hasattr(row[k], "item") else row[k] for k in keys})
+        for name, (_, row) in zip(space.instance_patterns, grid.iterrows())
+    ]
 
 
 def expanded_runs():
@@ -223,8 +243,10 @@ def expanded_runs():
                     replicas[replica] = name
     bad = [run for run in runs if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", run) or run in RESERVED_NAMES]
     if bad:
-        raise WorkflowError(f"config sweep: run names {', '.join(bad)} are not plain folder names; use values of "
-                            "letters, digits, '.', '-' and '_'")
+        raise WorkflowError(
+            f"config sweep: run names {', '.join(bad)} are not plain folder names; use values of "
+            "letters, digits, '.', '-' and '_'"
+        )
     return runs, replicas
 
 
@@ -241,6 +263,12 @@ for run, settings in RUNS.items():
 BASELINES = [run for run, settings in RUNS.items() if not settings["train"]]
 SCORED = {**TRAINED, **{run: run for run in BASELINES}}  # what answers and evaluates: model -> its run
 FOLDED = [run for run in RUNS if FOLDS and RUNS[run]["train"]]  # runs whose results combine fold models
+
+
+def is_refit(model):
+    """Whether a model is a run's refit on every training row."""
+    run, _, unit = model.rpartition("/")
+    return bool(run) and unit == "refit"
 
 
 def run_of(wildcards):
@@ -280,7 +308,7 @@ def get_training_data(wildcards):
     fold = fold_of(wildcards.model)
     if fold:
         return {"train": f"results/data/{fold}/train.json", "val": f"results/data/{fold}/val.json"}
-    if wildcards.model.endswith("/refit"):
+    if is_refit(wildcards.model):
         return {"train": "results/data/train.json"}
     return {"train": "results/data/train.json", "val": "results/data/val.json"}
 
@@ -398,10 +426,13 @@ def experiments_manifest():
     manifest = {}
     for run, settings in RUNS.items():
         models = [model for model, of in TRAINED.items() if of == run]
-        manifest[run] = {"settings": {k: v for k, v in settings.items() if k != "seeds"},
-                         "train_logs": [f"results/{model}/train_log.jsonl" for model in models],
-                         "metrics": f"results/{run}/metrics.json" if HAS_VAL else None,
-                         "replica_of": REPLICAS.get(run), "folds": FOLDS}
+        manifest[run] = {
+            "settings": {k: v for k, v in settings.items() if k != "seeds"},
+            "train_logs": [f"results/{model}/train_log.jsonl" for model in models],
+            "metrics": f"results/{run}/metrics.json" if HAS_VAL else None,
+            "replica_of": REPLICAS.get(run),
+            "folds": FOLDS,
+        }
     return manifest
 
 
@@ -420,7 +451,7 @@ def get_final_output():
     outputs = ["results/data/report.json", "results/data/report.html", "results/experiments.html"]
     outputs += expand("results/{run}/answers.csv", run=RUNS)
     outputs += [f"results/{model}/train_curve.png" for model in TRAINED]
-    outputs += [f"results/{model}/answers.csv" for model in TRAINED if model.endswith("/refit")]
+    outputs += [f"results/{model}/answers.csv" for model in TRAINED if is_refit(model)]
     members = list(RUNS) + (["ensemble"] if ENSEMBLE else [])
     if HAS_VAL:
         outputs += expand("results/{member}/{name}", member=members, name=["metrics.json", "confusion.png"])

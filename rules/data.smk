@@ -7,18 +7,24 @@ rule prepare_train_data:
         train="results/data/train.json",
         val="results/data/val.json",
         report="results/data/train_report.json",
-        folds=["results/data/folds.json", *expand("results/data/{fold}/{part}.json", fold=FOLD_NAMES,
-                                                  part=["train", "val"])] if FOLDS else [],
+        folds=(
+            [
+                "results/data/folds.json",
+                *expand("results/data/{fold}/{part}.json", fold=FOLD_NAMES, part=["train", "val"]),
+            ]
+            if FOLDS
+            else []
+        ),
+    log:
+        "logs/prepare_train_data.log",
+    conda:
+        "../envs/data.yaml"
     params:
         folds=f"--folds {FOLDS} --folds-dir results/data" if FOLDS else "",
         val_fraction=config["data"]["val_fraction"],
         split_seed=config["data"]["split_seed"],
         split_by=config["data"]["split_by"],
         on_invalid=config["data"]["on_invalid"],
-    log:
-        "logs/prepare_train_data.log",
-    conda:
-        "../envs/data.yaml"
     shell:
         "python {input.script:q} train --input {input.table:q} --train-out {output.train:q} "
         "--val-out {output.val:q} --report-out {output.report:q} --val-fraction {params.val_fraction} "

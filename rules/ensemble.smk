@@ -12,14 +12,14 @@ rule ensemble_answers:
             labels={"run": "ensemble", "file": "answers.csv"},
         ),
         probs="results/ensemble/answer_probs.csv",
-    params:
-        members=ENSEMBLE,
-        weights=config["ensemble"]["weights"],
-        method=config["ensemble"]["method"],
     log:
         "logs/ensemble_answers.log",
     conda:
         "../envs/data.yaml"
+    params:
+        members=ENSEMBLE,
+        weights=config["ensemble"]["weights"],
+        method=config["ensemble"]["method"],
     shell:
         "python {input.script:q} --members {params.members:q} --weights {params.weights} --method {params.method} "
         "--val-probs {input.val_probs:q} --test-probs {input.probs:q} --answers {output.answers:q} "
@@ -33,14 +33,14 @@ rule evaluate_ensemble:
         lib=library_of("ensemble_answers.py"),
     output:
         "results/ensemble/metrics.json",
-    params:
-        members=ENSEMBLE,
-        weights=config["ensemble"]["weights"],
-        method=config["ensemble"]["method"],
     log:
         "logs/evaluate_ensemble.log",
     conda:
         "../envs/data.yaml"
+    params:
+        members=ENSEMBLE,
+        weights=config["ensemble"]["weights"],
+        method=config["ensemble"]["method"],
     shell:
         "python {input.script:q} --members {params.members:q} --weights {params.weights} --method {params.method} "
         "--val-probs {input.probs:q} --metrics-out {output:q} > {log:q} 2>&1"

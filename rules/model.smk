@@ -10,20 +10,18 @@ rule build_demo_model:
         lib=library_of("build_demo_model.py"),
     output:
         directory(DEMO_MODEL),
-    params:
-        settings=as_json({k: v for k, v in config["demo_model"].items() if k != "training"}),
     log:
         "logs/build_demo_model.log",
     conda:
         "../envs/train.yaml"
+    params:
+        settings=as_json({k: v for k, v in config["demo_model"].items() if k != "training"}),
     shell:
         "python {input.script:q} --train {input.train:q} --out {output:q} "
         "--settings {params.settings:q} > {log:q} 2>&1"
 
 
 rule train_lora:
-    wildcard_constraints:
-        model=regex(TRAINED),
     input:
         unpack(get_training_data),
         base=base_model_input,
@@ -33,6 +31,19 @@ rule train_lora:
     output:
         adapter=directory("results/{model}/adapter"),
         log_jsonl="results/{model}/train_log.jsonl",
+    log:
+        "logs/{model}/train_lora.log",
+    benchmark:
+        "benchmarks/{model}/train_lora.tsv"
+    wildcard_constraints:
+        model=regex(TRAINED),
+    conda:
+        "../envs/train.yaml"
+    threads: TRAIN_RES["threads"]
+    resources:
+        gpu=TRAIN_RES["gpu"],
+        mem_mb=TRAIN_RES["mem_mb"],
+        runtime=TRAIN_RES["runtime"],
     params:
         settings=training_settings,
         val=lambda wildcards, input: f"--val {shlex.quote(input.val)}" if hasattr(input, "val") else "",
@@ -45,17 +56,6 @@ rule train_lora:
         # Not an output: Snakemake must not delete it when a job fails, so a
         # rerun resumes from the last checkpoint.
         checkpoint_dir="results/{model}/checkpoints",
-    threads: TRAIN_RES["threads"]
-    resources:
-        gpu=TRAIN_RES["gpu"],
-        mem_mb=TRAIN_RES["mem_mb"],
-        runtime=TRAIN_RES["runtime"],
-    log:
-        "logs/{model}/train_lora.log",
-    benchmark:
-        "benchmarks/{model}/train_lora.tsv"
-    conda:
-        "../envs/train.yaml"
     shell:
         "{params.launcher} {input.script:q} --train {input.train:q} {params.val} "
         "--base-model {params.base_model:q} --out {output.adapter:q} --log-jsonl {output.log_jsonl:q} "
@@ -67,8 +67,6 @@ rule train_lora:
 
 
 rule merge_lora:
-    wildcard_constraints:
-        model=regex(TRAINED),
     input:
         adapter="results/{model}/adapter",
         base=base_model_input,
@@ -76,19 +74,21 @@ rule merge_lora:
         lib=library_of("merge_lora.py"),
     output:
         directory("results/{model}/merged"),
-    params:
-        base_model=base_model_path(),
+    log:
+        "logs/{model}/merge_lora.log",
+    benchmark:
+        "benchmarks/{model}/merge_lora.tsv"
+    wildcard_constraints:
+        model=regex(TRAINED),
+    conda:
+        "../envs/merge.yaml"
     threads: MERGE_RES["threads"]
     resources:
         gpu=MERGE_RES["gpu"],
         mem_mb=MERGE_RES["mem_mb"],
         runtime=MERGE_RES["runtime"],
-    log:
-        "logs/{model}/merge_lora.log",
-    benchmark:
-        "benchmarks/{model}/merge_lora.tsv"
-    conda:
-        "../envs/merge.yaml"
+    params:
+        base_model=base_model_path(),
     shell:
         "python {input.script:q} --base-model {params.base_model:q} --adapter {input.adapter:q} "
         "--out {output:q} --threads {threads} > {log:q} 2>&1"
@@ -108,22 +108,22 @@ rule answer_questions:
             labels={"run": "{model}", "file": "answers.csv"},
         ),
         probs="results/{model}/answer_probs.csv",
-    params:
-        model=scoring_model_path,
-        settings=as_json(ANSWERING),
-        max_seq_length=lambda wildcards: RUNS[run_of(wildcards)]["max_seq_length"],
-        remote_code=remote_code_flag(),
-    threads: ANSWER_RES["threads"]
-    resources:
-        gpu=ANSWER_RES["gpu"],
-        mem_mb=ANSWER_RES["mem_mb"],
-        runtime=ANSWER_RES["runtime"],
     log:
         "logs/{model}/answer_questions.log",
     benchmark:
         "benchmarks/{model}/answer_questions.tsv"
     conda:
         "../envs/answer.yaml"
+    threads: ANSWER_RES["threads"]
+    resources:
+        gpu=ANSWER_RES["gpu"],
+        mem_mb=ANSWER_RES["mem_mb"],
+        runtime=ANSWER_RES["runtime"],
+    params:
+        model=scoring_model_path,
+        settings=as_json(ANSWERING),
+        max_seq_length=lambda wildcards: RUNS[run_of(wildcards)]["max_seq_length"],
+        remote_code=remote_code_flag(),
     shell:
         "python {input.script:q} --model {params.model:q} --test {input.test:q} --answers {output.answers:q} "
         "--probs {output.probs:q} --max-seq-length {params.max_seq_length} "
@@ -145,23 +145,23 @@ rule evaluate_answers:
             labels={"run": "{model}", "figure": "metrics.json"},
         ),
         probs="results/{model}/val_probs.csv",
-    params:
-        model=scoring_model_path,
-        settings=as_json(ANSWERING),
-        max_seq_length=lambda wildcards: RUNS[run_of(wildcards)]["max_seq_length"],
-        selected_step=lambda wildcards: "--selected-step" if RUNS[run_of(wildcards)]["select_best"] else "",
-        remote_code=remote_code_flag(),
-    threads: ANSWER_RES["threads"]
-    resources:
-        gpu=ANSWER_RES["gpu"],
-        mem_mb=ANSWER_RES["mem_mb"],
-        runtime=ANSWER_RES["runtime"],
     log:
         "logs/{model}/evaluate_answers.log",
     benchmark:
         "benchmarks/{model}/evaluate_answers.tsv"
     conda:
         "../envs/answer.yaml"
+    threads: ANSWER_RES["threads"]
+    resources:
+        gpu=ANSWER_RES["gpu"],
+        mem_mb=ANSWER_RES["mem_mb"],
+        runtime=ANSWER_RES["runtime"],
+    params:
+        model=scoring_model_path,
+        settings=as_json(ANSWERING),
+        max_seq_length=lambda wildcards: RUNS[run_of(wildcards)]["max_seq_length"],
+        selected_step=lambda wildcards: "--selected-step" if RUNS[run_of(wildcards)]["select_best"] else "",
+        remote_code=remote_code_flag(),
     shell:
         "python {input.script:q} --model {params.model:q} --val {input.val:q} --out {output.metrics:q} --probs {output.probs:q} "
         "--max-seq-length {params.max_seq_length} --settings {params.settings:q} "
@@ -169,11 +169,10 @@ rule evaluate_answers:
 
 
 rule plot_training:
-    wildcard_constraints:
-        model=regex(TRAINED),
     input:
         log_jsonl="results/{model}/train_log.jsonl",
         script=SCRIPTS / "plot_training.py",
+        lib=library_of("plot_training.py"),
     output:
         report(
             "results/{model}/train_curve.png",
@@ -183,6 +182,8 @@ rule plot_training:
         ),
     log:
         "logs/{model}/plot_training.log",
+    wildcard_constraints:
+        model=regex(TRAINED),
     conda:
         "../envs/data.yaml"
     shell:
@@ -196,8 +197,6 @@ rule combine_folds:
         folds="results/data/folds.json",
         script=SCRIPTS / "combine_folds.py",
         lib=library_of("combine_folds.py"),
-    wildcard_constraints:
-        run=regex(FOLDED),
     output:
         oof="results/{run}/oof_probs.csv",
         metrics=report(
@@ -214,12 +213,14 @@ rule combine_folds:
             labels={"run": "{run}", "file": "answers.csv"},
         ),
         answer_probs="results/{run}/answer_probs.csv",
-    params:
-        selected_step=lambda wildcards: "--selected-step" if RUNS[wildcards.run]["select_best"] else "",
     log:
         "logs/{run}/combine_folds.log",
+    wildcard_constraints:
+        run=regex(FOLDED),
     conda:
         "../envs/data.yaml"
+    params:
+        selected_step=lambda wildcards: "--selected-step" if RUNS[wildcards.run]["select_best"] else "",
     shell:
         "python {input.script:q} --folds {input.folds:q} --val-probs {input.val_probs:q} "
         "--answer-probs {input.answer_probs:q} --oof {output.oof:q} --metrics {output.metrics:q} "

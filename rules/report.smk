@@ -19,13 +19,13 @@ rule summarize_experiments:
             subcategory="all runs",
             labels={"figure": "accuracy with 95% intervals"},
         ),
-    params:
-        manifest=as_json(experiments_manifest()),
-        ensemble=lambda wildcards, input: ["--ensemble-metrics", input.ensemble] if HAS_VAL and ENSEMBLE else [],
     log:
         "logs/summarize_experiments.log",
     conda:
         "../envs/data.yaml"
+    params:
+        manifest=as_json(experiments_manifest()),
+        ensemble=lambda wildcards, input: ["--ensemble-metrics", input.ensemble] if HAS_VAL and ENSEMBLE else [],
     shell:
         "python {input.script:q} --manifest {params.manifest:q} {params.ensemble:q} --tsv {output.tsv:q} "
         "--html {output.html:q} --png {output.png:q} > {log:q} 2>&1"

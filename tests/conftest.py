@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import json
 import subprocess
 import sys
 import time
@@ -172,8 +171,9 @@ def resumed_steps(workdir: Path) -> list[int]:
 
 def logged_steps(workdir: Path) -> list[int]:
     """Optimizer steps recorded in train_log.jsonl."""
-    lines = (workdir / "results/default/train_log.jsonl").read_text().splitlines()
-    return [json.loads(line)["step"] for line in lines]
+    from mcqa.history import read_history
+
+    return [entry["step"] for entry in read_history(workdir / "results/default/train_log.jsonl")]
 
 
 def sample_workdir(workdir: Path, source: Path = SAMPLE, **overrides) -> Path:

@@ -270,7 +270,7 @@ def test_questions_too_long_for_max_seq_length_are_scored_in_every_order_and_nam
                         "--settings", json.dumps({"batch_tokens": 100, "precision": "fp32", "load_in": "none",
                                                   "rotations": 4, "prompt_format": "plain"}))
     assert result.returncode == 0, result.stderr[-2000:]
-    assert f"WARNING 6 of them did not fit even without their article" in result.stderr
+    assert "WARNING 6 of them did not fit even without their article" in result.stderr
     assert ", ".join(r["id"] for r in records) in result.stderr
     assert len(read_csv(tmp_path / "answers.csv")) == 6
 
@@ -298,18 +298,17 @@ def test_ensemble_weights_by_accuracy_refuse_all_zero_and_name_a_zero_member(tmp
 def test_experiments_table_says_which_accuracies_were_chosen_on_their_own_questions(tmp_path):
     """select_best's best of 10 evaluations on 3 questions can read 1.0: ranked beside runs that chose
     nothing, the table and the figure must say so."""
-    logs, files = [], []
+    manifest = {}
     for run, chosen in (("plain", None), ("best", CHOSEN["step"])):
         (tmp_path / f"{run}.jsonl").write_text(json.dumps({"step": 10, "loss": 1.0, "elapsed_s": 5.0,
                                                            "tokens_seen": 100}) + "\n")
         result = {**metrics([[0.7, 0.1, 0.1, 0.1]] * 3, [1, 1, 2]), **({"chosen_on_these_questions": chosen}
                                                                        if chosen else {})}
         (tmp_path / f"{run}.json").write_text(json.dumps(result))
-        logs.append(tmp_path / f"{run}.jsonl")
-        files.append(tmp_path / f"{run}.json")
-    out = run_script("summarize_experiments.py", "--settings", json.dumps({"plain": {}, "best": {"select_best": True}}),
-                     "--train-logs", *logs, "--metrics", *files, "--tsv", tmp_path / "t.tsv", "--html",
-                     tmp_path / "t.html", "--png", tmp_path / "t.png")
+        manifest[run] = {"settings": {"select_best": bool(chosen)}, "train_logs": [str(tmp_path / f"{run}.jsonl")],
+                         "metrics": str(tmp_path / f"{run}.json"), "replica_of": None, "folds": 0}
+    out = run_script("summarize_experiments.py", "--manifest", json.dumps(manifest), "--tsv", tmp_path / "t.tsv",
+                     "--html", tmp_path / "t.html", "--png", tmp_path / "t.png")
     assert out.returncode == 0, out.stderr
     rows = {r["run"]: r for r in csv.DictReader(open(tmp_path / "t.tsv", encoding="utf-8"), delimiter="\t")}
     assert rows["best"]["chosen on these questions"] == "step" and rows["plain"]["chosen on these questions"] == ""

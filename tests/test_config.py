@@ -85,7 +85,7 @@ def test_run_name_that_is_not_a_plain_folder_name_is_refused(tmp_path, name):
 
 def test_fresh_training_never_removes_what_it_did_not_write(tmp_path):
     """Starting afresh clears only train_lora's own files from the checkpoint folder."""
-    from train_lora import FINGERPRINT, clear_owned, prepare_checkpoint_dir
+    from mcqa.checkpoints import FINGERPRINT, clear_owned, prepare_checkpoint_dir
 
     folder = tmp_path / "checkpoints"
     (folder / "checkpoint-40").mkdir(parents=True)

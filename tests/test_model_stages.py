@@ -15,7 +15,7 @@ from build_demo_model import build_model
 from mcqa.modeling import load_tokenizer, without_attention_mask
 from mcqa.records import read_records
 from mcqa.batching import micro_batches
-from train_lora import tokenize
+from mcqa.training import tokenize
 
 
 def tiny_base(path, vocab=97, bin_shards=False):
@@ -150,7 +150,7 @@ def test_answering_twice_gives_identical_files(demo_run, tmp_path):
 
 def test_answer_only_batches_give_the_full_forward_loss():
     """Logits at the answer positions only give the loss of a plain unpadded forward."""
-    from train_lora import AnswerOnlyCollator
+    from mcqa.batching import AnswerOnlyCollator
 
     model = build_model(vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, seed=1)
     torch.manual_seed(0)

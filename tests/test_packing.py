@@ -10,8 +10,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from mcqa.modeling import PACKED_ATTENTION, without_attention_mask
-from mcqa.batching import micro_batches
-from train_lora import AnswerOnlyCollator
+from mcqa.batching import AnswerOnlyCollator, micro_batches
 
 
 def lora_model(num_key_value_heads: int) -> torch.nn.Module:

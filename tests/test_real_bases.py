@@ -15,8 +15,8 @@ from conftest import (REAL_TOKENIZERS, REPO, SAMPLE, SCRIPTS, SHARED_DATA, SHARE
 
 from mcqa.modeling import load_tokenizer
 from mcqa.prompt import (ANSWER_SUFFIX_TOKENS, ANSWERS, ARTICLE_CUT, ARTICLE_MARKER, FIXED_CLOCK, INSTRUCTION,
-                         OPTIONS_MARKER, QUESTION_CUT, build_input, numbered_options, encode_prompt, encode_training_example, prompt_frame,
-                         rotate_input, split_input)
+                         OPTIONS_MARKER, QUESTION_CUT, build_input, encode_prompt, encode_training_example,
+                         numbered_options, prompt_frame, rotate_input, split_input)
 from mcqa.records import read_records
 from mcqa.scoring import encode_all
 

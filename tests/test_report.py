@@ -90,7 +90,8 @@ def test_front_page_shows_config_text_as_text_not_markup():
     from conftest import REPO
 
     config = yaml.safe_load((REPO / "config.yaml").read_text())
-    config.update(base_model="org/x** `click <javascript:alert(1)>`_ **", prompt_format="plain", answering={"rotations": 4}, runs={"a": {}},
+    config.update(base_model="org/x** `click <javascript:alert(1)>`_ **", prompt_format="plain",
+                  answering={"rotations": 4}, runs={"a": {}},
                   ensemble={"activate": True, "weights": "equal"})
     config["data"].update(train="data/`see <javascript:alert(1)>`_.xlsx", test="data/|sub| :math:`x` [1]_.xlsx",
                           split_by="article", val_fraction=0.2)

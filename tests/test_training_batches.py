@@ -6,8 +6,7 @@ import random
 
 import pytest
 
-from mcqa.batching import divisible, micro_batches
-from train_lora import AnswerOnlyCollator, MicroBatchDataset
+from mcqa.batching import AnswerOnlyCollator, MicroBatchDataset, divisible, micro_batches
 
 
 def lengths(n: int = 3000, seed: int = 0) -> list[int]:

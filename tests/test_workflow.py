@@ -14,7 +14,7 @@ from conftest import INTERRUPTIBLE_TRAINING, logged_steps, resumed_steps, sample
 from mcqa.modeling import load_tokenizer
 from mcqa.records import read_records
 from mcqa.batching import micro_batches
-from train_lora import tokenize
+from mcqa.training import tokenize
 
 
 def read_csv(path):
@@ -167,7 +167,7 @@ def test_checkpoints_of_another_training_are_not_resumed_and_the_log_says_why(tm
     import argparse
 
     from conftest import training_defaults
-    from train_lora import fingerprint, prepare_checkpoint_dir
+    from mcqa.checkpoints import fingerprint, prepare_checkpoint_dir
 
     (tmp_path / "train.json").write_text("[]")
     args = argparse.Namespace(train=str(tmp_path / "train.json"), val="", base_model="base", revision=None,
@@ -178,10 +178,12 @@ def test_checkpoints_of_another_training_are_not_resumed_and_the_log_says_why(tm
     def checkpoint_kept(settings, **changes) -> bool:
         (folder / "checkpoint-10").mkdir(parents=True, exist_ok=True)
         (folder / "checkpoint-10" / "trainer_state.json").write_text("{}")
-        return prepare_checkpoint_dir(folder, fingerprint(settings, argparse.Namespace(**{**vars(args), **changes}))) \
-            == folder / "checkpoint-10"
+        return prepare_checkpoint_dir(folder, expected(settings, **changes)) == folder / "checkpoint-10"
 
-    assert prepare_checkpoint_dir(folder, fingerprint(settings, args)) is None  # a fresh start
+    def expected(settings, **changes) -> dict:
+        return fingerprint(settings, **{**vars(args), **changes})
+
+    assert prepare_checkpoint_dir(folder, expected(settings)) is None  # a fresh start
     neutral = {"gradient_checkpointing": True, "checkpoint_steps": 5, "logging_steps": 1, "compile": False,
                "eval_steps": 7}
     assert checkpoint_kept({**settings, **neutral}) and checkpoint_kept(settings, rotations=1)
@@ -189,7 +191,7 @@ def test_checkpoints_of_another_training_are_not_resumed_and_the_log_says_why(tm
     assert not checkpoint_kept(settings, prompt_format="chat")
     assert 'not resuming the checkpoints in' in (err := capsys.readouterr().err) and 'prompt_format "plain" -> "chat"' in err
     best = {**settings, "select_best": True}
-    prepare_checkpoint_dir(folder, fingerprint(best, args))
+    prepare_checkpoint_dir(folder, expected(best))
     assert not checkpoint_kept({**best, "eval_steps": 7})
     assert not checkpoint_kept(best, rotations=1) and 'rotations 4 -> 1' in capsys.readouterr().err
     assert not checkpoint_kept({**best, "lora_r": 8}) and "settings.lora_r 48 -> 8" in capsys.readouterr().err

@@ -70,8 +70,8 @@ def choose_weights(args: argparse.Namespace) -> list[float]:
                                        "weights by validation accuracy are all 0; set ensemble.weights: equal")
     for member, weight in zip(args.members, weights):
         if not weight:
-            print(f"WARNING member {member} gets no weight ({'never picked' if args.method == 'greedy' else 'validation accuracy 0'})",
-                  file=sys.stderr)
+            why = "never picked" if args.method == "greedy" else "validation accuracy 0"
+            print(f"WARNING member {member} gets no weight ({why})", file=sys.stderr)
     return weights
 
 

@@ -6,13 +6,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from mcqa.history import best_entry, logging_steps, read_history  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,12 +22,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--title", default="")
     args = parser.parse_args(argv)
-    with open(args.log_jsonl, encoding="utf-8") as fh:
-        entries = [json.loads(line) for line in fh if line.strip()]
-    train = [(e["step"], e["loss"]) for e in entries if "loss" in e]
+    entries = read_history(args.log_jsonl)
+    train = [(e["step"], e["loss"]) for e in logging_steps(entries)]
     val = [(e["step"], e["val_loss"]) for e in entries if "val_loss" in e]
     accuracy = [(e["step"], e["val_accuracy"]) for e in entries if "val_accuracy" in e]
-    best = next((e["best_step"] for e in entries if "best_step" in e), None)
+    best = best_entry(entries).get("best_step")
     fig, loss_ax = plt.subplots(figsize=(7, 4))
     if train:
         loss_ax.plot(*zip(*train), label="training loss (answer tokens)")

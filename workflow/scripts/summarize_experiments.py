@@ -30,6 +30,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from mcqa.history import best_entry, last_totals, logging_steps, read_history  # noqa: E402
 from mcqa.metrics import CHOSEN  # noqa: E402
 
 
@@ -46,12 +47,10 @@ def training_summary(log_paths: list[str]) -> dict:
         return {"kind": "baseline (no training)"}
     summaries = []
     for path in log_paths:
-        entries = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-        steps = [e for e in entries if "loss" in e]
-        totals = [e for e in entries if "elapsed_s" in e and e.get("tokens_seen")]
-        last = totals[-1] if totals else {}
-        best = next((e for e in entries if "best_step" in e), {})
-        summaries.append({"best": best.get("best_step"), "loss": steps[-1]["loss"] if steps else None,
+        entries = read_history(path)
+        steps = logging_steps(entries)
+        last = last_totals(entries)
+        summaries.append({"best": best_entry(entries).get("best_step"), "loss": steps[-1]["loss"] if steps else None,
                           "tokens": last.get("tokens_seen", 0), "seconds": last.get("elapsed_s", 0),
                           "peak": max((e.get("peak_gpu_mem_gb", 0) for e in entries), default=0)})
     losses = [s["loss"] for s in summaries if s["loss"] is not None]

@@ -1,10 +1,15 @@
 """How examples are cut into micro-batches: packed end to end (first-fit decreasing) or padded to similar
-lengths, within a token budget. Training and scoring both use it."""
+lengths, within a token budget (training and scoring both cut so), and how training serves and collates
+them."""
 
 from __future__ import annotations
 
 import math
 import random
+
+import torch
+
+from .modeling import pad_right
 
 
 def micro_batches(lengths: list[int], max_examples: int, max_tokens: int, seed: int, packed: bool = False,
@@ -73,3 +78,75 @@ def divisible(batches: list[list[int]], processes: int) -> list[list[int]]:
         batches.remove(largest)
         batches += [largest[: len(largest) // 2], largest[len(largest) // 2:]]
     return batches
+
+
+class MicroBatchDataset(torch.utils.data.Dataset):
+    """Training features served one whole micro-batch at a time.
+
+    The Trainer shuffles the micro-batches (seeded) every epoch; their
+    composition is fixed once, by micro_batches().
+    """
+
+    def __init__(self, features: list[dict], batches: list[list[int]]):
+        self.features, self.batches = features, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, index: int) -> list[dict]:
+        return [self.features[i] for i in self.batches[index]]
+
+
+class AnswerOnlyCollator:
+    """Collates a micro-batch and asks the model for logits only where the loss is.
+
+    The loss sees only answer and EOS, so projecting every prompt position onto
+    the vocabulary (and upcasting those logits to fp32) would be wasted work
+    and memory. `logits_to_keep` takes the positions that predict a label, and
+    `shift_labels` gives the target at those positions (-100 where a row has
+    none).
+
+    Padded, examples are right-padded rows: right padding, as in answering,
+    leaves no fully masked attention rows, which can turn half-precision
+    gradients into NaN, and makes the attention mask unnecessary (pad_right).
+    Packed, they lie end to end in one row with no padding at all: position
+    ids restart at each example, and `cu_seq_lens_q`/`_k` (where each example
+    starts) reach mcqa.modeling.packed_attention, so no token attends across
+    examples. Either way the loss and gradients are the same (tests/test_packing.py).
+    The attention mask (all ones when packed) is only for the Trainer's count
+    of real tokens.
+    """
+
+    def __init__(self, pad_token_id: int, packed: bool = False, multiple_of: int = 8):
+        self.pad_token_id, self.packed, self.multiple_of = pad_token_id, packed, multiple_of
+
+    def __call__(self, features: list) -> dict:
+        if isinstance(features[0], list):  # one micro-batch from MicroBatchDataset
+            features = [f for batch in features for f in batch]
+        if self.packed:
+            batch, targets = self.pack(features)
+        else:
+            batch = {key: pad_right([f[key] for f in features], value, self.multiple_of)
+                     for key, value in (("input_ids", self.pad_token_id), ("attention_mask", 0), ("labels", -100))}
+            targets = torch.cat([batch["labels"][:, 1:], torch.full_like(batch["labels"][:, :1], -100)], dim=1)
+        keep = (targets != -100).any(dim=0).nonzero().flatten()
+        return {**batch, "logits_to_keep": keep, "shift_labels": targets[:, keep]}
+
+    @staticmethod
+    def pack(features: list[dict]) -> tuple[dict, torch.Tensor]:
+        """One row of the examples end to end, and each token's target (its example's next label)."""
+        lengths = [len(f["input_ids"]) for f in features]
+        starts = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
+
+        def row(values) -> torch.Tensor:
+            return torch.tensor([v for vs in values for v in vs], dtype=torch.long).unsqueeze(0)
+
+        batch = {
+            "input_ids": row(f["input_ids"] for f in features),
+            "attention_mask": row(f["attention_mask"] for f in features),
+            "labels": row(f["labels"] for f in features),
+            "position_ids": row(range(n) for n in lengths),
+            "cu_seq_lens_q": starts, "cu_seq_lens_k": starts,
+            "max_length_q": max(lengths), "max_length_k": max(lengths),
+        }
+        return batch, row(f["labels"][1:] + [-100] for f in features)

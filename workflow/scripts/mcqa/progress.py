@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
+
+
+def say(message: str) -> None:
+    """A line in the log, from the first process only (torchrun starts one a GPU)."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(message, file=sys.stderr, flush=True)
 
 
 def format_duration(seconds: float) -> str:

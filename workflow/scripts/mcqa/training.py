@@ -1,0 +1,241 @@
+"""Training's pieces around the Hugging Face Trainer: the features, a Trainer for answer-only packed
+batches, validation accuracy for select_best, early stopping, the progress log, the compile step and the
+TrainingArguments of a run's settings. train_lora.py is the recipe that puts them together."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
+
+from .history import append_entry, last_totals, read_history
+from .modeling import DTYPES, compile_decoder_layers, use_compile_cache, without_attention_mask
+from .progress import format_duration, say
+from .prompt import ANSWER_SUFFIX_TOKENS, PromptFrame, encode_prompts, prompt_frame, training_example
+from .scoring import encode_rotations, score_prompts
+
+
+def tokenize(records: list[dict], tokenizer, max_seq_length: int,
+             frame: PromptFrame | None = None) -> tuple[list[dict], list[str | None]]:
+    """Training features (plain format unless `frame` says otherwise) and what each example's prompt lost to fit."""
+    frame = frame or prompt_frame(tokenizer, "plain")
+    prompts = encode_prompts(tokenizer, [r["instruction"] for r in records], [r["input"] for r in records],
+                             max_seq_length - ANSWER_SUFFIX_TOKENS, frame)
+    features = []
+    for r, prompt in zip(records, prompts):
+        ids, labels, _ = training_example(prompt, r["label"], frame)
+        features.append({"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)})
+    return features, [p.cut for p in prompts]
+
+
+class AnswerOnlyTrainer(Trainer):
+    """A Trainer for AnswerOnlyCollator's batches of a causal LM; counts the examples trained on.
+
+    The forward pass gets no attention mask: right-padded rows need none (see
+    mcqa.modeling.pad_right for why that changes nothing the loss sees and
+    lets attention run its fused causal kernel), and packed rows carry where
+    each example starts instead. The mask stays in the batch so the Trainer
+    counts real tokens. Examples are counted because micro-batches vary in size.
+    """
+
+    examples_trained = 0
+    answer_accuracy: Callable[[torch.nn.Module], float] | None = None  # set for select_best
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        packed = inputs.get("cu_seq_lens_q")  # a packed row holds many examples
+        self.examples_trained += len(packed) - 1 if packed is not None else len(inputs["input_ids"])
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def examples_trained_all(self) -> int:
+        """Examples trained on by all processes together (every process must call it)."""
+        count = torch.tensor(self.examples_trained, device=self.accelerator.device)
+        return int(self.accelerator.reduce(count, reduction="sum"))
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        return super().compute_loss(model, without_attention_mask(inputs), *args, **kwargs)
+
+    def evaluation_loop(self, *args, metric_key_prefix: str = "eval", **kwargs):
+        """Validation loss and, with select_best, validation answer accuracy (eval_val_accuracy), among the
+        metrics before the Trainer logs them and hands them to its callbacks: the best checkpoint is kept
+        and early stopping decides on it."""
+        output = super().evaluation_loop(*args, metric_key_prefix=metric_key_prefix, **kwargs)
+        if self.answer_accuracy is not None:
+            output.metrics[f"{metric_key_prefix}_val_accuracy"] = self.answer_accuracy(self.model)
+        return output
+
+
+def compile_layers(model: torch.nn.Module, load_in: str, cache: str) -> str:
+    """Compile the decoder layers where that pays, keeping what the compiler makes in `cache` so that the
+    next training of the same shape on the same machine (or shared file system) reuses it; says what was
+    done, for the log."""
+    if not torch.cuda.is_available():
+        return "off on a CPU (compiling would take longer than a CPU run trains)"
+    if load_in != "none":
+        return f"off with a {load_in} base (bitsandbytes layers are not compiled)"
+    if cache:
+        use_compile_cache(Path(cache))
+    return (f"{compile_decoder_layers(model)} decoder layers compiled, cache {cache or 'torch default'}; "
+            "the first step waits for it")
+
+
+def answer_accuracy(records: list[dict], tokenizer, frame: PromptFrame, max_seq_length: int, batch_tokens: int,
+                    rotations: int, precision: str) -> Callable[[torch.nn.Module], float]:
+    """A function giving a model's validation accuracy, scored as evaluate_answers scores it (same prompts
+    and rotations, packed scoring; half precision through autocast as in training, the layers uncompiled)."""
+    labels = torch.tensor([r["label"] for r in records])
+    prompts = encode_rotations(tokenizer, records, max_seq_length, rotations, frame)
+
+    def accuracy(model: torch.nn.Module) -> float:
+        was_training = model.training
+        model.eval()
+        autocast = torch.autocast("cuda", dtype=DTYPES[precision]) if precision != "fp32" and torch.cuda.is_available() \
+            else contextlib.nullcontext()
+        with autocast, torch.compiler.set_stance("force_eager"):  # scoring rows are not training's shapes
+            log_probs, _ = score_prompts(model, records, prompts, frame.answer_ids, batch_tokens)
+        model.train(was_training)
+        return (log_probs.argmax(dim=-1) + 1 == labels).sum().item() / len(labels)  # as metrics.json has it, not float32
+
+    return accuracy
+
+
+class EarlyStopping(EarlyStoppingCallback):
+    """The Trainer's early stopping on validation accuracy, saying in the log when and why it stops."""
+
+    def on_evaluate(self, args, state, control, metrics, **kwargs):
+        super().on_evaluate(args, state, control, metrics, **kwargs)
+        if control.should_training_stop:
+            say(f"early stopping at step {state.global_step}: validation accuracy has not improved for "
+                   f"{self.early_stopping_patience} evaluation(s); the best was {state.best_metric:.4f}")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient stopped being a number; continuing would waste GPU hours."""
+
+
+class ProgressLog(TrainerCallback):
+    """Writes the training history and a readable progress line (step, loss, lr, tokens/s, ETA).
+
+    Each entry is appended to `path` (kept beside the checkpoints, so a
+    resumed training continues the history its checkpoint belongs to).
+    Rates are over the interval since the previous line; the running totals
+    `elapsed_s`, `tokens_seen` (real tokens) and `examples_seen`, all
+    processes together, go on across a resume, so a reader can take any
+    interval. `examples_trained` must be called on every process (it sums
+    over them), so on_log does its counting before rank 0 alone writes.
+    """
+
+    def __init__(self, path: Path, examples_trained: Callable[[], int]):
+        self.path, self.examples_trained = path, examples_trained
+        self.start = self.last_time = None
+        self.last_tokens = self.last_examples = 0
+        self.first_step = 0
+        self.elapsed_before = self.examples_before = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = self.last_time = time.perf_counter()
+        self.last_tokens, self.last_examples = state.num_input_tokens_seen, self.examples_trained()
+        self.first_step = state.global_step
+        if state.global_step:
+            if totals := last_totals(read_history(self.path)):
+                self.elapsed_before, self.examples_before = totals["elapsed_s"], totals["examples_seen"]
+            say(f"resumed from checkpoint at step {state.global_step}")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs:
+            return
+        examples = self.examples_trained() if "loss" in logs or "train_runtime" in logs else 0
+        if not state.is_world_process_zero:
+            return
+        now = time.perf_counter()
+        tokens = state.num_input_tokens_seen  # the Trainer sums it over processes
+        entry = {"step": state.global_step, "epoch": round(state.epoch or 0, 4)}
+        totals = {"elapsed_s": round(self.elapsed_before + now - self.start, 3), "tokens_seen": tokens,
+                  "examples_seen": self.examples_before + examples}
+        if "loss" in logs:
+            if not all(math.isfinite(logs.get(k, 0.0)) for k in ("loss", "grad_norm")):
+                raise TrainingDiverged(
+                    f"training diverged at step {state.global_step} (loss {logs['loss']}, gradient norm "
+                    f"{logs.get('grad_norm')}); lower learning_rate, or try precision fp32 to see if half precision overflows"
+                )
+            elapsed = max(now - self.last_time, 1e-9)
+            done = state.global_step - self.first_step
+            eta = (now - self.start) / max(done, 1) * (state.max_steps - state.global_step)
+            entry.update(
+                loss=logs["loss"],
+                grad_norm=logs.get("grad_norm"),
+                learning_rate=logs.get("learning_rate"),
+                tokens_per_s=round((tokens - self.last_tokens) / elapsed, 1),
+                samples_per_s=round((examples - self.last_examples) / elapsed, 2),
+                eta_s=round(eta, 1),
+                **totals,
+            )
+            if torch.cuda.is_available():
+                entry["peak_gpu_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            self.last_time, self.last_tokens, self.last_examples = now, tokens, examples
+            memory = f"  {entry['peak_gpu_mem_gb']} GiB peak" if "peak_gpu_mem_gb" in entry else ""
+            print(
+                f"step {state.global_step}/{state.max_steps}  loss {entry['loss']:.4f}  "
+                f"lr {entry['learning_rate']:.2e}  {entry['tokens_per_s']:,.0f} tokens/s{memory}  "
+                f"ETA {format_duration(eta)}",
+                file=sys.stderr,
+                flush=True,
+            )
+        elif "eval_loss" in logs:
+            entry["val_loss"] = logs["eval_loss"]
+            line = f"step {state.global_step}  validation loss {logs['eval_loss']:.4f}"
+            if "eval_val_accuracy" in logs:
+                entry["val_accuracy"] = logs["eval_val_accuracy"]
+                line += f"  validation accuracy {logs['eval_val_accuracy']:.4f}"
+            print(line, file=sys.stderr, flush=True)
+        elif "train_runtime" in logs:
+            entry.update(train_runtime_s=logs["train_runtime"], **totals)
+        else:
+            return
+        append_entry(self.path, entry)
+
+
+def training_arguments(settings: dict, checkpoint_dir: str, deepspeed_config: str, precision: str,
+                       has_val: bool) -> TrainingArguments:
+    """The Trainer's arguments for a run's settings (one micro-batch an item of MicroBatchDataset)."""
+    return TrainingArguments(
+        output_dir=checkpoint_dir,
+        per_device_train_batch_size=1,  # one item of MicroBatchDataset is a whole micro-batch
+        per_device_eval_batch_size=settings["micro_batch_size"],
+        gradient_accumulation_steps=settings["gradient_accumulation_steps"],
+        num_train_epochs=settings["epochs"],
+        learning_rate=settings["learning_rate"],
+        warmup_steps=settings["warmup_ratio"],
+        lr_scheduler_type=settings["lr_scheduler"],
+        weight_decay=settings["weight_decay"],
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        gradient_checkpointing=settings["gradient_checkpointing"],
+        gradient_checkpointing_kwargs={"use_reentrant": False} if settings["gradient_checkpointing"] else None,
+        logging_steps=settings["logging_steps"],
+        save_strategy="steps",
+        # select_best keeps a checkpoint of every evaluation until the best is known (the Trainer keeps the best and the newest)
+        save_steps=settings["eval_steps"] if settings["select_best"] else settings["checkpoint_steps"],
+        save_total_limit=2,
+        eval_strategy="steps" if has_val else "no",
+        eval_steps=settings["eval_steps"],
+        load_best_model_at_end=settings["select_best"],
+        metric_for_best_model="val_accuracy" if settings["select_best"] else None,
+        greater_is_better=True if settings["select_best"] else None,
+        seed=settings["seed"],
+        data_seed=settings["seed"],
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(),
+        # ZeRO-2 across GPUs; several CPU processes (tests) fall back to plain DDP.
+        deepspeed=deepspeed_config if deepspeed_config and torch.distributed.is_torchelastic_launched()
+        and torch.cuda.is_available() else None,
+        ddp_find_unused_parameters=False,
+    )
