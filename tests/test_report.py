@@ -78,6 +78,19 @@ def test_report_shows_every_run_figure_and_table_and_reruns_nothing(two_runs, tm
     assert "rows read" in shown["Data > show:rows read, kept, fixed, skipped"]
 
 
+@pytest.mark.skipif(not CHROMIUM, reason="no chromium (Debian's chromium package; .ci/run installs it)")
+def test_report_of_a_cross_validated_workflow_shows_folds_seeds_and_the_baseline(cross_validated, tmp_path):
+    report = tmp_path / "report.html"
+    snakemake(cross_validated, "--report", str(report))
+    shown = rendered(report, [["Validation", "all runs", "show:experiments table"], ["Answers"], ["Training"]])
+    assert not [path for path, text in shown.items() if text.startswith("ERROR")], shown
+    table = shown["Validation > all runs > show:experiments table"]
+    assert "b (mean of 1 seeds)" in table and "baseline (no training)" in table and "2 (sd " in table
+    assert re.search(r"^a/refit\tanswers.csv", shown["Answers"], re.M) and re.search(r"^base\tanswers.csv",
+                                                                                      shown["Answers"], re.M)
+    assert re.search(r"^a/fold1\ttraining curve", shown["Training"], re.M)
+
+
 def test_front_page_shows_config_text_as_text_not_markup():
     """File names and the base are config text: reStructuredText markup in them (a link to javascript:, a
     role, emphasis) must reach the report's front page as the characters typed."""

@@ -107,7 +107,8 @@ def table(manifest: dict, ensemble: str | None) -> pd.DataFrame:
         rows.append({"run": "ensemble", **validation_summary(ensemble)})
     frame = pd.DataFrame(rows)
     for column in ("best step", "tokens/s"):  # whole numbers, though the ensemble's row has none
-        frame[column] = frame[column].astype("Int64")
+        if column in frame and pd.api.types.is_numeric_dtype(frame[column]):  # fold models' steps are "3 / 4"
+            frame[column] = frame[column].astype("Int64")
     if "val accuracy" in frame:
         frame = frame.sort_values("val accuracy", ascending=False, kind="stable")
     return frame.reset_index(drop=True)
