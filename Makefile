@@ -32,7 +32,7 @@ lint: $(VENV)/.test
 	ruff check workflow tests benchmarks
 
 clean:
-	rm -rf results logs benchmarks/default resources/models resources/compile_cache .snakemake
+	rm -rf results logs resources/models resources/compile_cache .snakemake
 
 report: $(VENV)/.runtime
 	snakemake --cores 1 --report results/report.html $(ARGS)

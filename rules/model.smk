@@ -34,7 +34,7 @@ rule train_lora:
     log:
         "logs/{model}/train_lora.log",
     benchmark:
-        "benchmarks/{model}/train_lora.tsv"
+        "logs/{model}/train_lora.benchmark.tsv"
     wildcard_constraints:
         model=regex(TRAINED),
     conda:
@@ -77,7 +77,7 @@ rule merge_lora:
     log:
         "logs/{model}/merge_lora.log",
     benchmark:
-        "benchmarks/{model}/merge_lora.tsv"
+        "logs/{model}/merge_lora.benchmark.tsv"
     wildcard_constraints:
         model=regex(TRAINED),
     conda:
@@ -111,7 +111,7 @@ rule answer_questions:
     log:
         "logs/{model}/answer_questions.log",
     benchmark:
-        "benchmarks/{model}/answer_questions.tsv"
+        "logs/{model}/answer_questions.benchmark.tsv"
     conda:
         "../envs/answer.yaml"
     threads: ANSWER_RES["threads"]
@@ -148,7 +148,7 @@ rule evaluate_answers:
     log:
         "logs/{model}/evaluate_answers.log",
     benchmark:
-        "benchmarks/{model}/evaluate_answers.tsv"
+        "logs/{model}/evaluate_answers.benchmark.tsv"
     conda:
         "../envs/answer.yaml"
     threads: ANSWER_RES["threads"]

@@ -73,7 +73,8 @@ def test_readme_documents_every_config_key():
         assert f"`{key}`" in table or (f"`{top}." in table and f"`{leaf}`" in table), key
 
 
-@pytest.mark.parametrize("name", ["..", ".", "data", "ensemble", "../escape", "a b"])
+@pytest.mark.parametrize("name", ["..", ".", "data", "ensemble", "../escape", "a b", "experiments.html", "report.html",
+                                  "prepare_train_data.log"])
 def test_run_name_that_is_not_a_plain_folder_name_is_refused(tmp_path, name):
     """A run named '..' would put its adapter, merged model and answers outside results/."""
     workdir = sample_workdir(tmp_path, runs={name: {}})

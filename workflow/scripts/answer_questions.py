@@ -32,17 +32,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trust-remote-code", action="store_true")
     parser.add_argument("--stats", type=Path, help="also write where the time went here (JSON)")
     args = parser.parse_args(argv)
-    s = json.loads(args.settings)
+    answering = json.loads(args.settings)
 
     start = time.perf_counter()
     records = read_records(args.test, "test")
-    log_probs, stats = score_records(args.model, records, args.max_seq_length, s, args.trust_remote_code)
+    log_probs, stats = score_records(args.model, records, args.max_seq_length, answering, args.trust_remote_code)
     ids = [r["id"] for r in records]
     write_answers(args.answers, ids, (log_probs.argmax(dim=-1) + 1).tolist())
     write_probs(args.probs, "ID", ids, log_probs.exp().tolist())
     stats["total_s"] = round(time.perf_counter() - start, 2)
     print(f"answered {len(records)} questions in {stats['total_s']:.1f} s ({stats['questions_per_s']:.1f} questions/s "
-          f"while scoring, {s['rotations']} option order(s) each)", file=sys.stderr)
+          f"while scoring, {answering['rotations']} option order(s) each)", file=sys.stderr)
     if args.stats:
         write_json_atomic(args.stats, stats)
     return 0

@@ -29,14 +29,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--selected-step", action="store_true",
                         help="the model's training step was chosen on these questions (select_best): say so")
     args = parser.parse_args(argv)
-    s = json.loads(args.settings)
+    answering = json.loads(args.settings)
 
     records = read_records(args.val, "labelled")
     labels = [r["label"] for r in records]
     start = time.perf_counter()
-    log_probs, stats = score_records(args.model, records, args.max_seq_length, s, args.trust_remote_code)
+    log_probs, stats = score_records(args.model, records, args.max_seq_length, answering, args.trust_remote_code)
     probs = log_probs.exp().tolist()
-    result = {**metrics(probs, labels), "rotations": s["rotations"]}
+    result = {**metrics(probs, labels), "rotations": answering["rotations"]}
     if args.selected_step:
         result["chosen_on_these_questions"] = CHOSEN["step"]
     write_probs(args.probs, "record", range(len(records)), probs, labels)
