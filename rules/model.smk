@@ -51,6 +51,8 @@ rule train_lora:
         remote_code=remote_code_flag(),
         revision=revision_flag(),
         rotations=rotations_flag,
+        tracking=lambda wildcards: f"--tensorboard-dir results/tensorboard/{wildcards.model}"
+        if config["tracking"] == "tensorboard" else "",
         prompt_format=config["prompt_format"],
         launcher=train_launcher,
         # Not an output: Snakemake must not delete it when a job fails, so a
@@ -61,7 +63,7 @@ rule train_lora:
         "--base-model {params.base_model:q} --out {output.adapter:q} --log-jsonl {output.log_jsonl:q} "
         "--checkpoint-dir {params.checkpoint_dir:q} --deepspeed-config {input.deepspeed:q} "
         "--settings {params.settings:q} --prompt-format {params.prompt_format} {params.rotations} "
-        "--compile-cache resources/compile_cache "
+        "--compile-cache resources/compile_cache {params.tracking} "
         "{params.remote_code} {params.revision} "
         "> {log:q} 2>&1"
 

@@ -202,3 +202,19 @@ def test_a_new_seed_reruns_only_its_own_jobs_and_changing_folds_retrains(cross_v
     config["data"]["folds"] = 3
     (copy / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
     assert scheduled(snakemake(copy, "-n"))["train_lora"] == 3 * 3 + 1  # a, b_seed1, b_seed2, three folds each
+
+
+def test_tensorboard_tracking_writes_one_run_a_fold_model(tmp_path):
+    """tracking: tensorboard hands each training's metrics to TensorBoard as local files, one folder a
+    fold model, named by run and fold so that they line up side by side."""
+    workdir = sample_workdir(tmp_path, data={"folds": 2}, tracking="tensorboard",
+                             training={"epochs": 0.5, "logging_steps": 1},
+                             resources={"train": {"threads": 1}})
+    snakemake(workdir, "results/default/fold0/adapter", "results/default/fold1/adapter")
+    for fold in ("fold0", "fold1"):
+        events = list((workdir / f"results/tensorboard/default/{fold}").glob("events.out.tfevents.*"))
+        assert events and events[0].stat().st_size > 0, fold
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = EventAccumulator(str(workdir / "results/tensorboard/default/fold0")).Reload().Tags()["scalars"]
+    assert "train/loss" in scalars

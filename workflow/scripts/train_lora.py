@@ -59,6 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--deepspeed-config", default="", help="used when launched by torchrun on several GPUs")
     parser.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="plain")
     parser.add_argument("--compile-cache", default="", help="folder for torch.compile's caches (kept across runs)")
+    parser.add_argument("--tensorboard-dir", default="", help="also log the training to TensorBoard files here")
     parser.add_argument("--rotations", type=int, default=1, choices=sorted(ROTATIONS),
                         help="option orders each validation question is scored in by select_best "
                              "(answering.rotations)")
@@ -103,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     # Micro-batch shapes change every step; expandable segments keep the CUDA
     # allocator from fragmenting (read at the first CUDA allocation, below).
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    if args.tensorboard_dir:  # where the Trainer's TensorBoard callback writes
+        os.environ["TENSORBOARD_LOGGING_DIR"] = args.tensorboard_dir
     precision = resolve_precision(settings["precision"])
     # The resolved run in full, first, so a log says exactly what was trained (as torchtune recipes do).
     say("run " + json.dumps({"settings": settings, "base_model": args.base_model, "revision": args.revision,
@@ -148,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     history = checkpoint_dir / HISTORY
     trainer = AnswerOnlyTrainer(
         model=model,
-        args=training_arguments(settings, args.checkpoint_dir, args.deepspeed_config, precision, bool(val_features)),
+        args=training_arguments(settings, args.checkpoint_dir, args.deepspeed_config, precision, bool(val_features),
+                                report_to="tensorboard" if args.tensorboard_dir else "none"),
         train_dataset=MicroBatchDataset(train_features, batches),
         eval_dataset=val_features or None,
         data_collator=AnswerOnlyCollator(tokenizer.pad_token_id, packed=settings["packing"]),

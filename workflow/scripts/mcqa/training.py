@@ -201,7 +201,7 @@ class ProgressLog(TrainerCallback):
 
 
 def training_arguments(settings: dict, checkpoint_dir: str, deepspeed_config: str, precision: str,
-                       has_val: bool) -> TrainingArguments:
+                       has_val: bool, report_to: str = "none") -> TrainingArguments:
     """The Trainer's arguments for a run's settings (one micro-batch an item of MicroBatchDataset)."""
     return TrainingArguments(
         output_dir=checkpoint_dir,
@@ -231,7 +231,7 @@ def training_arguments(settings: dict, checkpoint_dir: str, deepspeed_config: st
         data_seed=settings["seed"],
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False,
-        report_to="none",
+        report_to=report_to,
         disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(),
         # ZeRO-2 across GPUs; several CPU processes (tests) fall back to plain DDP.
