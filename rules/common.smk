@@ -241,8 +241,11 @@ def expanded_runs():
                 runs[replica] = {**settings, **({"seed": seed} if seed is not None else {})}
                 if seed is not None:
                     replicas[replica] = name
-    bad = [run for run in runs if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", run) or run in RESERVED_NAMES
-           or run.endswith(".log")]
+    bad = [
+        run
+        for run in runs
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", run) or run in RESERVED_NAMES or run.endswith(".log")
+    ]
     if bad:
         raise WorkflowError(
             f"config sweep: run names {', '.join(bad)} are not plain folder names; use values of "
@@ -252,7 +255,9 @@ def expanded_runs():
 
 
 # What results/ and logs/ hold besides runs (the schema refuses them as run names; sweeps must not make them).
-RESERVED_NAMES = read_schema(SCHEMAS / "config.schema.yaml")["properties"]["runs"]["propertyNames"]["not"]["anyOf"][0]["enum"]
+RESERVED_NAMES = read_schema(SCHEMAS / "config.schema.yaml")["properties"]["runs"]["propertyNames"]["not"]["anyOf"][0][
+    "enum"
+]
 RUNS, REPLICAS = expanded_runs()
 # What is trained: one model a run, or with folds one a fold (and a refit); baselines train nothing.
 FOLD_NAMES = [f"fold{k}" for k in range(FOLDS)]

@@ -51,8 +51,9 @@ rule train_lora:
         remote_code=remote_code_flag(),
         revision=revision_flag(),
         rotations=rotations_flag,
-        tracking=lambda wildcards: f"--tensorboard-dir results/tensorboard/{wildcards.model}"
-        if config["tracking"] == "tensorboard" else "",
+        tracking=lambda wildcards: (
+            f"--tensorboard-dir results/tensorboard/{wildcards.model}" if config["tracking"] == "tensorboard" else ""
+        ),
         prompt_format=config["prompt_format"],
         launcher=train_launcher,
         # Not an output: Snakemake must not delete it when a job fails, so a
