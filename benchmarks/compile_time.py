@@ -1,15 +1,19 @@
 """Where torch.compile's wait before the first training step goes, and what the workflow's compile cache saves.
 
-    python benchmarks/compile_time.py --work /tmp/bench --out benchmarks/results/<name>.json [--steps 54]
+    python benchmarks/compile_time.py --work /tmp/bench --out benchmarks/results/<name>.json [--steps 54] [--runs ...]
 
 Uses the harness's work folder (its setup stage: data and the 7B base's
 tokenizer). A small model of the same vocabulary (2 layers, 256 wide) trains
-the same steps three times as train_lora does at the schema's defaults:
-compiled with an empty cache folder, compiled again with that folder (what a
-second run of the workflow on the same machine finds in
-resources/compile_cache), and uncompiled. Each run logs torch's recompiles
-and graph breaks (TORCH_LOGS); the wait is the time to the first logged
-step minus the uncompiled run's.
+the same steps as train_lora does at the schema's defaults, once per run
+named in --runs (RUNS below, in that order): uncompiled; compiled with an
+empty cache folder; compiled again with that folder (what a second run of
+the workflow on the same machine finds in resources/compile_cache), as is,
+with inductor compiling in the process instead of its worker pool, and
+under cProfile; and under cProfile with inductor's probe of the CPU's
+vector instructions back on (the profiles' top functions and their callers
+go to compile_<run>_profile.txt in the work folder). Each run logs torch's recompiles and graph breaks
+(TORCH_LOGS); the wait is the time to the first logged step minus the
+uncompiled run's. The JSON is rewritten after every run.
 """
 
 from __future__ import annotations
@@ -48,18 +52,45 @@ def small_base(work: Path) -> Path:
     return out
 
 
-def train(work: Path, base: Path, name: str, settings: dict, cache: Path | None) -> dict:
+# name: (compiled, extra environment, profiled); the warm runs need compiled_empty_cache before them.
+RUNS = {
+    "uncompiled": (False, {}, False),
+    "compiled_empty_cache": (True, {}, False),
+    "compiled_warm_cache": (True, {}, False),
+    "compiled_warm_cache_in_process": (True, {"TORCHINDUCTOR_COMPILE_THREADS": "1"}, False),
+    "compiled_warm_cache_profiled": (True, {}, True),
+    # inductor's probe of the CPU's vector instructions, which compile_decoder_layers turns off, back on
+    "compiled_isa_probe_profiled": (True, {"TORCHINDUCTOR_VEC_ISA_OK": "1"}, True),
+}
+
+
+def profile_summary(stats_file: Path, out: Path) -> None:
+    import pstats
+
+    with open(out, "w") as fh:
+        stats = pstats.Stats(str(stats_file), stream=fh).strip_dirs()
+        print("== by cumulative time ==", file=fh)
+        stats.sort_stats("cumulative").print_stats(60)
+        print("== by own time ==", file=fh)
+        stats.sort_stats("tottime").print_stats(30)
+        print("== who called the slowest ==", file=fh)
+        stats.sort_stats("cumulative").print_callers(40)
+
+
+def train(work: Path, base: Path, name: str, settings: dict, cache: Path | None, env: dict | None = None,
+          profiled: bool = False) -> dict:
     out = work / name
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
-    command = [sys.executable, REPO / "workflow/scripts/train_lora.py", "--train", work / "data/train.json",
+    profiler = ["-m", "cProfile", "-o", out / "profile.pstats"] if profiled else []
+    command = [sys.executable, *profiler, REPO / "workflow/scripts/train_lora.py", "--train", work / "data/train.json",
                "--base-model", base, "--out", out / "adapter", "--log-jsonl", out / "train_log.jsonl",
                "--checkpoint-dir", out / "checkpoints", "--settings", json.dumps(settings)]
     command += ["--compile-cache", cache] if cache else []
     start = time.perf_counter()
     with open(out / "train.log", "w") as fh:
         code = subprocess.call([str(c) for c in command], stdout=fh, stderr=subprocess.STDOUT,
-                               env={**os.environ, "TORCH_LOGS": "recompiles,graph_breaks"})
+                               env={**os.environ, "TORCH_LOGS": "recompiles,graph_breaks", **(env or {})})
     wall = time.perf_counter() - start
     text = (out / "train.log").read_text()
     if code:
@@ -71,6 +102,8 @@ def train(work: Path, base: Path, name: str, settings: dict, cache: Path | None)
               "steps": losses[-1]["step"], "recompiles": len(re.findall(r"Recompiling function", text)),
               "graph_breaks": len(re.findall(r"Graph break", text))}
     shutil.copyfile(out / "train.log", work / f"compile_{name}.log")
+    if profiled:
+        profile_summary(out / "profile.pstats", work / f"compile_{name}_profile.txt")
     log(f"{name}: {result}")
     return result
 
@@ -80,6 +113,7 @@ def main() -> int:
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=54)
+    parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS)[:3])
     args = parser.parse_args()
     base = small_base(args.work)
     settings = {**LORA, "precision": "bf16", "logging_steps": 1}
@@ -87,17 +121,19 @@ def main() -> int:
     settings["epochs"] = args.steps / len(batches)
     cache = args.work / "compile_cache"
     shutil.rmtree(cache, ignore_errors=True)
-    runs = {"compiled_empty_cache": train(args.work, base, "compiled_empty_cache", settings, cache),
-            "compiled_warm_cache": train(args.work, base, "compiled_warm_cache", settings, cache),
-            "uncompiled": train(args.work, base, "uncompiled", {**settings, "compile": False}, None)}
-    eager = runs["uncompiled"]["first_step_at_s"]
-    for run in runs.values():
-        run["compile_wait_s"] = round(run["first_step_at_s"] - eager, 1)
     result = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "torch": torch.__version__, "model": "Llama 2 layers, hidden 256, MLP 688, vocab of the 7B base",
-              "steps": args.steps, "runs": runs}
+              "steps": args.steps, "runs": {}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    for name in args.runs:
+        compiled, env, profiled = RUNS[name]
+        run_settings = settings if compiled else {**settings, "compile": False}
+        result["runs"][name] = train(args.work, base, name, run_settings, cache if compiled else None, env, profiled)
+        eager = result["runs"].get("uncompiled", {}).get("first_step_at_s")
+        for run in result["runs"].values():
+            if eager is not None:
+                run["compile_wait_s"] = round(run["first_step_at_s"] - eager, 1)
+        args.out.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
     return 0
 

@@ -149,7 +149,8 @@ def train_rate(log_jsonl: Path, skip: int) -> dict:
     steps = logging_steps(entries)
     first, last = steps[skip - 1], steps[-1]
     seconds = last["elapsed_s"] - first["elapsed_s"]
-    return {"tokens_per_s": round((last["tokens_seen"] - first["tokens_seen"]) / seconds, 1),
+    return {"first_step_at_s": steps[0]["elapsed_s"],  # loading is before the clock starts: this is compiling
+            "tokens_per_s": round((last["tokens_seen"] - first["tokens_seen"]) / seconds, 1),
             "samples_per_s": round((last["examples_seen"] - first["examples_seen"]) / seconds, 2),
             "peak_gpu_mem_gb": max((e.get("peak_gpu_mem_gb", 0) for e in entries), default=0),
             "steps_timed": last["step"] - first["step"], "seconds_timed": round(seconds, 2)}
@@ -161,7 +162,7 @@ def train_command(work: Path, out: Path, settings: dict, gpus: int) -> list:
                                    ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"])
     command = [*launcher, SCRIPTS / "train_lora.py", "--train", work / "data/train.json", "--base-model",
                work / "base", "--out", out / "adapter", "--log-jsonl", out / "train_log.jsonl", "--checkpoint-dir",
-               out / "checkpoints", "--settings", json.dumps(settings)]
+               out / "checkpoints", "--settings", json.dumps(settings), "--compile-cache", work / "compile_cache"]
     return command + (["--deepspeed-config", REPO / "resources/deepspeed/zero2.json"] if gpus > 1 else [])
 
 

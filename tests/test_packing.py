@@ -9,7 +9,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mcqa.modeling import PACKED_ATTENTION, without_attention_mask
+from mcqa.modeling import PACKED_ATTENTION, compile_decoder_layers, without_attention_mask
 from mcqa.batching import AnswerOnlyCollator, micro_batches
 
 
@@ -114,3 +114,18 @@ def test_packed_micro_batches_hold_every_example_once_within_the_limits(max_exam
 def test_an_example_longer_than_the_budget_is_packed_alone():
     batches = micro_batches([100, 900, 100, 100], 8, 512, seed=0, packed=True)
     assert [1] in batches and sorted(i for b in batches for i in b) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("asked", [None, "1"])
+def test_compiling_the_layers_turns_off_inductors_cpu_probe_unless_asked_for(monkeypatch, asked):
+    """The compiled layers' one CPU kernel (a scalar conversion) needs no vector instructions; inductor's
+    probe for them cost about 50 s of every training's compile (BENCHMARKS.md, session 6)."""
+    import torch._inductor.config as inductor
+
+    if asked:
+        monkeypatch.setenv("TORCHINDUCTOR_VEC_ISA_OK", asked)
+    else:
+        monkeypatch.delenv("TORCHINDUCTOR_VEC_ISA_OK", raising=False)
+    with inductor.patch({"cpp.vec_isa_ok": None}):
+        assert compile_decoder_layers(lora_model(num_key_value_heads=4)) == 2
+        assert inductor.cpp.vec_isa_ok is (None if asked else False)

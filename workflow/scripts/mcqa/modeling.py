@@ -283,8 +283,14 @@ def compile_decoder_layers(model: torch.nn.Module) -> int:
     all. It fuses the norms, RoPE, SwiGLU and LoRA's element-wise work
     (BENCHMARKS.md has what that gains).
     """
+    import torch._inductor.config
     from transformers.modeling_layers import GradientCheckpointingLayer
 
+    if os.environ.get("TORCHINDUCTOR_VEC_ISA_OK") is None:
+        # Loading the layers' few CPU kernels makes inductor probe the CPU's vector instructions first: five
+        # C++ builds, each dlopened by a new Python, in every process, cache or not (50 s of a warm-cache
+        # compile's 51 s where starting Python is slow, BENCHMARKS.md); scalar code serves those kernels.
+        torch._inductor.config.cpp.vec_isa_ok = False
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     # The frozen embedding's output does not require grad while every later layer's input does: dynamo
     # would compile the first layer's graph a second time for it (a recompile that doubled the wait).
