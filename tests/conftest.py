@@ -150,9 +150,11 @@ def snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 900,
     return result
 
 
-def wait_for_checkpoint(workdir: Path, process: subprocess.Popen, timeout: float, count: int = 1) -> list[int]:
-    """Steps of the complete training checkpoints once `count` exist; [] if the process ended first."""
-    checkpoints = workdir / "results/default/checkpoints"
+def wait_for_checkpoint(workdir: Path, process: subprocess.Popen, timeout: float, count: int = 1,
+                        model: str = "default") -> list[int]:
+    """Steps of the complete training checkpoints of `model` (a run, or run/fold{k}) once `count` exist;
+    [] if the process ended first."""
+    checkpoints = workdir / "results" / model / "checkpoints"
     deadline = time.time() + timeout
     while time.time() < deadline and process.poll() is None:
         steps = sorted(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*")
@@ -163,9 +165,9 @@ def wait_for_checkpoint(workdir: Path, process: subprocess.Popen, timeout: float
     return []
 
 
-def resumed_steps(workdir: Path) -> list[int]:
-    """Steps that the training log says it resumed from."""
-    log = (workdir / "logs/default/train_lora.log").read_text()
+def resumed_steps(workdir: Path, model: str = "default") -> list[int]:
+    """Steps that the training log of `model` says it resumed from."""
+    log = (workdir / "logs" / model / "train_lora.log").read_text()
     return [int(line.split()[-1]) for line in log.splitlines() if line.startswith("resumed from checkpoint at step")]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from datetime import datetime
 
 import pytest
 from conftest import BIN, INTERRUPTIBLE_TRAINING, REPO, env, resumed_steps, sample_workdir, wait_for_checkpoint
@@ -72,18 +73,31 @@ def test_workflow_through_slurm_matches_local_run(demo_run, tmp_path):
     assert (workdir / "results/default/answers.csv").read_text() == (demo_run / "results/default/answers.csv").read_text()
 
 
-def test_training_killed_by_slurm_resumes_on_retry(tmp_path):
-    workdir = sample_workdir(tmp_path, resources=SMALL, training=INTERRUPTIBLE_TRAINING)
-    process = slurm_snakemake(workdir, "results/default/adapter", background=True)
-    wait_for_checkpoint(workdir, process, timeout=600)
-    running = [j for j in jobs_of(workdir) if j["Comment"].startswith("rule_train_lora") and j["JobState"] == "RUNNING"]
-    assert running, "training finished before it could be cancelled"
-    subprocess.run(["scancel", running[0]["JobId"]], check=True)  # as a preemption or time-out would
+def test_fold_trainings_run_as_separate_jobs_at_once_and_one_killed_by_slurm_resumes_on_retry(tmp_path):
+    """Each fold's training is its own Slurm job and they run side by side, as on a cluster of many nodes;
+    one cancelled as a preemption or time-out would resumes on the retry. The test node has one GPU, so the
+    trainings here ask for none (they train on the CPU either way)."""
+    workdir = sample_workdir(tmp_path, data={"folds": 2}, training=INTERRUPTIBLE_TRAINING,
+                             resources={**SMALL, "train": {**SMALL["train"], "gpu": 0}})
+    process = slurm_snakemake(workdir, "results/default/fold0/adapter", "results/default/fold1/adapter",
+                              background=True)
+    wait_for_checkpoint(workdir, process, timeout=600, model="default/fold0")
+    running = [j for j in jobs_of(workdir) if j["Comment"].startswith("rule_train_lora") and "fold0" in j["Comment"]
+               and j["JobState"] == "RUNNING"]
+    assert running, "fold 0's training finished before it could be cancelled"
+    subprocess.run(["scancel", running[0]["JobId"]], check=True)
     output, _ = process.communicate(timeout=900)
     assert process.returncode == 0, output[-5000:]
-    states = [j["JobState"] for j in sorted(jobs_of(workdir), key=lambda j: int(j["JobId"]))
-              if j["Comment"].startswith("rule_train_lora")]
-    assert states[0] == "CANCELLED" and states[-1] == "COMPLETED", states
-    resumed = resumed_steps(workdir)
-    assert resumed and resumed[0] > 0, (workdir / "logs/default/train_lora.log").read_text()[-2000:]
-    assert (workdir / "results/default/adapter/adapter_model.safetensors").exists()
+
+    trainings = sorted((j for j in jobs_of(workdir) if j["Comment"].startswith("rule_train_lora")),
+                       key=lambda j: int(j["JobId"]))
+    fold0 = [j for j in trainings if "fold0" in j["Comment"]]
+    fold1 = [j for j in trainings if "fold1" in j["Comment"]]
+    assert [j["JobState"] for j in fold1] == ["COMPLETED"], trainings
+    assert [j["JobState"] for j in fold0][0] == "CANCELLED" and fold0[-1]["JobState"] == "COMPLETED", trainings
+    starts, ends = ([datetime.fromisoformat(j[key]) for j in (fold0[0], fold1[0])] for key in ("StartTime", "EndTime"))
+    assert max(starts) < min(ends), f"the fold trainings ran one after the other: {starts} -> {ends}"
+    resumed = resumed_steps(workdir, "default/fold0")
+    assert resumed and resumed[0] > 0, (workdir / "logs/default/fold0/train_lora.log").read_text()[-2000:]
+    for fold in (0, 1):
+        assert (workdir / f"results/default/fold{fold}/adapter/adapter_model.safetensors").exists()
