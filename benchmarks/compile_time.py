@@ -11,9 +11,10 @@ the workflow on the same machine finds in resources/compile_cache), as is,
 with inductor compiling in the process instead of its worker pool, and
 under cProfile; and under cProfile with inductor's probe of the CPU's
 vector instructions back on (the profiles' top functions and their callers
-go to compile_<run>_profile.txt in the work folder). Each run logs torch's recompiles and graph breaks
-(TORCH_LOGS); the wait is the time to the first logged step minus the
-uncompiled run's. The JSON is rewritten after every run.
+go to compile_<run>_profile.txt in the work folder). Each run logs torch's
+recompiles and graph breaks (TORCH_LOGS); the wait is the time to the first
+logged step minus the uncompiled run's. The JSON is rewritten after every
+run.
 """
 
 from __future__ import annotations

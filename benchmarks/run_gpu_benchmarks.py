@@ -149,7 +149,7 @@ def train_rate(log_jsonl: Path, skip: int) -> dict:
     steps = logging_steps(entries)
     first, last = steps[skip - 1], steps[-1]
     seconds = last["elapsed_s"] - first["elapsed_s"]
-    return {"first_step_at_s": steps[0]["elapsed_s"],  # loading is before the clock starts: this is compiling
+    return {"first_step_at_s": steps[0]["elapsed_s"],  # the clock starts after loading: the first step and its compiling
             "tokens_per_s": round((last["tokens_seen"] - first["tokens_seen"]) / seconds, 1),
             "samples_per_s": round((last["examples_seen"] - first["examples_seen"]) / seconds, 2),
             "peak_gpu_mem_gb": max((e.get("peak_gpu_mem_gb", 0) for e in entries), default=0),
