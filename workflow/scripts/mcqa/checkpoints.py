@@ -61,7 +61,7 @@ OWNED_DIR = re.compile(r"(corrupt-)?checkpoint-(\d+)")
 def checkpoints_newest_first(path: Path) -> list[Path]:
     """The Trainer's checkpoint-N folders in `path`, highest step first."""
     found = [p for p in path.glob("checkpoint-*") if OWNED_DIR.fullmatch(p.name) and p.is_dir()]
-    return sorted(found, key=lambda p: int(OWNED_DIR.fullmatch(p.name)[2]), reverse=True)
+    return sorted(found, key=checkpoint_step, reverse=True)
 
 
 def unloadable(checkpoint: Path) -> str | None:
@@ -118,11 +118,11 @@ def prepare_checkpoint_dir(path: Path, expected: dict) -> Path | None:
     previous = json.loads(marker.read_text()) if marker.exists() else None
     if previous is not None and previous != expected:
         say(f"not resuming the checkpoints in {path}, which belong to another training: "
-               f"{'; '.join(differences(previous, expected))}; starting afresh")
+            f"{'; '.join(differences(previous, expected))}; starting afresh")
     if previous == expected:
         for checkpoint in checkpoints_newest_first(path):
             if (problem := unloadable(checkpoint)) is None:
-                cut_back(path / HISTORY, int(OWNED_DIR.fullmatch(checkpoint.name)[2]))
+                cut_back(path / HISTORY, checkpoint_step(checkpoint))
                 return checkpoint
             if (checkpoint / "trainer_state.json").exists():
                 aside = path / f"corrupt-{checkpoint.name}"

@@ -111,7 +111,7 @@ class EarlyStopping(EarlyStoppingCallback):
         super().on_evaluate(args, state, control, metrics, **kwargs)
         if control.should_training_stop:
             say(f"early stopping at step {state.global_step}: validation accuracy has not improved for "
-                   f"{self.early_stopping_patience} evaluation(s); the best was {state.best_metric:.4f}")
+                f"{self.early_stopping_patience} evaluation(s); the best was {state.best_metric:.4f}")
 
 
 class TrainingDiverged(RuntimeError):
