@@ -19,8 +19,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from mcqa.metrics import (CHOSEN, ProbabilityFileError, metrics, predicted_answers, read_probs, weighted_mean,
-                          write_answers, write_probs)
+from mcqa.metrics import (CHOSEN, ProbabilityFileError, metrics, predicted_answers, read_aligned, read_probs,
+                          weighted_mean, write_answers, write_probs)
 from mcqa.records import write_json_atomic
 
 
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ProbabilityFileError(f"{args.folds} has {folds['folds']} folds, but {len(args.val_probs)} "
                                        f"validation and {len(args.answer_probs)} answer files were given")
         probs, labels, accuracies = out_of_fold(folds, args.val_probs)
-        _, ids, test_probs, _ = weighted_mean(args.answer_probs, [1.0] * len(args.answer_probs))
+        _, ids, test_probs, _ = weighted_mean(read_aligned(args.answer_probs), [1.0] * len(args.answer_probs))
     except ProbabilityFileError as exc:
         print(f"ERROR {exc}", file=sys.stderr)
         return 2

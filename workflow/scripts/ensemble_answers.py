@@ -21,8 +21,8 @@ import sys
 
 import numpy as np
 
-from mcqa.metrics import (CHOSEN, ProbabilityFileError, metrics, predicted_answers, read_probs, weighted_mean,
-                          write_answers, write_probs)
+from mcqa.metrics import (CHOSEN, ProbabilityFile, ProbabilityFileError, metrics, predicted_answers, read_aligned,
+                          weighted_mean, write_answers, write_probs)
 from mcqa.records import write_json_atomic
 
 GREEDY_ROUNDS = 25
@@ -51,16 +51,15 @@ def greedy_counts(members: list[np.ndarray], labels: np.ndarray, rounds: int = G
     return best[1]
 
 
-def choose_weights(args: argparse.Namespace) -> list[float]:
-    """The members' weights, as --weights and --method say (chosen on --val-probs where they are chosen)."""
+def choose_weights(args: argparse.Namespace, validation: list[ProbabilityFile]) -> list[float]:
+    """The members' weights, as --weights and --method say (chosen on their validation probabilities,
+    --val-probs, where they are chosen)."""
     if args.method == "mean_probability" and args.weights == "equal":
         return [1.0] * len(args.members)
-    if len(args.val_probs) != len(args.members):
+    if len(validation) != len(args.members):
         raise ProbabilityFileError("choosing the members' weights needs every member's validation probabilities")
-    weighted_mean(args.val_probs, [1.0] * len(args.members))  # refuses members of other questions
-    files = [read_probs(path) for path in args.val_probs]
-    labels = np.array(files[0][3])
-    members = [np.array(probs) for _, _, probs, _ in files]
+    labels = np.array(validation[0][3])
+    members = [np.array(probs) for _, _, probs, _ in validation]
     if args.method == "greedy":
         weights = [float(n) for n in greedy_counts(members, labels)]
     else:
@@ -88,15 +87,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics-out", help="the ensemble's metrics on --val-probs")
     args = parser.parse_args(argv)
     try:
-        weights = choose_weights(args)
+        validation = read_aligned(args.val_probs) if args.val_probs else []
+        weights = choose_weights(args, validation)
         members = ", ".join(f"{m} (weight {w:.3g})" for m, w in zip(args.members, weights))
         if args.test_probs:
-            _, ids, probs, _ = weighted_mean(args.test_probs, weights)
+            _, ids, probs, _ = weighted_mean(read_aligned(args.test_probs), weights)
             write_answers(args.answers, ids, predicted_answers(probs))
             write_probs(args.probs, "ID", ids, probs)
             print(f"ensemble of {members}: {len(ids)} answers", file=sys.stderr)
         if args.metrics_out:
-            _, _, val_probs, labels = weighted_mean(args.val_probs, weights)
+            _, _, val_probs, labels = weighted_mean(validation, weights)
             result = {**metrics(val_probs, labels), "members": dict(zip(args.members, weights)),
                       "weights": args.weights, "method": args.method}
             if args.method == "greedy" or args.weights == "val_accuracy":

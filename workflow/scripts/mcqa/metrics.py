@@ -72,11 +72,15 @@ def write_probs(path: str | os.PathLike, key: str, keys: Sequence, probs: Sequen
     os.replace(tmp, path)
 
 
+# A probability file read: its key column's name, the keys, the probabilities and the labels (if any).
+ProbabilityFile = tuple[str, list[str], list[list[float]], list[int] | None]
+
+
 class ProbabilityFileError(ValueError):
     """Probability files that cannot be read or combined; the message says which and why."""
 
 
-def read_probs(path: str) -> tuple[str, list[str], list[list[float]], list[int] | None]:
+def read_probs(path: str) -> ProbabilityFile:
     """A probability file: its key column's name, the keys, the probabilities and the labels (if any)."""
     with open(path, encoding="utf-8") as fh:
         rows = list(csv.reader(fh))
@@ -87,11 +91,11 @@ def read_probs(path: str) -> tuple[str, list[str], list[list[float]], list[int] 
     return header[0], [r[0] for r in body], [[float(p) for p in r[-4:]] for r in body], labels
 
 
-def weighted_mean(paths: Sequence[str], weights: Sequence[float]) -> tuple[str, list[str], list[list[float]], list[int] | None]:
-    """The weighted mean of several probability files (an ensemble's members, a run's folds), refusing files
-    that do not cover the same questions in the same order."""
+def read_aligned(paths: Sequence[str]) -> list[ProbabilityFile]:
+    """Several probability files (an ensemble's members, a run's folds), refusing files that do not cover
+    the same questions in the same order."""
     members = [read_probs(path) for path in paths]
-    key, keys, _, labels = members[0]
+    _, keys, _, labels = members[0]
     for path, (_, other_keys, _, other_labels) in zip(paths[1:], members[1:]):
         if other_keys != keys:
             where = next((i for i, (a, b) in enumerate(zip(keys, other_keys)) if a != b), min(len(keys), len(other_keys)))
@@ -102,6 +106,12 @@ def weighted_mean(paths: Sequence[str], weights: Sequence[float]) -> tuple[str, 
             )
         if other_labels != labels:
             raise ProbabilityFileError(f"{path} has other labels than {paths[0]}; the members were scored on different data")
+    return members
+
+
+def weighted_mean(members: Sequence[ProbabilityFile], weights: Sequence[float]) -> ProbabilityFile:
+    """The weighted mean of probability files read by read_aligned."""
+    key, keys, _, labels = members[0]
     total = sum(weights)
     mean = [[sum(w * m[2][i][a] for w, m in zip(weights, members)) / total for a in range(len(PROB_COLUMNS))]
             for i in range(len(keys))]
