@@ -442,9 +442,12 @@ def experiments_manifest():
     return manifest
 
 
+EXPERIMENTS = experiments_manifest()
+
+
 def get_experiment_inputs(wildcards):
     """What the experiments table reads: each run's training logs, metrics and the ensemble's metrics."""
-    files = {"train_logs": [log for entry in experiments_manifest().values() for log in entry["train_logs"]]}
+    files = {"train_logs": [log for entry in EXPERIMENTS.values() for log in entry["train_logs"]]}
     if HAS_VAL:
         files["metrics"] = expand("results/{run}/metrics.json", run=RUNS)
         if ENSEMBLE:

@@ -195,8 +195,8 @@ rule plot_training:
 
 rule combine_folds:
     input:
-        val_probs=lambda wildcards: expand("results/{{run}}/{fold}/val_probs.csv", fold=FOLD_NAMES),
-        answer_probs=lambda wildcards: expand("results/{{run}}/{fold}/answer_probs.csv", fold=FOLD_NAMES),
+        val_probs=expand("results/{{run}}/{fold}/val_probs.csv", fold=FOLD_NAMES),
+        answer_probs=expand("results/{{run}}/{fold}/answer_probs.csv", fold=FOLD_NAMES),
         folds="results/data/folds.json",
         script=SCRIPTS / "combine_folds.py",
         lib=library_of("combine_folds.py"),

@@ -24,7 +24,7 @@ rule summarize_experiments:
     conda:
         "../envs/data.yaml"
     params:
-        manifest=as_json(experiments_manifest()),
+        manifest=as_json(EXPERIMENTS),
         ensemble=lambda wildcards, input: ["--ensemble-metrics", input.ensemble] if HAS_VAL and ENSEMBLE else [],
     shell:
         "python {input.script:q} --manifest {params.manifest:q} {params.ensemble:q} --tsv {output.tsv:q} "
