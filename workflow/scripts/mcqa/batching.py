@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import random
+from typing import Sequence
 
 import torch
 
@@ -135,18 +136,26 @@ class AnswerOnlyCollator:
     @staticmethod
     def pack(features: list[dict]) -> tuple[dict, torch.Tensor]:
         """One row of the examples end to end, and each token's target (its example's next label)."""
-        lengths = [len(f["input_ids"]) for f in features]
-        starts = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
 
         def row(values) -> torch.Tensor:
             return torch.tensor([v for vs in values for v in vs], dtype=torch.long).unsqueeze(0)
 
+        packed = packed_row([f["input_ids"] for f in features])
         batch = {
-            "input_ids": row(f["input_ids"] for f in features),
+            **packed,
             "attention_mask": row(f["attention_mask"] for f in features),
             "labels": row(f["labels"] for f in features),
-            "position_ids": row(range(n) for n in lengths),
-            "cu_seq_lens_q": starts, "cu_seq_lens_k": starts,
-            "max_length_q": max(lengths), "max_length_k": max(lengths),
+            "cu_seq_lens_k": packed["cu_seq_lens_q"], "max_length_k": packed["max_length_q"],
         }
         return batch, row(f["labels"][1:] + [-100] for f in features)
+
+
+def packed_row(sequences: Sequence[Sequence[int]], starts: Sequence[int] | None = None) -> dict:
+    """Token sequences end to end in one row, as the decoder and packed_attention take them (training's
+    micro-batches, scoring's passes): ids, position ids (each sequence counting on from `starts`, else
+    from 0), where each sequence begins (cu_seq_lens_q, total last) and the longest (max_length_q)."""
+    lengths = [len(s) for s in sequences]
+    starts = starts or [0] * len(sequences)
+    return {"input_ids": torch.tensor([t for s in sequences for t in s], dtype=torch.long)[None],
+            "position_ids": torch.tensor([p for s, n in zip(starts, lengths) for p in range(s, s + n)])[None],
+            "cu_seq_lens_q": torch.tensor([0, *lengths]).cumsum(0).to(torch.int32), "max_length_q": max(lengths)}

@@ -22,7 +22,7 @@ from typing import Hashable, Sequence
 
 import torch
 
-from .batching import first_fit
+from .batching import first_fit, packed_row
 from .modeling import PACKED_ATTENTION, PrefixCache, attention_implementation, continuation, load_model, load_tokenizer, \
     resolve_precision
 from .progress import Meter
@@ -42,16 +42,8 @@ def encode_all(tokenizer, records: list[dict], max_seq_length: int, shift: int =
                           frame)
 
 
-def packed_row(sequences: Sequence[Sequence[int]], starts: Sequence[int] | None = None) -> dict:
-    """Token sequences end to end in one row, as the decoder takes them (CPU tensors, pinned for a copy
-    that does not stop the host): ids, position ids (each sequence counting on from `starts`, else from 0)
-    and where each sequence begins (cu_seq_lens, total last)."""
-    lengths = [len(s) for s in sequences]
-    starts = starts or [0] * len(sequences)
-    cumulative = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
-    row = {"input_ids": torch.tensor([t for s in sequences for t in s], dtype=torch.long)[None],
-           "position_ids": torch.tensor([p for s, n in zip(starts, lengths) for p in range(s, s + n)])[None],
-           "cu_seq_lens_q": cumulative, "max_length_q": max(lengths)}
+def pinned(row: dict) -> dict:
+    """A packed row's tensors in pinned memory (on a CUDA machine), for a copy that does not stop the host."""
     return {k: v.pin_memory() if torch.is_tensor(v) and torch.cuda.is_available() else v for k, v in row.items()}
 
 
@@ -119,13 +111,13 @@ def shared_prefix_log_probs(model, prompts: dict[int, list[list[int]]], answer_i
              continuation([[s for s in (spans.get(n), own.get(i)) if s is not None] for n, _, i in rests],
                           [len(prompts[k][i]) - question[i] for n, k, i in rests], taken)),
         ]
-        passes.append((rows, [(k, i) for _, k, i in rests]))
+        passes.append(([(pinned(ids), layout) for ids, layout in filter(None, rows)], [(k, i) for _, k, i in rests]))
     scores, where = [], []
     with attention_implementation(model, PACKED_ATTENTION):
         for rows, order in passes:
             cache = PrefixCache()
-            for row in filter(None, rows):
-                batch, layout = to_device(row[0], device), to_device(row[1], device) if row[1] else {}
+            for ids, layout in rows:
+                batch, layout = to_device(ids, device), to_device(layout, device) if layout else {}
                 cache.index = layout.pop("index", None)
                 hidden = decoder(**batch, **layout, prefix_cache=cache, use_cache=False).last_hidden_state
             ends = batch["cu_seq_lens_q"][1:].long() - 1
