@@ -23,7 +23,7 @@ for mode in $modes; do
     'max_seq_length': 256, 'precision': '$precision', 'load_in': '$load_in',
     'gradient_checkpointing': '$load_in' != 'none', 'select_best': '$load_in' == 'none',
     'checkpoint_steps': 20, 'eval_steps': 20, 'logging_steps': 10}))")
-  answering="{\"batch_tokens\": 4096, \"precision\": \"$precision\", \"load_in\": \"$load_in\", \"rotations\": 4, \"prompt_format\": \"plain\"}"
+  answering="{\"batch_tokens\": 4096, \"precision\": \"$precision\", \"load_in\": \"$load_in\", \"rotations\": 4, \"prompt_format\": \"plain\", \"fused_kernels\": true}"
   echo "== $precision, base loaded as $load_in"
   python $scripts/train_lora.py --train "$work/train.json" --val "$work/val.json" --base-model "$work/base" \
     --out "$work/adapter_$load_in" --log-jsonl "$work/train_log_$load_in.jsonl" \

@@ -381,11 +381,12 @@ def recipe_answer(work: Path, records: list[dict], questions: int) -> dict:
             "end_to_end_seconds_1000": round(load_seconds + len(records) / rate, 1), "non_digit_answers": invalid}
 
 
-def score_stage(work: Path, script: str, records: Path, name: str, batch_tokens: int, rotations: int) -> dict:
+def score_stage(work: Path, script: str, records: Path, name: str, batch_tokens: int, rotations: int,
+                fused_kernels: bool = True) -> dict:
     """answer_questions.py or evaluate_answers.py as the rules run them, timed from process start to the
     file written; the script's own account of where the time went comes back as data (--stats)."""
     settings = json.dumps({"batch_tokens": batch_tokens, "precision": "bf16" if cuda() else "fp32", "load_in": "none",
-                           "rotations": rotations, "prompt_format": "plain"})
+                           "rotations": rotations, "prompt_format": "plain", "fused_kernels": fused_kernels})
     outputs = (["--test", records, "--answers", work / f"answers_{name}.csv", "--probs", work / f"probs_{name}.csv"]
                if script == "answer_questions.py" else
                ["--val", records, "--out", work / f"metrics_{name}.json", "--probs", work / f"probs_{name}.csv"])
@@ -423,11 +424,14 @@ def answer(args, work: Path, results: dict) -> dict:
     validation.write_text(json.dumps(labelled[: round(0.2 * len(labelled))], ensure_ascii=False))
     evaluated = score_stage(work, "evaluate_answers.py", validation, "evaluate_r4", best, 4)
     log(f"evaluate {evaluated['questions']} questions, rotations 4: {evaluated}")
+    unfused = score_stage(work, "evaluate_answers.py", validation, "evaluate_r4_unfused", best, 4, fused_kernels=False)
+    log(f"the same with PyTorch's kernels: {unfused}")
     result = {"ours_by_batch_tokens": by_budget, "ours_batch_tokens": best,
               "ours_questions_per_s": by_budget[best]["questions_per_s"], "ours_tflops": by_budget[best]["tflops"],
               "ours_fraction_of_peak": by_budget[best]["fraction_of_peak"], "rotations_4": rotated,
               "rotations_4_cost": round(rotated["scoring_s"] / by_budget[best]["scoring_s"], 2),
-              "evaluate_rotations_4": evaluated, "mean_prompt_tokens": round(statistics.fmean(lengths), 1),
+              "evaluate_rotations_4": evaluated, "evaluate_rotations_4_unfused": unfused,
+              "mean_prompt_tokens": round(statistics.fmean(lengths), 1),
               "scoring_tflop": round(flops / 1e12, 2)}
     if args.recipe_questions:
         recipe = recipe_answer(work, records, args.recipe_questions)

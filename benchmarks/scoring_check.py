@@ -1,7 +1,7 @@
 """Packed scoring on a GPU against full passes: the answer log-probabilities of packed rows (one option
 order, each question alone) and of four orders with the questions of an article sharing its tokens, in
-bf16 with the variable-length attention kernel, each compared with one full bf16 pass per prompt and with
-fp32.
+bf16 with the variable-length attention kernel (and then with the fused kernels of answering.fused_kernels),
+each compared with one full bf16 pass per prompt and with fp32.
 
     python benchmarks/scoring_check.py --out benchmarks/results/<name>.json
 
@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow" / "scripts"))
 
+from mcqa.modeling import fuse_kernels  # noqa: E402
 from mcqa.scoring import shared_prefix_log_probs  # noqa: E402
 
 
@@ -58,6 +59,8 @@ def main() -> int:
     full = {k: full_passes(model, prompts[k], answers) for k in range(4)}
     packed = {k: shared_prefix_log_probs(model, {k: prompts[k]}, answers, 4096)[k] for k in range(4)}
     rotated = shared_prefix_log_probs(model, prompts, answers, 4096, groups=articles)
+    kernels = fuse_kernels(model)  # answering.fused_kernels: Liger's RMSNorm, RoPE and SwiGLU from here on
+    fused = shared_prefix_log_probs(model, prompts, answers, 4096, groups=articles)
 
     def error(scores: dict) -> float:
         return round(max((scores[k] - reference[k]).abs().max().item() for k in range(4)), 5)
@@ -67,9 +70,12 @@ def main() -> int:
 
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "questions": args.questions,
               "max_abs_error_vs_fp32": {"full_bf16": error(full), "packed_bf16": error(packed),
-                                        "rotations_packed_bf16": error(rotated)},
+                                        "rotations_packed_bf16": error(rotated),
+                                        "rotations_packed_bf16_fused_kernels": error(fused)},
               "argmax_agreement_with_fp32": {"full_bf16": agreement(full), "packed_bf16": agreement(packed),
-                                             "rotations_packed_bf16": agreement(rotated)},
+                                             "rotations_packed_bf16": agreement(rotated),
+                                             "rotations_packed_bf16_fused_kernels": agreement(fused)},
+              "fused_kernels": kernels,
               "max_abs_difference_packed_vs_full_bf16": round(max(
                   (packed[k] - full[k]).abs().max().item() for k in range(4)), 5),
               "max_abs_difference_rotations_vs_full_bf16": round(max(

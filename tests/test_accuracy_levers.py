@@ -268,7 +268,7 @@ def test_questions_too_long_for_max_seq_length_are_scored_in_every_order_and_nam
     result = run_script("answer_questions.py", "--model", model_dir, "--test", tmp_path / "test.json", "--answers",
                         tmp_path / "answers.csv", "--probs", tmp_path / "probs.csv", "--max-seq-length", "42",
                         "--settings", json.dumps({"batch_tokens": 100, "precision": "fp32", "load_in": "none",
-                                                  "rotations": 4, "prompt_format": "plain"}))
+                                                  "rotations": 4, "prompt_format": "plain", "fused_kernels": True}))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "WARNING 6 of them did not fit even without their article" in result.stderr
     assert ", ".join(r["id"] for r in records) in result.stderr
@@ -342,3 +342,42 @@ def test_packed_rotation_scoring_with_grouped_query_attention():
         cached = shared_prefix_log_probs(model, prompts, answers, batch_tokens=90, groups=groups)
         for k in range(4):
             torch.testing.assert_close(cached[k], full_passes(model, prompts[k], answers), rtol=0, atol=2e-5)
+
+
+def test_fused_kernels_apply_only_where_they_can_and_say_why_not(monkeypatch):
+    """Liger's kernels need a CUDA GPU, half precision, unquantised weights, the package and an architecture
+    it covers; the log line names what is missing. (The kernels themselves are checked against fp32 on a
+    GPU: benchmarks/scoring_check.py.)"""
+    import sys
+    import types
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mcqa.modeling import LIGER, fuse_kernels
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                         num_attention_heads=4))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert fuse_kernels(model) == "off: no CUDA GPU"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert fuse_kernels(model) == "off: the model is in torch.float32, not bf16 or fp16"
+    model.to(torch.bfloat16)
+    model.hf_quantizer = object()  # as transformers marks a model loaded in 8 or 4 bits
+    assert fuse_kernels(model) == "off: an 8-bit or 4-bit model"
+    del model.hf_quantizer
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)  # not installed
+    assert fuse_kernels(model) == f"off: liger-kernel is not installed (pip install {LIGER}, as `make run GPU=1` does)"
+
+    calls = []
+    package, transformers_part, monkey_patch = (types.ModuleType(name) for name in (
+        "liger_kernel", "liger_kernel.transformers", "liger_kernel.transformers.monkey_patch"))
+    transformers_part._apply_liger_kernel_to_instance = lambda model, **kwargs: calls.append((model, kwargs))
+    monkey_patch.MODEL_TYPE_TO_APPLY_LIGER_FN = {"llama": None, "qwen2": None}
+    for module in (package, transformers_part, monkey_patch):
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+    assert fuse_kernels(model) == "Liger's fused RMSNorm, RoPE and SwiGLU (llama)"
+    assert calls == [(model, {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False,
+                              "fused_linear_cross_entropy": False})]
+    model.config.model_type = "gpt_neox"
+    assert fuse_kernels(model) == "off: Liger has no kernels for gpt_neox models"
+    assert len(calls) == 1

@@ -76,3 +76,11 @@ def test_every_file_the_docs_cite_is_committed():
             if "NAME" not in path and not ignored and path not in tracked and path not in folders:
                 missing.append(f"{doc}: {path}")
     assert not missing, missing
+
+
+def test_the_fused_kernels_hint_names_the_pinned_liger():
+    from mcqa.modeling import LIGER
+
+    name, version = LIGER.split("==")
+    assert requirement_pins()[name] == version
+    assert env_pins(REPO / "envs/answer.yaml")[name] == version

@@ -138,7 +138,7 @@ def test_answering_twice_gives_identical_files(demo_run, tmp_path):
             "answer_questions.py", "--model", demo_run / "results/default/merged", "--test",
             demo_run / "results/data/test.json", "--answers", answers, "--probs", probs, "--max-seq-length", "256",
             "--settings", json.dumps({"batch_tokens": 400 + 300 * n, "precision": "auto", "load_in": "none", "rotations": 4,
-                                      "prompt_format": "plain"}),
+                                      "prompt_format": "plain", "fused_kernels": True}),
         )
         assert result.returncode == 0, result.stderr
         outputs.append((answers.read_bytes(), probs.read_text()))

@@ -99,6 +99,36 @@ def load_model(path: str, precision: str, load_in: str = "none", trust_remote_co
     return model
 
 
+LIGER = "liger-kernel==0.8.5"  # as pinned in requirements-gpu.txt and envs/answer.yaml
+
+
+def fuse_kernels(model: torch.nn.Module) -> str:
+    """Put Liger's fused Triton kernels for RMSNorm, RoPE and SwiGLU into a loaded model for scoring, where
+    they apply: a CUDA GPU, half precision, no 8-bit or 4-bit weights, an architecture Liger covers.
+    Returns what was done, or why not, for the log.
+
+    PyTorch runs each of those as several element-wise kernels, a quarter of eager scoring's GPU time
+    (BENCHMARKS.md); Liger's are one kernel each, with the same arithmetic up to bf16 rounding. Scoring calls
+    the decoder and the output layer, never the model's forward, which Liger may also replace.
+    """
+    if not torch.cuda.is_available():
+        return "off: no CUDA GPU"
+    if getattr(model, "hf_quantizer", None) is not None:
+        return "off: an 8-bit or 4-bit model"
+    if model.dtype not in (torch.float16, torch.bfloat16):
+        return f"off: the model is in {model.dtype}, not bf16 or fp16"
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance  # exported by the package
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError:
+        return f"off: liger-kernel is not installed (pip install {LIGER}, as `make run GPU=1` does)"
+    if model.config.model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        return f"off: Liger has no kernels for {model.config.model_type} models"
+    _apply_liger_kernel_to_instance(model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
+    return f"Liger's fused RMSNorm, RoPE and SwiGLU ({model.config.model_type})"
+
+
 def without_attention_mask(batch: dict) -> dict:
     """The batch for a forward pass of right-padded rows (see pad_right)."""
     return {k: v for k, v in batch.items() if k != "attention_mask"}
@@ -140,9 +170,14 @@ class PrefixCache:
         self.values: dict[int, torch.Tensor] = {}
         self.index: torch.Tensor | None = None
 
-    def keys_values(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """This layer's keys and values for attention, (tokens, heads, dim) each: the pass's own until an
-        index is set, each sequence's prefixes and its own after; the pass's own are kept either way."""
+    @torch.compiler.disable
+    def keys_values(self, module: torch.nn.Module, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values of `module`'s layer for attention, (tokens, heads, dim) each: the pass's own
+        until an index is set, each sequence's prefixes and its own after; the pass's own are kept either way.
+
+        Left out of compiled layers: its dictionaries differ by layer, which would make the compiler trace
+        every layer again."""
+        layer = module.layer_idx
         if layer in self.keys:
             self.keys[layer], self.values[layer] = torch.cat([self.keys[layer], key]), torch.cat([self.values[layer], value])
         else:
@@ -194,7 +229,7 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, dim)
     continuing = prefix_cache is not None and prefix_cache.index is not None
     if prefix_cache is not None:
-        k, v = prefix_cache.keys_values(module.layer_idx, k, v)
+        k, v = prefix_cache.keys_values(module, k, v)
     if not continuing:  # the keys are the queries' own tokens
         cu_seq_lens_k, max_length_k = cu_seq_lens_q, max_length_q
     gqa = k.shape[1] != q.shape[1]

@@ -18,13 +18,13 @@ from __future__ import annotations
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Hashable, Sequence
+from typing import Hashable, Iterator, Sequence
 
 import torch
 
 from .batching import first_fit, packed_row
-from .modeling import PACKED_ATTENTION, PrefixCache, attention_implementation, continuation, load_model, load_tokenizer, \
-    resolve_precision
+from .modeling import PACKED_ATTENTION, PrefixCache, attention_implementation, continuation, fuse_kernels, load_model, \
+    load_tokenizer, resolve_precision
 from .progress import Meter
 from .prompt import ANSWER_SUFFIX_TOKENS, ANSWERS, Prompt, PromptFrame, describe_cuts, encode_prompts, prompt_frame, \
     rotate_input, split_input, worst_cut
@@ -62,33 +62,18 @@ def shared_prefix(prompts: list[list[int]]) -> int:
     return min(length, min(map(len, prompts)) - 1)
 
 
-@torch.inference_mode()
-def shared_prefix_log_probs(model, prompts: dict[int, list[list[int]]], answer_ids: Sequence[int], batch_tokens: int,
-                            groups: Sequence[Hashable] | None = None, meter: Meter | None = None) -> dict[int, torch.Tensor]:
-    """For each option order (shift), the (N, 4) log-probabilities over the whole vocabulary of the answer
-    digits after each of its N prompts, with the leading tokens that prompts share run once.
-
-    The questions that `groups` gives the same key (by default each alone) share the leading tokens of all
-    their prompts (an article's instruction and article); a question's orders share theirs (its question).
-    Groups are taken together while their tokens fit `batch_tokens` (a larger group runs alone) and run in
-    three packed rows: the groups' shared parts, then the questions' shared parts, then every prompt's
-    rest, each row attending to the keys and values of the parts before it (PrefixCache) and causally to
-    itself, with positions continuing them. The result is that of one full pass per prompt, up to rounding.
-    """
-    shifts = list(prompts)
-    decoder, device = model.get_decoder(), model.get_output_embeddings().weight.device
-    answers = torch.tensor(answer_ids, device=device)
-    members: dict[Hashable, list[int]] = {}
-    for i, key in enumerate(groups if groups is not None else range(len(prompts[shifts[0]]))):
-        members.setdefault(key, []).append(i)
-    keys = list(members)
+def packed_passes(prompts: dict[int, list[list[int]]], members: dict[Hashable, list[int]],
+                  batch_tokens: int) -> Iterator[tuple[list[tuple[dict, dict | None]], list[tuple[int, int]]]]:
+    """Each group of groups that fits `batch_tokens` as its packed rows (pinned CPU tensors, each with how
+    it continues the rows before it, see shared_prefix_log_probs) and the (shift, question) of each
+    sequence of its last row. A generator: the host lays out the next groups while the GPU runs these."""
+    shifts, keys = list(prompts), list(members)
     article = [shared_prefix([prompts[k][i] for i in members[g] for k in shifts]) for g in keys]
     question = {}  # question -> the end of the part its orders share (after its group's)
     for n, g in enumerate(keys):
         question.update({i: max(article[n], shared_prefix([prompts[k][i] for k in shifts])) for i in members[g]})
     cost = [article[n] + sum(question[i] - article[n] + sum(len(prompts[k][i]) - question[i] for k in shifts)
                              for i in members[g]) for n, g in enumerate(keys)]
-    passes = []  # each group of groups: its three rows (CPU, pinned), their layouts and what each rest is
     for chunk in first_fit(sorted(range(len(keys)), key=lambda n: -cost[n]), cost, len(keys), batch_tokens):
         firsts = {n: prompts[shifts[0]][members[keys[n]][0]] for n in chunk}
         articles = [n for n in chunk if article[n]]
@@ -111,10 +96,30 @@ def shared_prefix_log_probs(model, prompts: dict[int, list[list[int]]], answer_i
              continuation([[s for s in (spans.get(n), own.get(i)) if s is not None] for n, _, i in rests],
                           [len(prompts[k][i]) - question[i] for n, k, i in rests], taken)),
         ]
-        passes.append(([(pinned(ids), layout) for ids, layout in filter(None, rows)], [(k, i) for _, k, i in rests]))
+        yield [(pinned(ids), layout) for ids, layout in filter(None, rows)], [(k, i) for _, k, i in rests]
+
+
+@torch.inference_mode()
+def shared_prefix_log_probs(model, prompts: dict[int, list[list[int]]], answer_ids: Sequence[int], batch_tokens: int,
+                            groups: Sequence[Hashable] | None = None, meter: Meter | None = None) -> dict[int, torch.Tensor]:
+    """For each option order (shift), the (N, 4) log-probabilities over the whole vocabulary of the answer
+    digits after each of its N prompts, with the leading tokens that prompts share run once.
+
+    The questions that `groups` gives the same key (by default each alone) share the leading tokens of all
+    their prompts (an article's instruction and article); a question's orders share theirs (its question).
+    Groups are taken together while their tokens fit `batch_tokens` (a larger group runs alone) and run in
+    three packed rows: the groups' shared parts, then the questions' shared parts, then every prompt's
+    rest, each row attending to the keys and values of the parts before it (PrefixCache) and causally to
+    itself, with positions continuing them. The result is that of one full pass per prompt, up to rounding.
+    """
+    decoder, device = model.get_decoder(), model.get_output_embeddings().weight.device
+    answers = torch.tensor(answer_ids, device=device)
+    members: dict[Hashable, list[int]] = {}
+    for i, key in enumerate(groups if groups is not None else range(len(next(iter(prompts.values()))))):
+        members.setdefault(key, []).append(i)
     scores, where = [], []
     with attention_implementation(model, PACKED_ATTENTION):
-        for rows, order in passes:
+        for rows, order in packed_passes(prompts, members, batch_tokens):
             cache = PrefixCache()
             for ids, layout in rows:
                 batch, layout = to_device(ids, device), to_device(layout, device) if layout else {}
@@ -125,7 +130,7 @@ def shared_prefix_log_probs(model, prompts: dict[int, list[list[int]]], answer_i
             where += order
             if meter:
                 meter.update(len(order))
-    result = {k: torch.empty(len(prompts[k]), len(answer_ids)) for k in shifts}
+    result = {k: torch.empty(len(prompts[k]), len(answer_ids)) for k in prompts}
     for (k, i), row in zip(where, torch.cat(scores).cpu()):
         result[k][i] = row
     return result
@@ -192,17 +197,19 @@ def score_records(model_path: str, records: list[dict], max_seq_length: int, set
     with ThreadPoolExecutor(1) as pool:
         encoding = pool.submit(encode_rotations, tokenizer, records, max_seq_length, settings["rotations"], frame)
         model = load_model(model_path, precision, settings["load_in"], trust_remote_code).eval()
+        kernels = fuse_kernels(model) if settings["fused_kernels"] else "off: answering.fused_kernels is false"
         loaded = time.perf_counter() - start
         prompts = encoding.result()
     encoded = time.perf_counter() - start
     print(f"{len(records)} questions x {settings['rotations']} option order(s), {settings['prompt_format']} prompts; "
-          f"precision {precision}; model loaded in {loaded:.1f} s, prompts encoded by {encoded:.1f} s",
-          file=sys.stderr, flush=True)
+          f"precision {precision}; fused kernels: {kernels}; model loaded in {loaded:.1f} s, prompts encoded by "
+          f"{encoded:.1f} s", file=sys.stderr, flush=True)
     meter = Meter(len(records) * settings["rotations"], "prompts")
     log_probs, cuts = score_prompts(model, records, prompts, frame.answer_ids, settings["batch_tokens"], meter)
     scoring = time.perf_counter() - start - encoded
     print(describe_cuts(cuts, [r.get("id", f"record {n}") for n, r in enumerate(records)], max_seq_length),
           file=sys.stderr, flush=True)
-    return log_probs, {"questions": len(records), "rotations": settings["rotations"], "load_s": round(loaded, 2),
+    return log_probs, {"questions": len(records), "rotations": settings["rotations"], "fused_kernels": kernels,
+                       "load_s": round(loaded, 2),
                        "ready_s": round(encoded, 2), "scoring_s": round(scoring, 2),
                        "questions_per_s": round(len(records) / max(scoring, 1e-9), 1)}
