@@ -129,3 +129,18 @@ def test_compiling_the_layers_turns_off_inductors_cpu_probe_unless_asked_for(mon
     with inductor.patch({"cpp.vec_isa_ok": None}):
         assert compile_decoder_layers(lora_model(num_key_value_heads=4)) == 2
         assert inductor.cpp.vec_isa_ok is (None if asked else False)
+
+
+def test_bitsandbytes_cast_message_is_logged_once(caplog):
+    """An 8-bit base logs a cast at every 8-bit product (1,476 lines in the GPU stage check's short run)."""
+    import logging
+
+    import mcqa.modeling  # noqa: F401  (installs the filter)
+
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            logger.warning("MatMul8bitLt: inputs will be cast from %s to float16 during quantization", torch.float32)
+        logger.warning("another message")
+    assert [r.getMessage() for r in caplog.records] == [
+        "MatMul8bitLt: inputs will be cast from torch.float32 to float16 during quantization", "another message"]
