@@ -194,8 +194,8 @@ class PrefixCache:
         """The keys and values of `module`'s layer for attention, (tokens, heads, dim) each: the pass's own
         until an index is set, each sequence's prefixes and its own after; the pass's own are kept either way.
 
-        Left out of compiled layers: its dictionaries differ by layer, which would make the compiler trace
-        every layer again."""
+        Kept out of compiled graphs (benchmarks/scoring_kernels.py compiles scoring's layers): its
+        dictionaries differ by layer, which would make the compiler trace every layer again."""
         layer = module.layer_idx
         if layer in self.keys:
             self.keys[layer], self.values[layer] = torch.cat([self.keys[layer], key]), torch.cat([self.values[layer], value])

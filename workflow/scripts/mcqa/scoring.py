@@ -185,10 +185,12 @@ def score_records(model_path: str, records: list[dict], max_seq_length: int, set
                   trust_remote_code: bool = False) -> tuple[torch.Tensor, dict]:
     """Load a merged model as the answering settings say and score every record.
 
-    The prompts are encoded while the model loads. Returns (N, 4)
-    log-probabilities over the four answers, in the records' own option
-    order, combined over `settings["rotations"]` orders, and where the time
-    went (seconds loading, encoding, scoring; questions/s while scoring).
+    The prompts are encoded while the model loads; with
+    `settings["fused_kernels"]` the model gets Liger's kernels where they
+    apply (fuse_kernels). Returns (N, 4) log-probabilities over the four
+    answers, in the records' own option order, combined over
+    `settings["rotations"]` orders, and where the time went (seconds
+    loading, encoding, scoring; questions/s while scoring; the kernels).
     """
     start = time.perf_counter()
     precision = resolve_precision(settings["precision"])
@@ -210,6 +212,5 @@ def score_records(model_path: str, records: list[dict], max_seq_length: int, set
     print(describe_cuts(cuts, [r.get("id", f"record {n}") for n, r in enumerate(records)], max_seq_length),
           file=sys.stderr, flush=True)
     return log_probs, {"questions": len(records), "rotations": settings["rotations"], "fused_kernels": kernels,
-                       "load_s": round(loaded, 2),
-                       "ready_s": round(encoded, 2), "scoring_s": round(scoring, 2),
+                       "load_s": round(loaded, 2), "ready_s": round(encoded, 2), "scoring_s": round(scoring, 2),
                        "questions_per_s": round(len(records) / max(scoring, 1e-9), 1)}
