@@ -126,7 +126,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--variants", nargs="+", default=["eager", "profiled", "liger", "compiled", "compiled"])
+    parser.add_argument("--variants", nargs="+",
+                        default=["fp32", "eager", "liger", "profiled", "profiled_liger", "compiled", "compiled"])
     parser.add_argument("--batch-tokens", type=int, default=16384)
     parser.add_argument("--profile-questions", type=int, default=600)
     parser.add_argument("--reference-questions", type=int, default=200, help="how many the fp32 variant scores")
