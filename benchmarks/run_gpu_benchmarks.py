@@ -244,7 +244,8 @@ def packing_check(args, work: Path, examples: int = 8) -> dict:
     the packed batch is no further from fp32 than the padded one is (half precision's own error)."""
     from peft import LoraConfig, get_peft_model
 
-    from mcqa.modeling import PACKED_ATTENTION, load_model, without_attention_mask
+    from mcqa.attention import PACKED_ATTENTION
+    from mcqa.modeling import load_model, without_attention_mask
     from mcqa.batching import AnswerOnlyCollator
 
     precision = "bf16" if cuda() else "fp32"

@@ -9,7 +9,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mcqa.modeling import PACKED_ATTENTION, compile_decoder_layers, without_attention_mask
+from mcqa.attention import PACKED_ATTENTION
+from mcqa.modeling import compile_decoder_layers, without_attention_mask
 from mcqa.batching import AnswerOnlyCollator, micro_batches
 
 

@@ -35,7 +35,8 @@ from mcqa.batching import AnswerOnlyCollator, MicroBatchDataset, divisible, micr
 from mcqa.checkpoints import checkpoint_step, clear_owned, fingerprint, prepare_checkpoint_dir
 from mcqa.history import NAME as HISTORY
 from mcqa.history import append_entry
-from mcqa.modeling import PACKED_ATTENTION, load_model, load_tokenizer, resolve_precision
+from mcqa.attention import PACKED_ATTENTION
+from mcqa.modeling import load_model, load_tokenizer, resolve_precision
 from mcqa.progress import say
 from mcqa.prompt import PROMPT_FORMATS, describe_cuts, prompt_frame
 from mcqa.records import read_records

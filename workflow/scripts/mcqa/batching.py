@@ -112,7 +112,7 @@ class AnswerOnlyCollator:
     gradients into NaN, and makes the attention mask unnecessary (pad_right).
     Packed, they lie end to end in one row with no padding at all: position
     ids restart at each example, and `cu_seq_lens_q`/`_k` (where each example
-    starts) reach mcqa.modeling.packed_attention, so no token attends across
+    starts) reach mcqa.attention.packed_attention, so no token attends across
     examples. Either way the loss and gradients are the same (tests/test_packing.py).
     The attention mask (all ones when packed) is only for the Trainer's count
     of real tokens.

@@ -4,7 +4,7 @@ optionally with the options shown in several cyclic orders (rotations) to cancel
 Prompts are packed end to end into rows of up to a token budget, with no
 padding: position ids restart at each prompt and the variable-length
 attention kernel that training uses keeps every token within its prompt
-(mcqa.modeling.packed_attention; on a CPU the same function lays the prompts
+(mcqa.attention.packed_attention; on a CPU the same function lays the prompts
 out as padded rows). Only each prompt's last position goes through the
 output layer. The prompts of a group share their leading tokens: a question's
 option orders share the instruction, article and question, and the questions
@@ -23,8 +23,8 @@ from typing import Hashable, Iterator, Sequence
 import torch
 
 from .batching import first_fit, packed_row
-from .modeling import PACKED_ATTENTION, PrefixCache, attention_implementation, continuation, fuse_kernels, load_model, \
-    load_tokenizer, resolve_precision
+from .attention import PACKED_ATTENTION, PrefixCache, attention_implementation, continuation
+from .modeling import fuse_kernels, load_model, load_tokenizer, resolve_precision
 from .progress import Meter
 from .prompt import ANSWER_SUFFIX_TOKENS, ANSWERS, Prompt, PromptFrame, describe_cuts, encode_prompts, prompt_frame, \
     rotate_input, split_input, worst_cut
