@@ -7,11 +7,11 @@
 After run_gpu_benchmarks.py's setup stage (WORK/base, WORK/data/train.json). Variants:
 - fp32: the reference, the first --reference-questions questions in full precision;
 - eager: bf16 with PyTorch's kernels (answering.fused_kernels: false);
-- liger: bf16 with Liger's fused RMSNorm, RoPE and SwiGLU (mcqa.modeling.fuse_kernels, the default);
+- liger: bf16 with Liger's fused RMSNorm, RoPE and SwiGLU (mcqa.modeling.fuse_kernels, answering.fused_kernels: true);
 - profiled, profiled_liger: the same under torch.profiler over the first --profile-questions questions,
   GPU time by kind of kernel (the kernels, longest first, in --profile-out);
-- compiled: every decoder layer compiled (dynamic shapes) with an inductor cache in WORK/scoring_cache, so
-  a second `compiled` finds it warm.
+- compiled: every decoder layer compiled as training compiles it (mcqa.modeling.compile_decoder_layers),
+  with an inductor cache in WORK/scoring_cache, so a second `compiled` finds it warm.
 Each bf16 variant but eager scores everything twice in its process (the first run includes compiling
 kernels) and reports its largest difference from the fp32 and eager variants' log-probabilities.
 """
@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow" / "scripts"))
 
-from mcqa.modeling import fuse_kernels, load_model, load_tokenizer, use_compile_cache  # noqa: E402
+from mcqa.modeling import compile_decoder_layers, fuse_kernels, load_model, load_tokenizer, use_compile_cache  # noqa: E402
 from mcqa.prompt import prompt_frame  # noqa: E402
 from mcqa.records import read_records  # noqa: E402
 from mcqa.scoring import encode_rotations, score_prompts  # noqa: E402
@@ -75,13 +75,8 @@ def one(args) -> dict:
     if "liger" in args.one:
         result["fused_kernels"] = fuse_kernels(model)
     if args.one == "compiled":
-        from torch._inductor import config as inductor
-        from transformers.modeling_layers import GradientCheckpointingLayer
-
         use_compile_cache(args.work / "scoring_cache")
-        inductor.cpp.vec_isa_ok = False
-        for layer in (m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)):
-            layer.compile(dynamic=True)
+        compile_decoder_layers(model)
     if args.one.startswith("profiled"):
         from torch.profiler import ProfilerActivity, profile
 

@@ -197,9 +197,6 @@ def compile_decoder_layers(model: torch.nn.Module) -> int:
         # compile's 51 s where starting Python is slow, BENCHMARKS.md); scalar code serves those kernels.
         torch._inductor.config.cpp.vec_isa_ok = False
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    # The frozen embedding's output does not require grad while every later layer's input does: dynamo
-    # would compile the first layer's graph a second time for it (a recompile that doubled the wait).
-    model.enable_input_require_grads()
     for layer in layers:
         layer.compile(dynamic=True)
     return len(layers)

@@ -80,6 +80,9 @@ def compile_layers(model: torch.nn.Module, load_in: str, cache: str) -> str:
         return f"off with a {load_in} base (bitsandbytes layers are not compiled)"
     if cache:
         use_compile_cache(Path(cache))
+    # The frozen embedding's output does not require grad while every later layer's input does: dynamo
+    # would compile the first layer's graph a second time for it (a recompile that doubled the wait).
+    model.enable_input_require_grads()
     return (f"{compile_decoder_layers(model)} decoder layers compiled, cache {cache or 'torch default'}; "
             "the first step waits for it")
 
