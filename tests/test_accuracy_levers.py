@@ -382,30 +382,3 @@ def test_fused_kernels_apply_only_where_they_can_and_say_why_not(monkeypatch):
     assert fuse_kernels(model) == "off: Liger has no kernels for gpt_neox models"
     assert len(calls) == 1
 
-
-def test_liger_is_imported_ahead_only_where_it_could_apply(monkeypatch):
-    """import_fused_kernels (run in a thread while the model loads) imports Liger on a CUDA machine, skips it
-    elsewhere, and is quiet where the package is missing: fuse_kernels then says so."""
-    import builtins
-    import sys
-
-    from mcqa.modeling import import_fused_kernels
-
-    imported, real_import = [], builtins.__import__
-
-    def recording_import(name, *args, **kwargs):
-        if name == "liger_kernel.transformers":
-            imported.append(name)
-            return sys  # any module: the import's result is not used
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", recording_import)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    import_fused_kernels()
-    assert imported == []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    import_fused_kernels()
-    assert imported == ["liger_kernel.transformers"]
-    monkeypatch.setattr(builtins, "__import__", real_import)
-    monkeypatch.setitem(sys.modules, "liger_kernel", None)  # not installed
-    import_fused_kernels()  # no ImportError

@@ -3,7 +3,6 @@ model stage."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -117,14 +116,6 @@ def load_model(path: str, precision: str, load_in: str = "none", trust_remote_co
 
 
 LIGER = "liger-kernel==0.8.5"  # as pinned in requirements-gpu.txt and envs/answer.yaml
-
-
-def import_fused_kernels() -> None:
-    """Import Liger where fuse_kernels could use it, so that it can happen in a thread while the model
-    loads: its import (Triton's with it) is 1-2 s of Python. fuse_kernels then finds it imported."""
-    if torch.cuda.is_available():
-        with contextlib.suppress(ImportError):
-            import liger_kernel.transformers  # noqa: F401
 
 
 def fuse_kernels(model: torch.nn.Module) -> str:

@@ -24,7 +24,7 @@ import torch
 
 from .batching import first_fit, packed_row
 from .attention import PACKED_ATTENTION, PrefixCache, attention_implementation, continuation
-from .modeling import fuse_kernels, import_fused_kernels, load_model, load_tokenizer, resolve_precision
+from .modeling import fuse_kernels, load_model, load_tokenizer, resolve_precision
 from .progress import Meter
 from .prompt import ANSWER_SUFFIX_TOKENS, ANSWERS, Prompt, PromptFrame, describe_cuts, encode_prompts, prompt_frame, \
     rotate_input, split_input, worst_cut
@@ -185,9 +185,9 @@ def score_records(model_path: str, records: list[dict], max_seq_length: int, set
                   trust_remote_code: bool = False) -> tuple[torch.Tensor, dict]:
     """Load a merged model as the answering settings say and score every record.
 
-    The prompts are encoded, and Liger imported, while the model loads;
-    with `settings["fused_kernels"]` the model gets Liger's kernels where
-    they apply (fuse_kernels). Returns (N, 4) log-probabilities over the four
+    The prompts are encoded while the model loads; with
+    `settings["fused_kernels"]` the model gets Liger's kernels where they
+    apply (fuse_kernels). Returns (N, 4) log-probabilities over the four
     answers, in the records' own option order, combined over
     `settings["rotations"]` orders, and where the time went (seconds
     loading, encoding, scoring; questions/s while scoring; the kernels).
@@ -196,10 +196,8 @@ def score_records(model_path: str, records: list[dict], max_seq_length: int, set
     precision = resolve_precision(settings["precision"])
     tokenizer = load_tokenizer(model_path, trust_remote_code)
     frame = prompt_frame(tokenizer, settings["prompt_format"])
-    with ThreadPoolExecutor(2) as pool:
+    with ThreadPoolExecutor(1) as pool:
         encoding = pool.submit(encode_rotations, tokenizer, records, max_seq_length, settings["rotations"], frame)
-        if settings["fused_kernels"]:
-            pool.submit(import_fused_kernels)
         model = load_model(model_path, precision, settings["load_in"], trust_remote_code).eval()
         kernels = fuse_kernels(model) if settings["fused_kernels"] else "off: answering.fused_kernels is false"
         loaded = time.perf_counter() - start
