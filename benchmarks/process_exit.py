@@ -4,9 +4,10 @@ exiting after it. Runs a workflow script as __main__, then its exit in steps, ea
     python benchmarks/process_exit.py workflow/scripts/evaluate_answers.py --model ... --stats s.json
 
   main_end_s   process start (the kernel's clock) to the script's return
-  atexit_s     Python's exit handlers (atexit: torch's, Triton's, concurrent.futures' thread joins)
-  finalize_s   the interpreter's finalization with the C libraries' exit handlers (CUDA's teardown), measured
-               by the shell around this program as its total minus the figures above
+  atexit_s     Python's atexit handlers (torch's, Triton's)
+
+The rest, the interpreter's finalization (thread joins, the C libraries' exit handlers, CUDA's teardown), is
+the total that the shell measures around this program minus main_end_s and atexit_s.
 
 With --skip-finalize the process ends with os._exit after the exit handlers, as a script could.
 """
@@ -19,12 +20,13 @@ import os
 import runpy
 import sys
 import time
+from pathlib import Path
 
 
 def process_age() -> float:
     """Seconds since this process started, by the kernel's clock (/proc), so the interpreter's start counts."""
-    start_ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
-    uptime = float(open("/proc/uptime").read().split()[0])
+    start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+    uptime = float(Path("/proc/uptime").read_text().split()[0])
     return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
 
 
