@@ -315,9 +315,12 @@ def test_experiments_table_says_which_accuracies_were_chosen_on_their_own_questi
     assert "so its accuracy is optimistic" in (tmp_path / "t.html").read_text()
 
 
-def test_packed_rotation_scoring_with_grouped_query_attention():
+@pytest.mark.parametrize("batch_tokens", [90, 100_000])
+def test_packed_rotation_scoring_with_grouped_query_attention(batch_tokens):
     """Two key-value heads for four query heads (Llama-3, Qwen2.5, Breeze): the shared prefixes' keys and
-    values serve every order's tokens exactly as in full passes, also for prompts that share nothing."""
+    values serve every order's tokens exactly as in full passes, also for prompts that share nothing, and
+    in one row where only some sequences continue a prefix (100,000 tokens: all groups together, among
+    them an article of one question, whose orders share nothing after it, and whose keys come first)."""
     import random
 
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -329,17 +332,18 @@ def test_packed_rotation_scoring_with_grouped_query_attention():
                                          num_attention_heads=4, num_key_value_heads=2)).eval()
     rng = random.Random(0)
     prompts, articles = {k: [] for k in range(4)}, []
-    for question in range(12):
-        article = question // 3  # three questions an article; the first article has no tokens of its own
+    # one to three questions an article; the first article has no tokens of its own
+    for article in (0, 0, 0, 1, 2, 2, 2, 3, 3, 4, 4, 4):
         rng_article = random.Random(article)
-        shared = [rng_article.randrange(5, 50) for _ in range(0 if article == 0 else rng_article.randrange(3, 30))]
+        length = {0: 0, 1: 60}.get(article, rng_article.randrange(3, 30))  # the article of one question longest
+        shared = [rng_article.randrange(5, 50) for _ in range(length)]
         shared += [rng.randrange(5, 50) for _ in range(rng.randrange(0, 12))]
         articles.append(article)
         for k in range(4):
             prompts[k].append(shared + [rng.randrange(5, 50) for _ in range(rng.randrange(1, 9))])
     answers = (1, 2, 3, 4)
     for groups in (None, articles):
-        cached = shared_prefix_log_probs(model, prompts, answers, batch_tokens=90, groups=groups)
+        cached = shared_prefix_log_probs(model, prompts, answers, batch_tokens, groups=groups)
         for k in range(4):
             torch.testing.assert_close(cached[k], full_passes(model, prompts[k], answers), rtol=0, atol=2e-5)
 

@@ -145,7 +145,6 @@ class AnswerOnlyCollator:
             **packed,
             "attention_mask": row(f["attention_mask"] for f in features),
             "labels": row(f["labels"] for f in features),
-            "cu_seq_lens_k": packed["cu_seq_lens_q"], "max_length_k": packed["max_length_q"],
         }
         return batch, row(f["labels"][1:] + [-100] for f in features)
 

@@ -63,10 +63,11 @@ def shared_prefix(prompts: list[list[int]]) -> int:
 
 
 def packed_passes(prompts: dict[int, list[list[int]]], members: dict[Hashable, list[int]],
-                  batch_tokens: int) -> Iterator[tuple[list[tuple[dict, dict | None]], list[tuple[int, int]]]]:
+                  batch_tokens: int) -> Iterator[tuple[list[tuple[dict, list[dict]]], list[tuple[int, int]]]]:
     """Each group of groups that fits `batch_tokens` as its packed rows (pinned CPU tensors, each with how
-    it continues the rows before it, see shared_prefix_log_probs) and the (shift, question) of each
-    sequence of its last row. A generator: the host lays out the next groups while the GPU runs these."""
+    it continues the rows before it: continuation's levels, see shared_prefix_log_probs) and the (shift,
+    question) of each sequence of its last row. A generator: the host lays out the next groups while the
+    GPU runs these."""
     shifts, keys = list(prompts), list(members)
     article = [shared_prefix([prompts[k][i] for i in members[g] for k in shifts]) for g in keys]
     question = {}  # question -> the end of the part its orders share (after its group's)
@@ -75,28 +76,31 @@ def packed_passes(prompts: dict[int, list[list[int]]], members: dict[Hashable, l
     cost = [article[n] + sum(question[i] - article[n] + sum(len(prompts[k][i]) - question[i] for k in shifts)
                              for i in members[g]) for n, g in enumerate(keys)]
     for chunk in first_fit(sorted(range(len(keys)), key=lambda n: -cost[n]), cost, len(keys), batch_tokens):
-        firsts = {n: prompts[shifts[0]][members[keys[n]][0]] for n in chunk}
+        passes = []  # (packed row, how it continues the passes before it)
+        spans, own = {}, {}  # group -> its article part in its pass; question -> its question part in its pass
         articles = [n for n in chunk if article[n]]
-        spans, taken = {}, 0  # group -> its article part's tokens in the numbering of the rows before
-        for n in articles:
-            spans[n], taken = range(taken, taken + article[n]), taken + article[n]
+        if articles:
+            article_pass, taken = len(passes), 0
+            for n in articles:
+                spans[n], taken = (article_pass, range(taken, taken + article[n])), taken + article[n]
+            passes.append((packed_row([prompts[shifts[0]][members[keys[n]][0]][: article[n]] for n in articles]), []))
         questions = [(n, i) for n in chunk for i in members[keys[n]] if question[i] > article[n]]
-        lengths = [question[i] - article[n] for n, i in questions]
-        own = {}  # question -> its question part's tokens
-        for (n, i), length in zip(questions, lengths):
-            own[i], taken = range(taken, taken + length), taken + length
+        if questions:
+            question_pass, taken = len(passes), 0
+            for n, i in questions:
+                length = question[i] - article[n]
+                own[i], taken = (question_pass, range(taken, taken + length)), taken + length
+            passes.append((packed_row([prompts[shifts[0]][i][article[n]: question[i]] for n, i in questions],
+                                      starts=[article[n] for n, _ in questions]),
+                           continuation([[spans[n]] if n in spans else [] for n, _ in questions],
+                                        [question[i] - article[n] for n, i in questions])))
         rests = [(n, k, i) for n in chunk for i in members[keys[n]] for k in shifts]
-        rows = [
-            (packed_row([firsts[n][: article[n]] for n in articles]), None) if articles else None,
-            (packed_row([prompts[shifts[0]][i][article[n]: question[i]] for n, i in questions],
-                        starts=[article[n] for n, _ in questions]),
-             continuation([[spans[n]] if n in spans else [] for n, _ in questions], lengths,
-                          sum(article[n] for n in articles))) if questions else None,
-            (packed_row([prompts[k][i][question[i]:] for n, k, i in rests], starts=[question[i] for _, _, i in rests]),
-             continuation([[s for s in (spans.get(n), own.get(i)) if s is not None] for n, _, i in rests],
-                          [len(prompts[k][i]) - question[i] for n, k, i in rests], taken)),
-        ]
-        yield [(pinned(ids), layout) for ids, layout in filter(None, rows)], [(k, i) for _, k, i in rests]
+        passes.append((packed_row([prompts[k][i][question[i]:] for n, k, i in rests],
+                                  starts=[question[i] for _, _, i in rests]),
+                       continuation([[s for s in (spans.get(n), own.get(i)) if s is not None] for n, _, i in rests],
+                                    [len(prompts[k][i]) - question[i] for n, k, i in rests])))
+        yield [(pinned(ids), [pinned(level) for level in levels]) for ids, levels in passes], \
+            [(k, i) for _, k, i in rests]
 
 
 @torch.inference_mode()
@@ -109,8 +113,9 @@ def shared_prefix_log_probs(model, prompts: dict[int, list[list[int]]], answer_i
     their prompts (an article's instruction and article); a question's orders share theirs (its question).
     Groups are taken together while their tokens fit `batch_tokens` (a larger group runs alone) and run in
     three packed rows: the groups' shared parts, then the questions' shared parts, then every prompt's
-    rest, each row attending to the keys and values of the parts before it (PrefixCache) and causally to
-    itself, with positions continuing them. The result is that of one full pass per prompt, up to rounding.
+    rest, each row attending to the keys and values of the parts before it (PrefixCache: each part's keys
+    read once for all the sequences that continue it) and causally to itself, with positions continuing
+    them. The result is that of one full pass per prompt, up to rounding.
     """
     decoder, device = model.get_decoder(), model.get_output_embeddings().weight.device
     answers = torch.tensor(answer_ids, device=device)
@@ -121,10 +126,9 @@ def shared_prefix_log_probs(model, prompts: dict[int, list[list[int]]], answer_i
     with attention_implementation(model, PACKED_ATTENTION):
         for rows, order in packed_passes(prompts, members, batch_tokens):
             cache = PrefixCache()
-            for ids, layout in rows:
-                batch, layout = to_device(ids, device), to_device(layout, device) if layout else {}
-                cache.index = layout.pop("index", None)
-                hidden = decoder(**batch, **layout, prefix_cache=cache, use_cache=False).last_hidden_state
+            for ids, levels in rows:
+                batch, cache.levels = to_device(ids, device), [to_device(level, device) for level in levels]
+                hidden = decoder(**batch, prefix_cache=cache, use_cache=False).last_hidden_state
             ends = batch["cu_seq_lens_q"][1:].long() - 1
             scores.append(torch.log_softmax(model.get_output_embeddings()(hidden[0, ends]).float(), dim=-1)[:, answers])
             where += order
