@@ -153,12 +153,13 @@ def merge_attention(out: torch.Tensor, lse: torch.Tensor, part: torch.Tensor, pa
                     rows: torch.Tensor | None) -> None:
     """Attention over two sets of keys from attention over each: `out` and `lse` (over the first set,
     (tokens, heads, dim) and (tokens, heads)) become, in place at `rows` (all if None), the attention over
-    both, with `part` and `part_lse` over the second. The second part's weight is its share of the joint
-    softmax denominator, exp(its lse - the joint lse); one lerp computes the mix (in fp32 on a GPU, rounded
-    once)."""
+    both, with `part` and `part_lse` over the second. Each part is weighted by its share of the joint
+    softmax denominator, exp(its lse - the joint lse), kept in fp32: in half precision a weight near 1
+    would lose the small other share (a lerp with half-precision weights doubled the error of
+    benchmarks/scoring_check.py's packed scores)."""
     mine, mine_lse = (out, lse) if rows is None else (out[rows], lse[rows])
     joint = torch.logaddexp(mine_lse, part_lse)
-    mine.lerp_(part, (part_lse - joint).exp().unsqueeze(-1).to(out.dtype))
+    mine.mul_((mine_lse - joint).exp().unsqueeze(-1)).addcmul_(part, (part_lse - joint).exp().unsqueeze(-1))
     if rows is None:
         lse.copy_(joint)
     else:
