@@ -95,9 +95,10 @@ def seed_rows(rows: list[dict], manifest: dict) -> list[dict]:
     return means
 
 
-def table(manifest: dict, ensemble: str | None) -> pd.DataFrame:
+def table(manifest: dict, differ: list[str], ensemble: str | None) -> pd.DataFrame:
+    """One row a run (its `differ` settings, validation and training summaries), the seed means, the
+    ensemble; best validation accuracy first."""
     settings = {run: entry["settings"] for run, entry in manifest.items()}
-    differ = differing_settings(settings)
     rows = []
     for run, entry in manifest.items():
         rows.append({"run": run, **{k: json.dumps(settings[run].get(k)) for k in differ},
@@ -150,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--png", required=True)
     args = parser.parse_args(argv)
     manifest = json.loads(args.manifest)
-    settings = {run: entry["settings"] for run, entry in manifest.items()}
-    frame = table(manifest, args.ensemble_metrics or None)
+    differ = differing_settings({run: entry["settings"] for run, entry in manifest.items()})
+    frame = table(manifest, differ, args.ensemble_metrics or None)
     shown = frame.drop(columns=[c for c in ("ci_low", "ci_high") if c in frame])
     shown.to_csv(args.tsv, sep="\t", index=False)
     body = shown.to_html(index=False, na_rep="", border=0, classes="experiments")
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
            else "") + "</body></html>\n",
         encoding="utf-8")
     plot(frame, args.png)
-    print(f"{len(frame)} rows; differing settings: {', '.join(differing_settings(settings)) or 'none'}", file=sys.stderr)
+    print(f"{len(frame)} rows; differing settings: {', '.join(differ) or 'none'}", file=sys.stderr)
     return 0
 
 
