@@ -5,7 +5,9 @@ keys and values of the prefixes the sequence continues: PrefixCache). Training a
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
+from itertools import accumulate
 from typing import Iterator, Sequence
 
 import torch
@@ -53,9 +55,7 @@ def continuation(prefixes: Sequence[Sequence[tuple[int, range]]], lengths: Seque
     attending to one prefix (cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k), as CPU tensors
     and ints.
     """
-    starts = [0]
-    for length in lengths:
-        starts.append(starts[-1] + length)
+    starts = [0, *accumulate(lengths)]
     levels = []
     for earlier in sorted({p for spans in prefixes for p, span in spans if span}):
         queries, keys, query_lengths, key_lengths, previous = [], [], [], [], None
@@ -99,6 +99,10 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     if dropout:
         raise ValueError(f"{PACKED_ATTENTION} attention has no attention dropout; this model asks for {dropout}")
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, dim)
+    if q.is_cuda and q.dtype == torch.float32 and torch.is_autocast_enabled("cuda"):
+        # fp32 states under half-precision autocast (norms kept in fp32 next to an 8-bit base):
+        # attention runs in the autocast type, as SDPA would (and the kept keys are kept in it).
+        q, k, v = (t.to(torch.get_autocast_dtype("cuda")) for t in (q, k, v))
     earlier = prefix_cache.keep(module, k, v) if prefix_cache is not None else []
     levels = prefix_cache.levels if prefix_cache is not None else []
     out, lse = varlen_attention(q, k, v, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, scaling,
@@ -126,10 +130,6 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: to
     padded batches on the CPU).
     """
     gqa = k.shape[1] != q.shape[1]
-    if q.is_cuda and q.dtype == torch.float32 and torch.is_autocast_enabled("cuda"):
-        # fp32 states under half-precision autocast (norms kept in fp32 next to an 8-bit base):
-        # attention runs in the autocast type, as SDPA would.
-        q, k, v = (t.to(torch.get_autocast_dtype("cuda")) for t in (q, k, v))
     if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)):
         if with_lse:
             return padded_rows_attention_with_lse(q, k, v, cu_q, cu_k, max_q, max_k, scaling, causal)
@@ -137,7 +137,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: to
     from torch.nn.attention.varlen import AuxRequest, varlen_attn
 
     options = {"window_size": (-1, 0) if causal else (-1, -1)}
-    if gqa and "enable_gqa" in inspect.signature(varlen_attn).parameters:
+    if gqa and varlen_takes_gqa():
         options["enable_gqa"] = True
     elif gqa:  # torch before 2.13 has no grouped-query flag: each key-value head serves its group
         k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
@@ -147,6 +147,14 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: to
         return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **options), None
     out, lse = varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, return_aux=AuxRequest(lse=True), **options)
     return out, lse.transpose(0, 1)  # flash attention's (heads, tokens)
+
+
+@functools.cache
+def varlen_takes_gqa() -> bool:
+    """Whether this torch's varlen_attn has the grouped-query flag (2.13 on; asked once, off the hot path)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    return "enable_gqa" in inspect.signature(varlen_attn).parameters
 
 
 def merge_attention(out: torch.Tensor, lse: torch.Tensor, part: torch.Tensor, part_lse: torch.Tensor,

@@ -87,13 +87,12 @@ def packed_passes(prompts: dict[int, list[list[int]]], members: dict[Hashable, l
         questions = [(n, i) for n in chunk for i in members[keys[n]] if question[i] > article[n]]
         if questions:
             question_pass, taken = len(passes), 0
-            for n, i in questions:
-                length = question[i] - article[n]
+            lengths = [question[i] - article[n] for n, i in questions]
+            for (n, i), length in zip(questions, lengths):
                 own[i], taken = (question_pass, range(taken, taken + length)), taken + length
             passes.append((packed_row([prompts[shifts[0]][i][article[n]: question[i]] for n, i in questions],
                                       starts=[article[n] for n, _ in questions]),
-                           continuation([[spans[n]] if n in spans else [] for n, _ in questions],
-                                        [question[i] - article[n] for n, i in questions])))
+                           continuation([[spans[n]] if n in spans else [] for n, _ in questions], lengths)))
         rests = [(n, k, i) for n in chunk for i in members[keys[n]] for k in shifts]
         passes.append((packed_row([prompts[k][i][question[i]:] for n, k, i in rests],
                                   starts=[question[i] for _, _, i in rests]),
