@@ -18,6 +18,21 @@ include: "rules/ensemble.smk"
 include: "rules/report.smk"
 
 
+# Seconds of CPU work each: on a cluster they run where Snakemake runs rather than wait in a queue for a node.
+localrules:
+    all,
+    build_demo_model,
+    prepare_train_data,
+    prepare_test_data,
+    summarize_data,
+    plot_training,
+    combine_folds,
+    ensemble_answers,
+    evaluate_ensemble,
+    summarize_experiments,
+    plot_confusion,
+
+
 rule all:
     default_target: True
     input:

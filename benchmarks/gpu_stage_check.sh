@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Prove the model stages on a CUDA GPU: train, merge and answer a small random
 # Llama on the bundled sample in bf16, then again with an 8-bit base
-# (bitsandbytes), each with the schema's default training settings. Usage: bash benchmarks/gpu_stage_check.sh WORK_DIR
+# (bitsandbytes), each with the schema's default training settings; each model
+# is also scored as a fold model is, from the base and the adapter, and the
+# two compared. Usage: bash benchmarks/gpu_stage_check.sh WORK_DIR
 set -euo pipefail
 work=${1:-benchmarks/work/stages}
 scripts=workflow/scripts
@@ -29,11 +31,15 @@ for mode in $modes; do
     --out "$work/adapter_$load_in" --log-jsonl "$work/train_log_$load_in.jsonl" \
     --checkpoint-dir "$work/checkpoints_$load_in" --settings "$settings" --rotations 4
   python $scripts/merge_lora.py --base-model "$work/base" --adapter "$work/adapter_$load_in" --out "$work/merged_$load_in"
-  python $scripts/answer_questions.py --model "$work/merged_$load_in" --test "$work/test.json" \
-    --answers "$work/answers_$load_in.csv" --probs "$work/probs_$load_in.csv" --max-seq-length 256 --settings "$answering"
-  python $scripts/evaluate_answers.py --model "$work/merged_$load_in" --val "$work/val.json" \
-    --out "$work/metrics_$load_in.json" --probs "$work/val_probs_$load_in.csv" --max-seq-length 256 \
+  python $scripts/score_questions.py --model "$work/merged_$load_in" --test "$work/test.json" \
+    --answers "$work/answers_$load_in.csv" --answer-probs "$work/probs_$load_in.csv" --val "$work/val.json" \
+    --metrics "$work/metrics_$load_in.json" --val-probs "$work/val_probs_$load_in.csv" --max-seq-length 256 \
     --settings "$answering"
+  # As a fold model is scored: the base with the adapter put in as it loads, no merged checkpoint.
+  python $scripts/score_questions.py --model "$work/base" --adapter "$work/adapter_$load_in" \
+    --test "$work/test.json" --answer-probs "$work/probs_adapter_$load_in.csv" --val "$work/val.json" \
+    --metrics "$work/metrics_adapter_$load_in.json" --val-probs "$work/val_probs_adapter_$load_in.csv" \
+    --max-seq-length 256 --settings "$answering"
 done
 python - "$work" $modes <<'PY'
 import csv, json, sys
@@ -49,4 +55,11 @@ for load_in in (mode.split(":")[1] for mode in sys.argv[2:]):
     print(f"{load_in}: {best}")
     print(f"{load_in}: {len(rows)} answers, val accuracy {metrics['accuracy']:.3f}, "
           f"loss {losses[0]:.3f} -> {losses[-1]:.3f}, peak {max(e.get('peak_gpu_mem_gb', 0) for e in log)} GiB")
+    for part in ("probs", "val_probs"):  # the merged checkpoint against the base with the adapter put in
+        a, b = (list(csv.DictReader(open(f"{work}/{part}{kind}_{load_in}.csv"))) for kind in ("", "_adapter"))
+        diff = max(abs(float(x[f"p{k}"]) - float(y[f"p{k}"])) for x, y in zip(a, b) for k in "1234")
+        same = sum(max("1234", key=lambda k: float(x[f"p{k}"])) == max("1234", key=lambda k: float(y[f"p{k}"]))
+                   for x, y in zip(a, b)) / len(a)
+        print(f"{load_in}: {part} from the merged checkpoint against base + adapter: largest probability "
+              f"difference {diff:.4f}, same answer for {same:.1%}")
 PY

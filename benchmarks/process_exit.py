@@ -1,7 +1,7 @@
 """Where a stage's process spends the time outside its script's own account: importing before main() and
 exiting after it. Runs a workflow script as __main__, then its exit in steps, each timed, on stderr as JSON:
 
-    python benchmarks/process_exit.py workflow/scripts/evaluate_answers.py --model ... --stats s.json
+    python benchmarks/process_exit.py workflow/scripts/score_questions.py --model ... --val ... --stats s.json
 
   main_end_s   process start (the kernel's clock) to the script's return
   atexit_s     Python's atexit handlers (torch's, Triton's)

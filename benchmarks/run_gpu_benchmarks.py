@@ -384,19 +384,20 @@ def recipe_answer(work: Path, records: list[dict], questions: int) -> dict:
             "end_to_end_seconds_1000": round(load_seconds + len(records) / rate, 1), "non_digit_answers": invalid}
 
 
-def score_stage(work: Path, script: str, records: Path, name: str, batch_tokens: int, rotations: int,
+def score_stage(work: Path, part: str, records: Path, name: str, batch_tokens: int, rotations: int,
                 fused_kernels: bool = FUSED_KERNELS) -> dict:
-    """answer_questions.py or evaluate_answers.py as the rules run them, timed from process start to the
-    file written; the script's own account of where the time went comes back as data (--stats)."""
+    """score_questions.py on test or val questions (`part`) as the answer_questions and evaluate_answers rules
+    run it, timed from process start to the file written; the script's own account of where the time went
+    comes back as data (--stats)."""
     settings = json.dumps({"batch_tokens": batch_tokens, "precision": "bf16" if cuda() else "fp32", "load_in": "none",
                            "rotations": rotations, "prompt_format": "plain", "fused_kernels": fused_kernels})
-    outputs = (["--test", records, "--answers", work / f"answers_{name}.csv", "--probs", work / f"probs_{name}.csv"]
-               if script == "answer_questions.py" else
-               ["--val", records, "--out", work / f"metrics_{name}.json", "--probs", work / f"probs_{name}.csv"])
+    outputs = (["--test", records, "--answers", work / f"answers_{name}.csv", "--answer-probs", work / f"probs_{name}.csv"]
+               if part == "test" else
+               ["--val", records, "--metrics", work / f"metrics_{name}.json", "--val-probs", work / f"probs_{name}.csv"])
     start = time.perf_counter()
-    run([sys.executable, SCRIPTS / script, "--model", work / "base", *outputs, "--max-seq-length", "512",
+    run([sys.executable, SCRIPTS / "score_questions.py", "--model", work / "base", *outputs, "--max-seq-length", "512",
          "--settings", settings, "--stats", work / f"{name}.stats.json"], work / f"{name}.log")
-    return {**json.loads((work / f"{name}.stats.json").read_text()), "batch_tokens": batch_tokens,
+    return {**json.loads((work / f"{name}.stats.json").read_text())[part], "batch_tokens": batch_tokens,
             "end_to_end_s": round(time.perf_counter() - start, 1)}
 
 
@@ -410,7 +411,7 @@ def answer(args, work: Path, results: dict) -> dict:
     peak = results["setup"]["matmul_peak_tflops"]
 
     def ours(batch_tokens: int, rotations: int) -> dict:
-        result = score_stage(work, "answer_questions.py", work / "data/test.json", f"answer_{batch_tokens}_r{rotations}",
+        result = score_stage(work, "test", work / "data/test.json", f"answer_{batch_tokens}_r{rotations}",
                              batch_tokens, rotations)
         if rotations == 1:  # with more, the shared prefix runs once: no simple count of useful work
             result["tflops"] = round(flops / result["scoring_s"] / 1e12, 1)
@@ -425,9 +426,9 @@ def answer(args, work: Path, results: dict) -> dict:
     validation = work / "data/val_sized.json"
     labelled = read_records(work / "data/train.json", "labelled")
     validation.write_text(json.dumps(labelled[: round(0.2 * len(labelled))], ensure_ascii=False))
-    evaluated = score_stage(work, "evaluate_answers.py", validation, "evaluate_r4", best, 4)
+    evaluated = score_stage(work, "val", validation, "evaluate_r4", best, 4)
     log(f"evaluate {evaluated['questions']} questions, rotations 4: {evaluated}")
-    other = score_stage(work, "evaluate_answers.py", validation, "evaluate_r4_other_kernels", best, 4,
+    other = score_stage(work, "val", validation, "evaluate_r4_other_kernels", best, 4,
                         fused_kernels=not FUSED_KERNELS)
     log(f"the same with answering.fused_kernels {not FUSED_KERNELS}: {other}")
     result = {"ours_by_batch_tokens": by_budget, "ours_batch_tokens": best,

@@ -287,6 +287,14 @@ def fold_of(model):
     return tail if "/" in model and tail in FOLD_NAMES else None
 
 
+# Fold models exist only to be scored: one job a fold model scores its held-out fold and the test file from
+# the base and its adapter, merged as it loads, so no merged checkpoint is written for them (unless
+# merge_fold_models asks for one). Every other model is scored from what is on disk: its merged checkpoint, or
+# a baseline's base.
+FOLD_MODELS = [model for model in TRAINED if fold_of(model)]
+SCORED_AS_SAVED = [model for model in SCORED if model not in FOLD_MODELS]
+
+
 def training_settings(wildcards):
     """A model's training settings as JSON, without the keys that only shape the workflow."""
     return as_json({k: v for k, v in RUNS[run_of(wildcards)].items() if k not in WORKFLOW_KEYS})
@@ -461,6 +469,8 @@ def get_final_output():
     outputs += expand("results/{run}/answers.csv", run=RUNS)
     outputs += [f"results/{model}/train_curve.png" for model in TRAINED]
     outputs += [f"results/{model}/answers.csv" for model in TRAINED if is_refit(model)]
+    if config["merge_fold_models"]:
+        outputs += [f"results/{model}/merged" for model in FOLD_MODELS]
     members = list(RUNS) + (["ensemble"] if ENSEMBLE else [])
     if HAS_VAL:
         outputs += expand("results/{member}/{name}", member=members, name=["metrics.json", "confusion.png"])

@@ -101,8 +101,8 @@ rule answer_questions:
     input:
         model=get_scoring_model,
         test="results/data/test.json",
-        script=SCRIPTS / "answer_questions.py",
-        lib=library_of("answer_questions.py"),
+        script=SCRIPTS / "score_questions.py",
+        lib=library_of("score_questions.py"),
     output:
         answers=report(
             "results/{model}/answers.csv",
@@ -115,6 +115,8 @@ rule answer_questions:
         "logs/{model}/answer_questions.log",
     benchmark:
         "logs/{model}/answer_questions.benchmark.tsv"
+    wildcard_constraints:
+        model=regex(SCORED_AS_SAVED),
     conda:
         "../envs/answer.yaml"
     threads: ANSWER_RES["threads"]
@@ -126,10 +128,11 @@ rule answer_questions:
         model=scoring_model_path,
         settings=as_json(ANSWERING),
         max_seq_length=lambda wildcards: RUNS[run_of(wildcards)]["max_seq_length"],
+        revision=lambda wildcards: "" if wildcards.model in TRAINED else revision_flag(),
         remote_code=remote_code_flag(),
     shell:
-        "python {input.script:q} --model {params.model:q} --test {input.test:q} --answers {output.answers:q} "
-        "--probs {output.probs:q} --max-seq-length {params.max_seq_length} "
+        "python {input.script:q} --model {params.model:q} {params.revision} --test {input.test:q} "
+        "--answers {output.answers:q} --answer-probs {output.probs:q} --max-seq-length {params.max_seq_length} "
         "--settings {params.settings:q} {params.remote_code} > {log:q} 2>&1"
 
 
@@ -137,8 +140,8 @@ rule evaluate_answers:
     input:
         model=get_scoring_model,
         val=get_validation_data,
-        script=SCRIPTS / "evaluate_answers.py",
-        lib=library_of("evaluate_answers.py"),
+        script=SCRIPTS / "score_questions.py",
+        lib=library_of("score_questions.py"),
     output:
         metrics=report(
             "results/{model}/metrics.json",
@@ -152,6 +155,8 @@ rule evaluate_answers:
         "logs/{model}/evaluate_answers.log",
     benchmark:
         "logs/{model}/evaluate_answers.benchmark.tsv"
+    wildcard_constraints:
+        model=regex(SCORED_AS_SAVED),
     conda:
         "../envs/answer.yaml"
     threads: ANSWER_RES["threads"]
@@ -164,11 +169,51 @@ rule evaluate_answers:
         settings=as_json(ANSWERING),
         max_seq_length=lambda wildcards: RUNS[run_of(wildcards)]["max_seq_length"],
         selected_step=lambda wildcards: "--selected-step" if RUNS[run_of(wildcards)]["select_best"] else "",
+        revision=lambda wildcards: "" if wildcards.model in TRAINED else revision_flag(),
         remote_code=remote_code_flag(),
     shell:
-        "python {input.script:q} --model {params.model:q} --val {input.val:q} --out {output.metrics:q} --probs {output.probs:q} "
-        "--max-seq-length {params.max_seq_length} --settings {params.settings:q} "
-        "{params.selected_step} {params.remote_code} > {log:q} 2>&1"
+        "python {input.script:q} --model {params.model:q} {params.revision} --val {input.val:q} "
+        "--metrics {output.metrics:q} --val-probs {output.probs:q} --max-seq-length {params.max_seq_length} "
+        "--settings {params.settings:q} {params.selected_step} {params.remote_code} > {log:q} 2>&1"
+
+
+rule score_fold_model:
+    input:
+        adapter="results/{model}/adapter",
+        base=base_model_input,
+        val=get_validation_data,
+        test="results/data/test.json",
+        script=SCRIPTS / "score_questions.py",
+        lib=library_of("score_questions.py"),
+    output:
+        metrics="results/{model}/metrics.json",
+        val_probs="results/{model}/val_probs.csv",
+        answer_probs="results/{model}/answer_probs.csv",
+    log:
+        "logs/{model}/score_fold_model.log",
+    benchmark:
+        "logs/{model}/score_fold_model.benchmark.tsv"
+    wildcard_constraints:
+        model=regex(FOLD_MODELS),
+    conda:
+        "../envs/answer.yaml"
+    threads: ANSWER_RES["threads"]
+    resources:
+        gpu=ANSWER_RES["gpu"],
+        mem_mb=ANSWER_RES["mem_mb"],
+        runtime=ANSWER_RES["runtime"],
+    params:
+        base_model=base_model_path(),
+        revision=revision_flag(),
+        settings=as_json(ANSWERING),
+        max_seq_length=lambda wildcards: RUNS[run_of(wildcards)]["max_seq_length"],
+        selected_step=lambda wildcards: "--selected-step" if RUNS[run_of(wildcards)]["select_best"] else "",
+        remote_code=remote_code_flag(),
+    shell:
+        "python {input.script:q} --model {params.base_model:q} --adapter {input.adapter:q} {params.revision} "
+        "--val {input.val:q} --metrics {output.metrics:q} --val-probs {output.val_probs:q} "
+        "--test {input.test:q} --answer-probs {output.answer_probs:q} --max-seq-length {params.max_seq_length} "
+        "--settings {params.settings:q} {params.selected_step} {params.remote_code} > {log:q} 2>&1"
 
 
 rule plot_training:

@@ -265,8 +265,8 @@ def test_questions_too_long_for_max_seq_length_are_scored_in_every_order_and_nam
     for k in range(4):
         torch.testing.assert_close(cached[k], full_passes(model, ids[k], answer_token_ids(tokenizer)), rtol=0, atol=2e-4)
     (tmp_path / "test.json").write_text(json.dumps(records, ensure_ascii=False))
-    result = run_script("answer_questions.py", "--model", model_dir, "--test", tmp_path / "test.json", "--answers",
-                        tmp_path / "answers.csv", "--probs", tmp_path / "probs.csv", "--max-seq-length", "42",
+    result = run_script("score_questions.py", "--model", model_dir, "--test", tmp_path / "test.json", "--answers",
+                        tmp_path / "answers.csv", "--answer-probs", tmp_path / "probs.csv", "--max-seq-length", "42",
                         "--settings", json.dumps({"batch_tokens": 100, "precision": "fp32", "load_in": "none",
                                                   "rotations": 4, "prompt_format": "plain", "fused_kernels": True}))
     assert result.returncode == 0, result.stderr[-2000:]

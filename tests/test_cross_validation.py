@@ -7,6 +7,7 @@ import json
 import re
 
 import pytest
+import yaml
 from conftest import CV_RUNS, run_script, sample_workdir, snakemake
 
 from mcqa.prompt import split_input
@@ -64,13 +65,43 @@ def test_a_run_answers_with_the_mean_of_its_fold_models(cross_validated):
     assert (cross_validated / "results/a/refit/adapter/adapter_model.safetensors").exists()
 
 
+def test_fold_models_are_scored_from_base_and_adapter_as_their_merged_checkpoint_would_be(cross_validated, tmp_path):
+    """No fold model leaves a merged checkpoint (a 7B's is 13.5 GB); one job a fold model scores its held-out
+    fold and the test file from the base with the adapter merged as it loads, with the scores that the
+    merged checkpoint written by merge_lora.py gives."""
+    results = cross_validated / "results"
+    assert not list(results.glob("*/fold*/merged")) and (results / "a/refit/merged").is_dir()
+    log = (cross_validated / "logs/a/fold1/score_fold_model.log").read_text()
+    assert "results/a/fold1/adapter merged into" in log and log.count("model loaded in") == 1
+    merged = tmp_path / "merged"
+    merge = run_script("merge_lora.py", "--base-model", cross_validated / "resources/models/demo", "--adapter",
+                       results / "a/fold1/adapter", "--out", merged)
+    assert merge.returncode == 0, merge.stderr
+    settings = yaml.safe_load((cross_validated / "config.yaml").read_text()).get("answering", {})
+    scored = run_script("score_questions.py", "--model", merged, "--val", results / "data/fold1/val.json",
+                        "--metrics", tmp_path / "metrics.json", "--val-probs", tmp_path / "val_probs.csv",
+                        "--test", results / "data/test.json", "--answer-probs", tmp_path / "answer_probs.csv",
+                        "--max-seq-length", "256", "--settings", json.dumps(
+                            {"batch_tokens": 16384, "precision": "auto", "load_in": "none", "rotations": 4,
+                             "prompt_format": "plain", "fused_kernels": True, **settings}))
+    assert scored.returncode == 0, scored.stderr
+    for name in ("val_probs.csv", "answer_probs.csv"):
+        ours, written = read_csv(results / "a/fold1" / name), read_csv(tmp_path / name)
+        assert [r.get("record", r.get("ID")) for r in ours] == [r.get("record", r.get("ID")) for r in written]
+        assert max(abs(float(a[f"p{k}"]) - float(b[f"p{k}"])) for a, b in zip(ours, written) for k in "1234") < 1e-5
+    (cross_validated / "keep_merged.yaml").write_text("merge_fold_models: true\n")
+    planned = snakemake(cross_validated, "-n", configfiles=("config.yaml", "keep_merged.yaml")).stdout
+    assert planned.count("rule merge_lora:") == 4  # the setting that keeps them: every fold model's merge
+
+
 def test_baseline_scores_the_base_without_training_or_merging(cross_validated):
     output = snakemake(cross_validated, "-n", "-p", "--forcerun", "answer_questions", "evaluate_answers").stdout
     planned = scheduled(snakemake(cross_validated, "-n", "--forceall"))
     trained = sum(1 for run, settings in CV_RUNS.items() if settings.get("train", True)
                   for _ in settings.get("seeds", [None]))
-    assert planned["train_lora"] == planned["merge_lora"] == trained * 2 + 1  # two folds each, a's refit
-    commands = [line for line in output.splitlines() if "answer_questions.py --model" in line]
+    assert planned["train_lora"] == trained * 2 + 1  # two folds each, a's refit
+    assert planned["merge_lora"] == 1 and planned["score_fold_model"] == trained * 2  # only the refit is merged
+    commands = [line for line in output.splitlines() if "score_questions.py --model" in line]
     assert any("--model resources/models/demo " in line and "results/base/answers.csv" in line for line in commands)
     assert not (cross_validated / "results/base/adapter").exists()
     metrics = json.loads((cross_validated / "results/base/metrics.json").read_text())

@@ -135,8 +135,8 @@ def test_answering_twice_gives_identical_files(demo_run, tmp_path):
     for n in range(2):
         answers, probs = tmp_path / f"a{n}.csv", tmp_path / f"p{n}.csv"
         result = run_script(
-            "answer_questions.py", "--model", demo_run / "results/default/merged", "--test",
-            demo_run / "results/data/test.json", "--answers", answers, "--probs", probs, "--max-seq-length", "256",
+            "score_questions.py", "--model", demo_run / "results/default/merged", "--test",
+            demo_run / "results/data/test.json", "--answers", answers, "--answer-probs", probs, "--max-seq-length", "256",
             "--settings", json.dumps({"batch_tokens": 400 + 300 * n, "precision": "auto", "load_in": "none", "rotations": 4,
                                       "prompt_format": "plain", "fused_kernels": True}),
         )
@@ -179,7 +179,7 @@ def test_merged_weight_is_base_plus_scaled_b_times_a(tmp_path, fan_in_fan_out):
     """The merge arithmetic itself, also for layers stored transposed (GPT-2's Conv1D)."""
     from safetensors.torch import save_file
 
-    from merge_lora import merge_tensor, read_adapter
+    from mcqa.lora import merge_tensor, read_adapter
 
     torch.manual_seed(0)
     a, b = torch.randn(4, 6), torch.randn(5, 4)

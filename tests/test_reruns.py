@@ -12,7 +12,7 @@ import pytest
 import yaml
 from conftest import REPO, TWO_RUNS as RUNS, sample_workdir, snakemake
 
-GPU_RULES = {"train_lora", "answer_questions", "evaluate_answers"}
+GPU_RULES = {"train_lora", "answer_questions", "evaluate_answers", "score_fold_model"}
 # Two runs make an ensemble; its answers rerun with any member's answers, and everything that
 # reads validation results (its metrics, confusion matrices, the experiments table) with any member's.
 ENSEMBLE = {("ensemble_answers", ""), ("all", "")}

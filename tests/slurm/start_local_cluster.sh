@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Start a one-node Slurm cluster on localhost (Debian's slurm-wlm and munge),
 # for testing the Slurm profile against a real scheduler, not a mock.
-# The node offers all of this machine's CPUs, 80% of its memory and one GPU
-# (a gres backed by /dev/null, so jobs that ask for --gpus=1 schedule).
+# The node offers 16 CPUs whatever the machine has (config_overrides: the
+# profile's cpus_per_gpu then schedule as they would on a GPU node), 80% of its
+# memory and one GPU (a gres backed by /dev/null, so jobs that ask for
+# --gpus=1 schedule), in the two partitions that profiles/slurm names: gpu
+# (the default) and cpu.
 # Usage (as root): bash tests/slurm/start_local_cluster.sh [--install]
 set -euo pipefail
 
@@ -18,7 +21,6 @@ if ! pgrep -x munged >/dev/null; then
   runuser -u munge -- /usr/sbin/munged
 fi
 
-cpus=$(nproc)
 memory=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 8 / 10 ))
 mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm
 cat > /etc/slurm/slurm.conf <<CONF
@@ -38,14 +40,16 @@ AccountingStorageType=accounting_storage/none
 SchedulerType=sched/backfill
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
+SlurmdParameters=config_overrides
 GresTypes=gpu
 ReturnToService=2
 # Without slurmdbd there is no sacct: keep finished jobs visible to squeue.
 MinJobAge=86400
 SlurmctldLogFile=/var/log/slurm/slurmctld.log
 SlurmdLogFile=/var/log/slurm/slurmd.log
-NodeName=localnode NodeAddr=127.0.0.1 NodeHostname=localhost CPUs=$cpus RealMemory=$memory Gres=gpu:1 State=UNKNOWN
-PartitionName=local Nodes=localnode Default=YES MaxTime=INFINITE State=UP
+NodeName=localnode NodeAddr=127.0.0.1 NodeHostname=localhost CPUs=16 RealMemory=$memory Gres=gpu:1 State=UNKNOWN
+PartitionName=gpu Nodes=localnode Default=YES MaxTime=INFINITE State=UP
+PartitionName=cpu Nodes=localnode MaxTime=INFINITE State=UP
 CONF
 echo "Name=gpu File=/dev/null AutoDetect=off" > /etc/slurm/gres.conf
 

@@ -2,11 +2,11 @@
 
     merge_lora.py --base-model PATH_OR_HUB_ID --adapter ADAPTER_DIR --out MERGED_DIR [--threads N]
 
-For every base weight with a LoRA pair, W' = W + scale * B @ A is computed in
-fp32 and cast back to W's dtype (DoRA then rescales each output row of W' to
-its learnt magnitude: m * W' / ||W'||, a row at a time like the rest);
-modules_to_save weights replace the base ones. Shards are merged in parallel (up to --threads at a time), each one
-streamed in blocks of rows: read, merged and appended to its output shard.
+The arithmetic is mcqa.lora's (W' = W + scale * B @ A in fp32, rounded once;
+DoRA's row magnitudes; modules_to_save weights replaced), and so is the check
+that the adapter is one it merges exactly. Shards are merged in parallel (up
+to --threads at a time), each one streamed in blocks of rows: read, merged
+and appended to its output shard.
 Peak memory is the adapter plus 20 MB per shard in progress, never a whole
 safetensors shard (.bin shards are memory-mapped, so their pages add up).
 .bin shards are read with torch.load(weights_only=True): no pickled code runs.
@@ -28,20 +28,15 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from safetensors.torch import load_file
 
+from mcqa.lora import MergeError, fit_problems, merge_tensor, read_adapter
 from mcqa.progress import format_duration
 from mcqa.storage import disk_full_message
 
-PEFT_PREFIX = "base_model.model."
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
 BLOCK_BYTES = 4 * 2**20  # rows read, merged and written at a time: cache-sized, and reused
 MAX_PARALLEL_SHARDS = 8
-
-
-class MergeError(Exception):
-    """The adapter does not fit the base model; the message says why."""
 
 
 def resolve_checkpoint(base_model: str, revision: str | None = None) -> Path:
@@ -183,88 +178,14 @@ def write_safetensors(path: Path, specs: list[tuple[str, torch.Tensor]],
     return offset
 
 
-def read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    """(adapter config, {base weight name: {'A','B','scale'}}, {base weight name: replacement})."""
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    if config.get("peft_type") != "LORA":
-        raise MergeError(f"{adapter_dir}: peft_type {config.get('peft_type')!r}; only LORA adapters can be merged here")
-    if config.get("use_dora") and config.get("fan_in_fan_out"):
-        raise MergeError(f"{adapter_dir}: a DoRA adapter on transposed (fan_in_fan_out) layers normalises columns, "
-                         "which the row-by-row merge cannot do; merge it with peft's merge_and_unload instead")
-    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
-    pairs: dict[str, dict] = {}
-    replacements: dict[str, torch.Tensor] = {}
-    for key, value in tensors.items():
-        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-        if name.endswith(".lora_magnitude_vector"):  # DoRA: the magnitude of each output row
-            pairs.setdefault(name[: -len(".lora_magnitude_vector")] + ".weight", {})["magnitude"] = value.float()
-        elif ".lora_A." in name or ".lora_B." in name:
-            module, part = (name.split(".lora_A.")[0], "A") if ".lora_A." in name else (name.split(".lora_B.")[0], "B")
-            pairs.setdefault(module + ".weight", {})[part] = value.float()
-        else:
-            replacements[name] = value
-    for weight, pair in pairs.items():
-        if not {"A", "B"} <= set(pair):
-            raise MergeError(f"{adapter_dir}: {weight} lacks lora_A or lora_B (has {', '.join(sorted(pair))})")
-        module = weight[: -len(".weight")]
-        rank = pair["A"].shape[0]
-        alpha = next((v for k, v in config.get("alpha_pattern", {}).items() if module.endswith(k)), config["lora_alpha"])
-        pair["scale"] = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-        pair["transpose"] = bool(config.get("fan_in_fan_out"))
-    return config, pairs, replacements
-
-
 def check_fit(checkpoint: Path, shards: dict[str, list[str]], pairs: dict, replacements: dict) -> None:
     """Fail before writing anything if the adapter was made for another base."""
     shapes: dict[str, tuple[int, ...]] = {}
     for shard, names in shards.items():
         with ShardReader(checkpoint / shard) as reader:
             shapes.update({n: tuple(reader.meta(n).shape) for n in names})
-    problems = []
-    for weight, pair in pairs.items():
-        if weight not in shapes:
-            problems.append(f"LoRA module {weight[:-7]} does not exist in the base model")
-            continue
-        out_features, in_features = pair["B"].shape[0], pair["A"].shape[1]
-        expected = (in_features, out_features) if pair["transpose"] else (out_features, in_features)
-        if shapes[weight] != expected:
-            problems.append(f"{weight}: adapter expects shape {expected}, base has {shapes[weight]}")
-    for weight, value in replacements.items():
-        if weight not in shapes:
-            problems.append(f"saved module weight {weight} does not exist in the base model")
-        elif shapes[weight] != tuple(value.shape):
-            hint = " (different vocabulary size: was the adapter trained on another base or tokenizer?)" if (
-                "embed" in weight or "lm_head" in weight
-            ) else ""
-            problems.append(f"{weight}: adapter has shape {tuple(value.shape)}, base has {shapes[weight]}{hint}")
-    if problems:
+    if problems := fit_problems(shapes, pairs, replacements):
         raise MergeError("the adapter does not fit this base model:\n  " + "\n  ".join(problems))
-
-
-def merge_tensor(name: str, weight: torch.Tensor, pairs: dict, replacements: dict, first_row: int = 0,
-                 scratch: torch.Tensor | None = None) -> torch.Tensor:
-    """Rows first_row: of the merged weight, written over `weight` (those rows of the base) and returned.
-
-    The sum is taken in fp32 (in `scratch` when it is big enough) and rounded
-    once to the base dtype.
-    """
-    rows = slice(first_row, first_row + weight.shape[0])
-    if name in replacements:
-        return weight.copy_(replacements[name].reshape(-1, *weight.shape[1:])[rows])
-    if name not in pairs:
-        return weight
-    pair = pairs[name]
-    fits = scratch is not None and scratch.numel() >= weight.numel()
-    merged = scratch[: weight.numel()].view(weight.shape) if fits else torch.empty(weight.shape)
-    merged.copy_(weight)
-    # W' rows = W rows + scale * (B @ A) rows; with fan_in_fan_out W is stored transposed.
-    if pair["transpose"]:
-        merged.addmm_(pair["A"][:, rows].T, pair["B"].T, alpha=pair["scale"])
-    else:
-        merged.addmm_(pair["B"][rows], pair["A"], alpha=pair["scale"])
-    if "magnitude" in pair:
-        merged.mul_((pair["magnitude"][rows] / torch.linalg.norm(merged, dim=1)).unsqueeze(1))
-    return weight.copy_(merged)
 
 
 def merge_shard(source: Path, names: list[str], target: Path, pairs: dict, replacements: dict) -> int:

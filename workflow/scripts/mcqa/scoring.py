@@ -15,18 +15,14 @@ pass that attends to its keys and values (PrefixCache).
 
 from __future__ import annotations
 
-import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Hashable, Iterator, Sequence
 
 import torch
 
 from .batching import first_fit, packed_row
 from .attention import PACKED_ATTENTION, PrefixCache, attention_implementation, continuation
-from .modeling import fuse_kernels, load_model, load_tokenizer, resolve_precision
 from .progress import Meter
-from .prompt import ANSWER_SUFFIX_TOKENS, ANSWERS, Prompt, PromptFrame, describe_cuts, encode_prompts, prompt_frame, \
+from .prompt import ANSWER_SUFFIX_TOKENS, ANSWERS, Prompt, PromptFrame, encode_prompts, prompt_frame, \
     rotate_input, split_input, worst_cut
 
 ROTATIONS = {1: (0,), 2: (0, 2), 4: (0, 1, 2, 3)}  # answering.rotations -> shifts of the options
@@ -182,38 +178,3 @@ def score_rotations(model, tokenizer, records: list[dict], max_seq_length: int, 
     frame = frame or prompt_frame(tokenizer, "plain")
     return score_prompts(model, records, encode_rotations(tokenizer, records, max_seq_length, rotations, frame),
                          frame.answer_ids, batch_tokens, meter)
-
-
-def score_records(model_path: str, records: list[dict], max_seq_length: int, settings: dict,
-                  trust_remote_code: bool = False) -> tuple[torch.Tensor, dict]:
-    """Load a merged model as the answering settings say and score every record.
-
-    The prompts are encoded while the model loads; with
-    `settings["fused_kernels"]` the model gets Liger's kernels where they
-    apply (fuse_kernels). Returns (N, 4) log-probabilities over the four
-    answers, in the records' own option order, combined over
-    `settings["rotations"]` orders, and where the time went (seconds
-    loading, encoding, scoring; questions/s while scoring; the kernels).
-    """
-    start = time.perf_counter()
-    precision = resolve_precision(settings["precision"])
-    tokenizer = load_tokenizer(model_path, trust_remote_code)
-    frame = prompt_frame(tokenizer, settings["prompt_format"])
-    with ThreadPoolExecutor(1) as pool:
-        encoding = pool.submit(encode_rotations, tokenizer, records, max_seq_length, settings["rotations"], frame)
-        model = load_model(model_path, precision, settings["load_in"], trust_remote_code).eval()
-        kernels = fuse_kernels(model) if settings["fused_kernels"] else "off: answering.fused_kernels is false"
-        loaded = time.perf_counter() - start
-        prompts = encoding.result()
-    encoded = time.perf_counter() - start
-    print(f"{len(records)} questions x {settings['rotations']} option order(s), {settings['prompt_format']} prompts; "
-          f"precision {precision}; fused kernels: {kernels}; model loaded in {loaded:.1f} s, prompts encoded by "
-          f"{encoded:.1f} s", file=sys.stderr, flush=True)
-    meter = Meter(len(records) * settings["rotations"], "prompts")
-    log_probs, cuts = score_prompts(model, records, prompts, frame.answer_ids, settings["batch_tokens"], meter)
-    scoring = time.perf_counter() - start - encoded
-    print(describe_cuts(cuts, [r.get("id", f"record {n}") for n, r in enumerate(records)], max_seq_length),
-          file=sys.stderr, flush=True)
-    return log_probs, {"questions": len(records), "rotations": settings["rotations"], "fused_kernels": kernels,
-                       "load_s": round(loaded, 2), "ready_s": round(encoded, 2), "scoring_s": round(scoring, 2),
-                       "questions_per_s": round(len(records) / max(scoring, 1e-9), 1)}
