@@ -26,6 +26,7 @@ for mode in $modes; do
     'gradient_checkpointing': '$load_in' != 'none', 'select_best': '$load_in' == 'none',
     'checkpoint_steps': 20, 'eval_steps': 20, 'logging_steps': 10}))")
   answering="{\"batch_tokens\": 4096, \"precision\": \"$precision\", \"load_in\": \"$load_in\", \"rotations\": 4, \"prompt_format\": \"plain\", \"fused_kernels\": true}"
+  exact="{\"batch_tokens\": 4096, \"precision\": \"fp32\", \"load_in\": \"none\", \"rotations\": 4, \"prompt_format\": \"plain\", \"fused_kernels\": true}"
   echo "== $precision, base loaded as $load_in"
   python $scripts/train_lora.py --train "$work/train.json" --val "$work/val.json" --base-model "$work/base" \
     --out "$work/adapter_$load_in" --log-jsonl "$work/train_log_$load_in.jsonl" \
@@ -40,6 +41,11 @@ for mode in $modes; do
     --test "$work/test.json" --answer-probs "$work/probs_adapter_$load_in.csv" --val "$work/val.json" \
     --metrics "$work/metrics_adapter_$load_in.json" --val-probs "$work/val_probs_adapter_$load_in.csv" \
     --max-seq-length 256 --settings "$answering"
+  # The exact merged model's scores: base and adapter in fp32, unquantised (what both ways above round).
+  python $scripts/score_questions.py --model "$work/base" --adapter "$work/adapter_$load_in" \
+    --test "$work/test.json" --answer-probs "$work/probs_fp32_$load_in.csv" --val "$work/val.json" \
+    --metrics "$work/metrics_fp32_$load_in.json" --val-probs "$work/val_probs_fp32_$load_in.csv" \
+    --max-seq-length 256 --settings "$exact"
 done
 python - "$work" $modes <<'PY'
 import csv, json, sys
@@ -55,11 +61,13 @@ for load_in in (mode.split(":")[1] for mode in sys.argv[2:]):
     print(f"{load_in}: {best}")
     print(f"{load_in}: {len(rows)} answers, val accuracy {metrics['accuracy']:.3f}, "
           f"loss {losses[0]:.3f} -> {losses[-1]:.3f}, peak {max(e.get('peak_gpu_mem_gb', 0) for e in log)} GiB")
-    for part in ("probs", "val_probs"):  # the merged checkpoint against the base with the adapter put in
-        a, b = (list(csv.DictReader(open(f"{work}/{part}{kind}_{load_in}.csv"))) for kind in ("", "_adapter"))
-        diff = max(abs(float(x[f"p{k}"]) - float(y[f"p{k}"])) for x, y in zip(a, b) for k in "1234")
-        same = sum(max("1234", key=lambda k: float(x[f"p{k}"])) == max("1234", key=lambda k: float(y[f"p{k}"]))
-                   for x, y in zip(a, b)) / len(a)
-        print(f"{load_in}: {part} from the merged checkpoint against base + adapter: largest probability "
-              f"difference {diff:.4f}, same answer for {same:.1%}")
+    for part in ("probs", "val_probs"):  # the merged checkpoint and the base with the adapter put in, against fp32
+        exact = list(csv.DictReader(open(f"{work}/{part}_fp32_{load_in}.csv")))
+        for kind, name in (("", "merged checkpoint"), ("_adapter", "base + adapter")):
+            rows = list(csv.DictReader(open(f"{work}/{part}{kind}_{load_in}.csv")))
+            diff = max(abs(float(x[f"p{k}"]) - float(y[f"p{k}"])) for x, y in zip(rows, exact) for k in "1234")
+            same = sum(max("1234", key=lambda k: float(x[f"p{k}"])) == max("1234", key=lambda k: float(y[f"p{k}"]))
+                       for x, y in zip(rows, exact)) / len(rows)
+            print(f"{load_in}: {part} of the {name} against the exact model in fp32: largest probability "
+                  f"difference {diff:.4f}, same answer for {same:.1%}")
 PY
