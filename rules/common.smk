@@ -69,6 +69,7 @@ validated(config, "config.schema.yaml", "config")
 SCRIPTS = Path(workflow.basedir) / "workflow" / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 from mcqa.bases import (
+    EMBEDDING_MODULES,
     has_tokenizer,
     install_hint,
     missing_packages,
@@ -179,12 +180,24 @@ check_chat_template(config["base_model"])
 ANSWERING = {**config["answering"], "prompt_format": config["prompt_format"]}
 
 
-def run_settings(run, point=None):
-    """The run's training settings, validated: schema defaults, then the demo's sizes
-    (base_model: demo only), then the config's `training` keys, then the run's own, then a sweep point's."""
+# A baseline scores the base as it is: what only shapes a training does not apply to it.
+BASELINE_CLEARED = {"seeds": [], "refit": False, "select_best": False, "early_stopping_patience": 0}
+
+
+def requested_settings(run, point=None):
+    """The run's training settings as the config asks for them, validated: schema defaults, then the demo's
+    sizes (base_model: demo only), then the config's `training` keys, then the run's own, then a sweep point's."""
     demo = config["demo_model"]["training"] if IS_DEMO else {}
     settings = {**config["training"], **demo, **USER_TRAINING, **(config["runs"][run] or {}), **(point or {})}
-    settings = validated(settings, "training.schema.yaml", f"config runs.{run}")
+    return validated(settings, "training.schema.yaml", f"config runs.{run}")
+
+
+def run_settings(run, point=None):
+    """The run's settings as they are used, checked to work together; a baseline's without the settings that
+    only shape a training (BASELINE_CLEARED)."""
+    settings = requested_settings(run, point)
+    if not settings["train"]:
+        return {**settings, **BASELINE_CLEARED}
     if settings["refit"] and not FOLDS:
         raise WorkflowError(
             f"config runs.{run}: refit trains one more model on every row beside the fold models; "
@@ -202,6 +215,12 @@ def run_settings(run, point=None):
         )
     if settings["early_stopping_patience"] and not settings["select_best"]:
         raise WorkflowError(f"config runs.{run}: early_stopping_patience needs select_best: true")
+    if embedding := [m for m in settings["target_modules"] if m.split(".")[-1] in EMBEDDING_MODULES]:
+        raise WorkflowError(
+            f"config runs.{run}: target_modules {embedding} names the embedding or output layer; LoRA there "
+            "cannot be merged into the base (the merge adds B @ A to linear projections). Leave it out of "
+            "target_modules, or train it in full with modules_to_save (on a base whose embeddings are not tied)"
+        )
     base = Path(config["base_model"]).expanduser()
     if settings["modules_to_save"] and (base / "config.json").is_file() and tied_embeddings(base):
         raise WorkflowError(
@@ -211,7 +230,11 @@ def run_settings(run, point=None):
 
 
 def sweep_points():
-    """(name, settings) of each point of the `sweep` grid, named by Snakemake's Paramspace; [("", {})] without one."""
+    """(name, settings) of each point of the `sweep` grid, named by Snakemake's Paramspace; [("", {})] without one.
+
+    The grid's columns hold Python objects, so a point's name is spelled from its own values alone (1 stays
+    `epochs-1` when 1.5 joins the sweep, rather than becoming `epochs-1.0` with the column's dtype).
+    """
     if not config["sweep"]:
         return [("", {})]
     import itertools
@@ -220,24 +243,48 @@ def sweep_points():
     from snakemake.utils import Paramspace
 
     keys = sorted(config["sweep"])
-    grid = pd.DataFrame(list(itertools.product(*(config["sweep"][k] for k in keys))), columns=keys)
+    grid = pd.DataFrame(list(itertools.product(*(config["sweep"][k] for k in keys))), columns=keys, dtype=object)
     space = Paramspace(grid, filename_params="*", param_sep="-", filename_sep="_")
-    return [
-        (name, {k: row[k].item() if hasattr(row[k], "item") else row[k] for k in keys})
-        for name, (_, row) in zip(space.instance_patterns, grid.iterrows())
-    ]
+    return [(name, dict(row)) for name, (_, row) in zip(space.instance_patterns, grid.iterrows())]
 
 
 def expanded_runs():
     """Run name -> settings for every run trained or scored: each config run at each sweep point, and each
-    replica of its seeds; and replica -> the run it replicates."""
-    runs, replicas = {}, {}
+    replica of its seeds; and replica -> the run it replicates. A baseline is planned once, whatever the
+    sweep and seeds say (with a message). Every name is made once: a config run named like another's
+    replica or sweep point is refused, naming both."""
+    runs, replicas, made_by = {}, {}, {}
+
+    def claim(name, origin):
+        if name in made_by:
+            raise WorkflowError(
+                f"config runs: the name {name} is made twice, by {made_by[name]} and by {origin}; "
+                "rename one of the runs (results/{run}/ would hold one of them only)"
+            )
+        made_by[name] = origin
+
     for run in config["runs"]:
-        for point_name, point in sweep_points():
+        points, requested = sweep_points(), requested_settings(run)
+        if not requested["train"]:
+            ignored = [key for key, value in BASELINE_CLEARED.items() if requested[key] != value]
+            ignored += ["sweep"] * (len(points) > 1)
+            if ignored:
+                print(
+                    f"config runs.{run}: a baseline scores the base once; {', '.join(ignored)} do not apply "
+                    "to it and are ignored",
+                    file=sys.stderr,
+                )
+            points = [("", {})]
+        for point_name, point in points:
             name = "_".join(filter(None, [run if USER_RUNS or not point_name else "", point_name]))
             settings = run_settings(run, point)
-            for seed in settings["seeds"] or [None]:
+            origin = f"runs.{run}" + (f" at sweep point {point_name}" if point_name else "")
+            seeds = settings["seeds"]
+            if seeds:
+                claim(name, f"{origin} (its seeds' mean)")
+            for seed in seeds or [None]:
                 replica = f"{name}_seed{seed}" if seed is not None else name
+                claim(replica, f"{origin} with seed {seed}" if seed is not None else origin)
                 runs[replica] = {**settings, **({"seed": seed} if seed is not None else {})}
                 if seed is not None:
                     replicas[replica] = name

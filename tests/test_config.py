@@ -231,3 +231,59 @@ def test_each_rule_depends_on_the_library_modules_it_imports_and_no_others(tmp_p
 def test_hub_id_is_not_taken_for_a_missing_folder(tmp_path):
     """`org/name` with no folder `org/` here is a hub id, planned as one (downloaded when training starts)."""
     assert dry_run(sample_workdir(tmp_path, base_model="hfl/chinese-llama-2-7b")).returncode == 0
+
+
+@pytest.mark.parametrize("runs, sweep, both", [
+    ({"a": {"seeds": [1]}, "a_seed1": {"lora_r": 8}}, {}, ("runs.a with seed 1", "runs.a_seed1")),
+    ({"a_seed1": {"lora_r": 8}, "a": {"seeds": [1]}}, {}, ("runs.a_seed1", "runs.a with seed 1")),
+    ({"a": {"seeds": [1]}, "a_seed1": {"seeds": [2]}}, {}, ("runs.a with seed 1", "runs.a_seed1 (its seeds' mean)")),
+])
+def test_a_run_named_like_a_generated_name_is_refused_naming_both(tmp_path, runs, sweep, both):
+    """One results/{run}/ folder for two models: one of them would silently never train."""
+    workdir = sample_workdir(tmp_path, runs=runs, sweep=sweep)
+    result = dry_run(workdir)
+    assert result.returncode != 0
+    made_twice = [line for line in (result.stdout + result.stderr).splitlines() if "is made twice" in line]
+    assert made_twice and all(origin in made_twice[0] for origin in both), result.stdout[-2000:]
+    assert not (workdir / "results").exists()
+
+
+@pytest.mark.parametrize("module", ["lm_head", "embed_tokens", "model.embed_tokens"])
+def test_lora_on_the_embedding_or_output_layer_is_refused_before_training(tmp_path, module):
+    workdir = sample_workdir(tmp_path, training={"target_modules": ["q_proj", module]})
+    result = dry_run(workdir)
+    assert result.returncode != 0
+    assert f"target_modules ['{module}'] names the embedding or output layer" in result.stdout + result.stderr
+    assert not (workdir / "results").exists()
+
+
+def test_a_baseline_is_scored_once_without_training_settings(tmp_path):
+    """Seeds, a sweep, refit and select_best shape trainings: a baseline gets one scoring of the base, not one
+    a copy (every copy would join the ensemble), and is not flagged as chosen on its questions."""
+    workdir = sample_workdir(tmp_path, data={"folds": 2}, training={"seeds": [1, 2], "select_best": True},
+                             runs={"a": {"select_best": False}, "base": {"train": False, "refit": True}},
+                             sweep={"lora_r": [4, 8]})
+    result = dry_run(workdir, "-p")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "config runs.base: a baseline scores the base once; seeds, refit, select_best, sweep do not apply" \
+        in result.stderr
+    jobs = scheduled(result)
+    assert jobs["answer_questions"] == jobs["evaluate_answers"] == 1  # the baseline, once
+    assert jobs["train_lora"] == 2 * 2 * 2  # a: two sweep points x two seeds x two folds
+    (evaluate,) = [line for line in result.stdout.splitlines() if "score_questions.py" in line and
+                   "--metrics results/base/metrics.json" in line]
+    assert "--selected-step" not in evaluate
+    ensemble = re.search(r"--members (.*?) --weights", result.stdout)[1]
+    assert ensemble.count("base") == 1
+
+
+def test_a_sweep_point_is_named_by_its_own_values(tmp_path):
+    """Adding 1.5 to epochs [1, 2] must not rename (and so retrain) the points 1 and 2."""
+    names = []
+    for values in ([1, 2], [1, 2, 1.5]):
+        workdir = sample_workdir(tmp_path / str(len(values)), sweep={"epochs": values})
+        result = dry_run(workdir)
+        assert result.returncode == 0, result.stderr[-2000:]
+        names.append(set(re.findall(r"model=(\S+)", result.stdout)))
+    assert names[0] == {"epochs-1", "epochs-2"}
+    assert names[1] == names[0] | {"epochs-1.5"}

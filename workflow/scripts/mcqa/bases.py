@@ -59,7 +59,8 @@ def install_hint(base: str, missing: list[str]) -> str:
             "(requirements.txt pins sentencepiece and protobuf; `make run` installs them)")
 
 
-TIED_MODULES = ("embed_tokens", "lm_head", "wte", "embed_in", "embed_out")
+# The input embedding and output layer under the names of the architectures users fine-tune.
+EMBEDDING_MODULES = ("embed_tokens", "lm_head", "wte", "embed_in", "embed_out")
 
 
 def tied_embeddings(folder: str | Path) -> bool:
@@ -71,7 +72,7 @@ def tied_embeddings(folder: str | Path) -> bool:
 
 def tied_modules_refused(base: str, modules_to_save: list[str]) -> str | None:
     """Why training `modules_to_save` in full cannot work on a base with tied embeddings, or None."""
-    named = [m for m in modules_to_save if m.split(".")[-1] in TIED_MODULES]
+    named = [m for m in modules_to_save if m.split(".")[-1] in EMBEDDING_MODULES]
     if not named:
         return None
     return (f"modules_to_save {named} on base_model {base}, whose input and output embeddings are one tied "
