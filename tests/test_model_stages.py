@@ -42,16 +42,18 @@ def to_bin_shards(path):
     (path / "model.safetensors.index.json").unlink()
 
 
-def tiny_adapter(base_path, adapter_path, modules_to_save=None, use_rslora=False, use_dora=False):
+def tiny_adapter(base_path, adapter_path, modules_to_save=None, use_rslora=False, use_dora=False, **fields):
+    """A LoRA adapter of the tiny base with random (trained-looking) weights; `fields` are other LoraConfig
+    fields, which also replace the defaults below."""
     model = AutoModelForCausalLM.from_pretrained(base_path)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                        modules_to_save=modules_to_save, use_rslora=use_rslora, use_dora=use_dora,
-                        task_type="CAUSAL_LM")
+    config = LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"],
+                           "modules_to_save": modules_to_save, "use_rslora": use_rslora, "use_dora": use_dora,
+                           "task_type": "CAUSAL_LM", **fields})
     peft_model = get_peft_model(model, config)
     torch.manual_seed(3)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
-            if "lora_B" in name or "modules_to_save" in name or "lora_magnitude_vector" in name:
+            if any(part in name for part in ("lora_B", "modules_to_save", "lora_magnitude_vector", "lora_embedding_B")):
                 p.add_(torch.randn_like(p) * 0.1)  # a trained adapter, not the zero init
     peft_model.save_pretrained(adapter_path)
 
@@ -255,3 +257,90 @@ def test_streaming_merge_of_a_base_with_tied_embeddings_equals_merge_and_unload(
     expected = reference_logits(base, adapter, ids)
     torch.testing.assert_close(merged(ids).logits, expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(original(ids).logits, expected, atol=1e-3), "the adapter changed nothing"
+
+
+# Every adapter_config.json field that the merge accepts with values that change the weights, each with a
+# value unlike the default; the fields it accepts that decide nothing in the weights are metadata.
+FIELD_CASES = {
+    "alpha_pattern": {r"layers\.1\.self_attn\.q_proj": 32, "v_proj|down_proj": 2},  # regular expressions, as peft reads them
+    "rank_pattern": {r"model\.layers\.0\..*": 2},
+    "use_rslora": True,
+    "use_dora": True,
+    "modules_to_save": ["lm_head"],
+    "layers_to_transform": [1],
+    "target_modules": r".*\.(q_proj|up_proj)",
+    "exclude_modules": ["model.layers.0.self_attn.q_proj"],
+    "init_lora_weights": "gaussian",
+    "lora_dropout": 0.3,
+    "r": 6,
+    "lora_alpha": 3,
+}
+METADATA = {"peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+            "inference_mode", "runtime_config", "megatron_core", "qalora_group_size", "layers_pattern",
+            "fan_in_fan_out"}  # fan_in_fan_out: test_merge_of_transposed_layers_equals_merge_and_unload
+
+
+def test_every_field_the_merge_accepts_is_tested():
+    from mcqa.lora import ANY_VALUE, ONLY_VALUES
+
+    assert ANY_VALUE <= set(FIELD_CASES) | METADATA  # no field accepted with any value goes untested
+    assert set(FIELD_CASES) <= ANY_VALUE | set(ONLY_VALUES)
+
+
+@pytest.mark.parametrize("field", sorted(FIELD_CASES))
+def test_every_adapter_field_the_merge_accepts_merges_as_peft_does(tmp_path, field):
+    import merge_lora
+
+    base, adapter, out = tmp_path / "base", tmp_path / "adapter", tmp_path / "merged"
+    original = tiny_base(base)
+    tiny_adapter(base, adapter, **{field: FIELD_CASES[field]})
+    assert json.loads((adapter / "adapter_config.json").read_text())[field] == FIELD_CASES[field]
+    assert merge_lora.main(["--base-model", str(base), "--adapter", str(adapter), "--out", str(out)]) == 0
+    ids = torch.randint(0, 97, (2, 17))
+    expected = reference_logits(base, adapter, ids)
+    torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(out)(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(original(ids).logits, expected, atol=1e-3), "the adapter changed nothing"
+
+
+def test_merge_of_transposed_layers_equals_merge_and_unload(tmp_path):
+    """fan_in_fan_out: GPT-2 stores its projections (Conv1D) transposed."""
+    import merge_lora
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    base, adapter, out = tmp_path / "base", tmp_path / "adapter", tmp_path / "merged"
+    torch.manual_seed(1)
+    GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64)).save_pretrained(base)
+    tiny_adapter(base, adapter, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+    assert merge_lora.main(["--base-model", str(base), "--adapter", str(adapter), "--out", str(out)]) == 0
+    ids = torch.randint(0, 97, (2, 17))
+    torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(out)(ids).logits,
+                               reference_logits(base, adapter, ids), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fields, refused", [
+    ({"lora_bias": True}, "lora_bias: true"),  # B has a bias the merge would drop
+    ({"target_modules": ["q_proj", "embed_tokens"]}, "LoRA on an embedding layer"),
+])
+def test_adapter_the_merge_cannot_reproduce_is_refused_naming_why(tmp_path, fields, refused):
+    tiny_base(tmp_path / "base")
+    tiny_adapter(tmp_path / "base", tmp_path / "adapter", **fields)
+    result = run_script("merge_lora.py", "--base-model", tmp_path / "base", "--adapter", tmp_path / "adapter",
+                        "--out", tmp_path / "merged")
+    assert result.returncode == 2 and refused in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize("field, value", [
+    ("init_lora_weights", "pissa"), ("init_lora_weights", "olora"), ("layer_replication", [[0, 2], [1, 2]]),
+    ("use_qalora", True), ("trainable_token_indices", [5, 6]), ("a_field_of_a_later_peft", {"on": True}),
+])
+def test_adapter_config_field_the_merge_does_not_reproduce_is_refused(tmp_path, field, value):
+    """Written into adapter_config.json: these change what the adapter computes (the base moved at its
+    initialisation, layers added, quantisation-aware scaling, rows of the embedding trained)."""
+    tiny_base(tmp_path / "base")
+    tiny_adapter(tmp_path / "base", tmp_path / "adapter")
+    path = tmp_path / "adapter" / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), field: value}))
+    result = run_script("merge_lora.py", "--base-model", tmp_path / "base", "--adapter", tmp_path / "adapter",
+                        "--out", tmp_path / "merged")
+    assert result.returncode == 2 and f"{field}: {json.dumps(value)}" in result.stderr, result.stderr[-2000:]
