@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
+import sys
 
 import yaml
-from conftest import BIN, REPO, env
+import pytest
+from conftest import BIN, REPO, env, snakemake
 
 
 def requirement_pins() -> dict[str, str]:
@@ -18,7 +21,12 @@ def requirement_pins() -> dict[str, str]:
     return pins
 
 
+# conda-forge's name -> the PyPI package of the same code
+CONDA_TO_PIP = {"matplotlib-base": "matplotlib"}
+
+
 def env_pins(path) -> dict[str, str]:
+    """PyPI name -> version of everything an env file lists (conda packages under their PyPI names)."""
     spec = yaml.safe_load(path.read_text())
     assert spec["channels"] == ["conda-forge", "nodefaults"], path
     pins = {}
@@ -26,7 +34,8 @@ def env_pins(path) -> dict[str, str]:
         entries = dep["pip"] if isinstance(dep, dict) else [dep]
         for entry in entries:
             if match := re.fullmatch(r"([A-Za-z0-9_.-]+)==?([^\s=]+)", entry):
-                pins[match[1].lower().replace("_", "-")] = match[2]
+                name = match[1].lower().replace("_", "-")
+                pins[CONDA_TO_PIP.get(name, name)] = match[2]
             else:
                 assert entry == "pip", f"{path.name}: {entry!r} is not pinned"
     return pins
@@ -84,3 +93,52 @@ def test_the_fused_kernels_hint_names_the_pinned_liger():
     name, version = LIGER.split("==")
     assert requirement_pins()[name] == version
     assert env_pins(REPO / "envs/answer.yaml")[name] == version
+
+
+# Packages an env lists for CUDA machines only (8-bit loading, several GPUs, fused kernels), imported by the
+# stages only on a GPU: the fresh environments of this CPU-only machine leave them out.
+CUDA_ONLY = {"bitsandbytes", "deepspeed", "liger-kernel"}
+
+
+def rules_by_env() -> dict[str, list[str]]:
+    """env name -> the rules that run in it, from the rules' `conda:` directives."""
+    found: dict[str, list[str]] = {}
+    for block in re.split(r"^rule ", "".join(p.read_text() for p in sorted((REPO / "rules").glob("*.smk"))),
+                          flags=re.M)[1:]:
+        found.setdefault(re.search(r'conda:\s+"../envs/(\w+).yaml"', block)[1], []).append(block.split(":")[0])
+    return found
+
+
+def shell_commands(workdir) -> dict[str, str]:
+    """rule -> the shell command of its first job in a dry run of everything (as the rule runs it)."""
+    output = snakemake(workdir, "-n", "-p", "--forceall").stdout
+    commands = {}
+    for block in re.split(r"\n(?=\[[^\n]*\]\n(?:local)?rule )", output):
+        rule, command = re.search(r"^(?:local)?rule (\w+):", block, re.M), re.search(r"^Shell command: (.*)$", block, re.M)
+        if rule and command:
+            commands.setdefault(rule[1], command[1])
+    return commands
+
+
+@pytest.mark.parametrize("name", ["data", "train", "merge", "answer"])
+def test_each_conda_env_runs_its_own_stages(name, cross_validated, tmp_path):
+    """What envs/NAME.yaml lists, installed into a fresh environment (pip, conda packages under their PyPI
+    names: no conda channel is reachable here), runs every rule that names the env, on the cross-validated
+    demo: each rule's own shell command with that environment's python first on PATH."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+    pins = [f"{package}=={version}" for package, version in env_pins(REPO / "envs" / f"{name}.yaml").items()
+            if package != "python" and package not in CUDA_ONLY]
+    installed = subprocess.run([venv / "bin/python", "-m", "pip", "install", "-q", "--no-compile", *pins],
+                               capture_output=True, text=True)
+    assert installed.returncode == 0, installed.stderr[-3000:]
+    workdir = tmp_path / "work"
+    shutil.copytree(cross_validated, workdir, symlinks=True)
+    commands = shell_commands(workdir)
+    rules = rules_by_env()[name]
+    assert set(rules) <= set(commands), f"no job of {set(rules) - set(commands)} in the cross-validated demo"
+    for rule in rules:
+        result = subprocess.run(["bash", "-c", commands[rule]], cwd=workdir, capture_output=True, text=True,
+                                env={**env(), "PATH": f"{venv / 'bin'}:/usr/bin:/bin"})
+        log = re.search(r"> (\S+) 2>&1", commands[rule])
+        assert result.returncode == 0, f"{rule} in envs/{name}.yaml: " + (workdir / log[1].strip("'")).read_text()[-3000:]
