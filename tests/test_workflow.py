@@ -6,6 +6,8 @@ import csv
 import json
 import os
 import signal
+import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -157,6 +159,42 @@ def test_several_gpus_train_data_parallel_through_torchrun(tmp_path):
     assert final["examples_seen"] == 3 * len(features)
 
 
+def test_a_killed_two_process_training_resumes_with_no_rank_left_behind(tmp_path):
+    """Two ranks under torchrun (DDP on the CPU), killed outright after their first checkpoint as a lost node
+    would be: no rank trains on as an orphan (torchrun gives each a session of its own), and the rerun
+    resumes the checkpoint on two processes, the optimizer state included."""
+    workdir = sample_workdir(tmp_path, training={**INTERRUPTIBLE_TRAINING, "epochs": 1},
+                             resources={"train": {"gpu": 2, "threads": 2}})
+    process = snakemake(workdir, "results/default/adapter", "--resources", "gpu=2", background=True)
+    done = wait_for_checkpoint(workdir, process, timeout=300)
+    assert done and process.poll() is None, "training finished before it could be killed"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    deadline = time.time() + 10
+    while (ranks := rank_processes(workdir)) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not ranks, f"ranks left training after their launcher was killed: {ranks}"
+    snakemake(workdir, "--unlock", "--resources", "gpu=2")
+    snakemake(workdir, "results/default/adapter", "--resources", "gpu=2", timeout=600)
+    log = (workdir / "logs/default/train_lora.log").read_text()
+    assert resumed_steps(workdir) == [max(done)] and "not resuming" not in log, log[-2000:]
+    entries = [json.loads(line) for line in (workdir / "results/default/train_log.jsonl").read_text().splitlines()]
+    steps = [e["step"] for e in entries if "loss" in e]
+    assert steps == sorted(set(steps)) and steps[-1] > max(done)
+
+
+def rank_processes(workdir) -> list[str]:
+    """The train_lora processes whose working directory is `workdir`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if "train_lora.py" in (proc / "cmdline").read_text() and (proc / "cwd").resolve() == workdir.resolve():
+                found.append(proc.name)
+        except OSError:  # a process that ended while being looked at
+            continue
+    return found
+
+
 def test_checkpoints_of_another_training_are_not_resumed_and_the_log_says_why(tmp_path, capsys):
     """Steps trained on plain prompts must not be continued on chat prompts (nor select_best's steps scored
     with other rotations); settings that do not change the weights keep the checkpoints."""
@@ -186,6 +224,9 @@ def test_checkpoints_of_another_training_are_not_resumed_and_the_log_says_why(tm
     assert "not resuming" not in capsys.readouterr().err
     assert not checkpoint_kept(settings, prompt_format="chat")
     assert 'not resuming the checkpoints in' in (err := capsys.readouterr().err) and 'prompt_format "plain" -> "chat"' in err
+    # The data order and the schedule depend on the number of processes: 1 -> 2 GPUs starts afresh, saying so.
+    prepare_checkpoint_dir(folder, expected(settings))
+    assert not checkpoint_kept(settings, processes=2) and "processes 1 -> 2" in capsys.readouterr().err
     best = {**settings, "select_best": True}
     prepare_checkpoint_dir(folder, expected(best))
     assert not checkpoint_kept({**best, "eval_steps": 7})

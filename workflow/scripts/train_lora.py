@@ -43,7 +43,7 @@ from mcqa.records import read_records
 from mcqa.scoring import ROTATIONS
 from mcqa.storage import disk_full_message
 from mcqa.training import (AnswerOnlyTrainer, EarlyStopping, ProgressLog, TrainingDiverged, answer_accuracy,
-                           compile_layers, tokenize, training_arguments)
+                           compile_layers, end_with_launcher, tokenize, training_arguments)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -98,7 +98,9 @@ def lora_model(args: argparse.Namespace, settings: dict, precision: str):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = json.loads(args.settings)
-    if not torch.distributed.is_torchelastic_launched():
+    if torch.distributed.is_torchelastic_launched():
+        end_with_launcher()
+    else:
         # One process trains on one GPU. With more visible the Trainer would wrap the model in
         # DataParallel, which splits the answer-only batches wrongly; several GPUs go through torchrun.
         os.environ["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
@@ -173,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     # The checkpoint folder: rank 0 decides whether to resume (and cleans up); the Trainer has set up the
     # process group, so every rank then follows the same decision.
     expected = fingerprint(settings, args.train, args.val, args.base_model, args.revision, args.prompt_format,
-                           args.rotations)
+                           args.rotations, trainer.args.world_size)
     resume = [prepare_checkpoint_dir(checkpoint_dir, expected) if trainer.is_world_process_zero() else None]
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.broadcast_object_list(resume)

@@ -28,9 +28,10 @@ WEIGHT_NEUTRAL = ("checkpoint_steps", "logging_steps", "gradient_checkpointing",
 
 
 def fingerprint(settings: dict, train: str, val: str, base_model: str, revision: str | None, prompt_format: str,
-                rotations: int) -> dict:
+                rotations: int, processes: int = 1) -> dict:
     """What a checkpoint must match to be resumed: what decides the trained weights (settings, prompt format,
-    base model, data) and, with select_best, what decides the step kept (eval_steps, the scoring rotations)."""
+    base model, data, and the number of processes, since the data order and the schedule are functions of
+    it) and, with select_best, what decides the step kept (eval_steps, the scoring rotations)."""
     digest = hashlib.sha256()
     for path in (train, val):
         if path:
@@ -38,7 +39,7 @@ def fingerprint(settings: dict, train: str, val: str, base_model: str, revision:
     neutral = WEIGHT_NEUTRAL + (() if settings["select_best"] else ("eval_steps",))
     return {"settings": {k: v for k, v in sorted(settings.items()) if k not in neutral},
             "prompt_format": prompt_format, "rotations": rotations if settings["select_best"] else None,
-            "base_model": base_model, "revision": revision, "data_sha256": digest.hexdigest()}
+            "base_model": base_model, "revision": revision, "data_sha256": digest.hexdigest(), "processes": processes}
 
 
 def differences(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -34,6 +34,39 @@ def tokenize(records: list[dict], tokenizer, max_seq_length: int,
     return features, [p.cut for p in prompts]
 
 
+def restore_cpu_index(storage, location: str):
+    """Storage saved at, or mapped to, "cpu:N" is on the CPU.
+
+    Resuming a multi-process training on CPUs, the Trainer loads the
+    optimizer state with its device as map_location, which there is
+    "cpu:N": a location torch.load knows no deserializer for. Registered
+    with torch.serialization below; None leaves every other location to torch.
+    """
+    return storage if location.startswith("cpu:") else None
+
+
+torch.serialization.register_package(30, lambda storage: None, restore_cpu_index)
+
+
+def end_with_launcher() -> None:
+    """Have the kernel kill this process when the process that launched it dies (Linux).
+
+    torchrun starts every rank in a session of its own, so when the launcher
+    is killed outright (SIGKILL, a lost job step) the ranks would train on
+    as orphans, and on finishing remove the checkpoints that the rerun is
+    resuming from.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import os
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the launcher died before the line above
+        os._exit(1)
+
+
 class AnswerOnlyTrainer(Trainer):
     """A Trainer for AnswerOnlyCollator's batches of a causal LM; counts the examples trained on.
 
