@@ -249,3 +249,6 @@ def test_tensorboard_tracking_writes_one_run_a_fold_model(tmp_path):
 
     scalars = EventAccumulator(str(workdir / "results/tensorboard/default/fold0")).Reload().Tags()["scalars"]
     assert "train/loss" in scalars
+    # Trained again from scratch: the folder starts afresh, not with a second set of the same steps.
+    snakemake(workdir, "results/default/fold0/adapter", "--forcerun", "train_lora")
+    assert len(list((workdir / "results/tensorboard/default/fold0").glob("events.out.tfevents.*"))) == 1

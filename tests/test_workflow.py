@@ -81,7 +81,7 @@ def killed_training(tmp_path_factory):
     Returns the workdir, the complete checkpoints' steps at the kill, and
     the training log of the rerun.
     """
-    workdir = sample_workdir(tmp_path_factory.mktemp("killed"), training=INTERRUPTIBLE_TRAINING)
+    workdir = sample_workdir(tmp_path_factory.mktemp("killed"), training=INTERRUPTIBLE_TRAINING, tracking="tensorboard")
     process = snakemake(workdir, "results/default/adapter", background=True)
     done = wait_for_checkpoint(workdir, process, timeout=300, count=2)
     assert done and process.poll() is None, "training finished before it could be killed"
@@ -96,7 +96,7 @@ def killed_training(tmp_path_factory):
     snakemake(workdir, "--unlock")  # a killed Snakemake leaves its lock, as after a power loss
     # What a user changes after an out-of-memory error or a preemption, none of which changes the weights
     # trained: the rerun must still resume.
-    sample_workdir(workdir, training={**INTERRUPTIBLE_TRAINING, **WEIGHT_NEUTRAL_CHANGES})
+    sample_workdir(workdir, training={**INTERRUPTIBLE_TRAINING, **WEIGHT_NEUTRAL_CHANGES}, tracking="tensorboard")
     snakemake(workdir, "results/default/adapter")
     return workdir, done, (workdir / "logs/default/train_lora.log").read_text()
 
@@ -131,6 +131,17 @@ def test_training_history_survives_a_resume(killed_training):
     assert [e["step"] for e in entries if "loss" in e] == list(range(every, last + 1, every))
     totals = [e["elapsed_s"] for e in entries if "elapsed_s" in e]
     assert totals == sorted(totals), "running totals go on across the resume"
+
+
+def test_tensorboard_shows_each_step_once_after_a_resume(killed_training):
+    """The killed attempt logged steps past the checkpoint the rerun resumed from; TensorBoard must show
+    each step once, as train_log.jsonl does."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    workdir, _, _ = killed_training
+    events = EventAccumulator(str(workdir / "results/tensorboard/default")).Reload()
+    steps = [event.step for event in events.Scalars("train/loss")]
+    assert steps == [step for step in logged_steps(workdir) if step % INTERRUPTIBLE_TRAINING["logging_steps"] == 0]
 
 
 def test_several_gpus_train_data_parallel_through_torchrun(tmp_path):

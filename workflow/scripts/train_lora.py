@@ -43,7 +43,8 @@ from mcqa.records import read_records
 from mcqa.scoring import ROTATIONS
 from mcqa.storage import disk_full_message
 from mcqa.training import (AnswerOnlyTrainer, EarlyStopping, ProgressLog, TrainingDiverged, answer_accuracy,
-                           compile_layers, end_with_launcher, tokenize, training_arguments)
+                           compile_layers, end_with_launcher, tensorboard_callback, tokenize,
+                           training_arguments)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -107,8 +108,6 @@ def main(argv: list[str] | None = None) -> int:
     # Micro-batch shapes change every step; expandable segments keep the CUDA
     # allocator from fragmenting (read at the first CUDA allocation, below).
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    if args.tensorboard_dir:  # where the Trainer's TensorBoard callback writes
-        os.environ["TENSORBOARD_LOGGING_DIR"] = args.tensorboard_dir
     precision = resolve_precision(settings["precision"])
     # The resolved run in full, first, so a log says exactly what was trained (as torchtune recipes do).
     say("run " + json.dumps({"settings": settings, "base_model": args.base_model, "revision": args.revision,
@@ -154,8 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     history = checkpoint_dir / HISTORY
     trainer = AnswerOnlyTrainer(
         model=model,
-        args=training_arguments(settings, args.checkpoint_dir, args.deepspeed_config, precision, bool(val_features),
-                                report_to="tensorboard" if args.tensorboard_dir else "none"),
+        args=training_arguments(settings, args.checkpoint_dir, args.deepspeed_config, precision, bool(val_features)),
         train_dataset=MicroBatchDataset(train_features, batches),
         eval_dataset=val_features or None,
         data_collator=AnswerOnlyCollator(tokenizer.pad_token_id, packed=settings["packing"]),
@@ -180,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.broadcast_object_list(resume)
     resume = resume[0]
+    if args.tensorboard_dir and trainer.is_world_process_zero():
+        trainer.add_callback(tensorboard_callback(Path(args.tensorboard_dir), checkpoint_step(resume) if resume else None))
 
     # Training.
     world = trainer.args.world_size

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -236,8 +237,20 @@ class ProgressLog(TrainerCallback):
         append_entry(self.path, entry)
 
 
+def tensorboard_callback(folder: Path, resume_step: int | None) -> TrainerCallback:
+    """The Trainer's TensorBoard callback writing to `folder` (for the first process alone to add): a fresh
+    training starts the folder afresh; a resume continues its own files, and the steps after its checkpoint,
+    logged by the attempt that was killed and trained again now, are purged from them (purge_step)."""
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
+    if resume_step is None:
+        shutil.rmtree(folder, ignore_errors=True)
+    return TensorBoardCallback(SummaryWriter(str(folder), purge_step=None if resume_step is None else resume_step + 1))
+
+
 def training_arguments(settings: dict, checkpoint_dir: str, deepspeed_config: str, precision: str,
-                       has_val: bool, report_to: str = "none") -> TrainingArguments:
+                       has_val: bool) -> TrainingArguments:
     """The Trainer's arguments for a run's settings (one micro-batch an item of MicroBatchDataset)."""
     return TrainingArguments(
         output_dir=checkpoint_dir,
@@ -267,7 +280,7 @@ def training_arguments(settings: dict, checkpoint_dir: str, deepspeed_config: st
         data_seed=settings["seed"],
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False,
-        report_to=report_to,
+        report_to="none",  # TensorBoard, when tracked, through tensorboard_callback
         disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(),
         # ZeRO-2 across GPUs; several CPU processes (tests) fall back to plain DDP.
