@@ -22,6 +22,7 @@ include: "rules/report.smk"
 localrules:
     all,
     build_demo_model,
+    split_folds,
     prepare_train_data,
     prepare_test_data,
     summarize_data,

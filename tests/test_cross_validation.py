@@ -217,7 +217,7 @@ def test_folds_and_a_validation_share_together_are_refused(tmp_path):
     assert snakemake(sample_workdir(tmp_path / "one", data={"folds": 1}), "-n", check=False).returncode != 0
 
 
-def test_a_new_seed_reruns_only_its_own_jobs_and_changing_folds_retrains(cross_validated, tmp_path):
+def test_a_new_seed_reruns_only_its_own_jobs_and_changing_folds_retrains_only_the_folds(cross_validated, tmp_path):
     import shutil
 
     import yaml
@@ -232,7 +232,13 @@ def test_a_new_seed_reruns_only_its_own_jobs_and_changing_folds_retrains(cross_v
     assert {run.split("/")[0] for run in runs} == {"b_seed2", "ensemble"}
     config["data"]["folds"] = 3
     (copy / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
-    assert scheduled(snakemake(copy, "-n"))["train_lora"] == 3 * 3 + 1  # a, b_seed1, b_seed2, three folds each
+    output = snakemake(copy, "-n").stdout
+    assert scheduled(snakemake(copy, "-n"))["train_lora"] == 3 * 3  # a, b_seed1, b_seed2, three folds each
+    # What the folds do not decide stays: train.json is not rewritten, so the refit, the baseline and the
+    # demo base are not stale.
+    jobs = {(m[1], m[2]) for m in re.finditer(r"^(?:local)?rule (\w+):\n(?:    .*\n)*?    wildcards: \w+=(\S+)", output, re.M)}
+    assert ("train_lora", "a/fold2") in jobs and not {job for job in jobs if job[1] in ("a/refit", "base")}, jobs
+    assert not {"prepare_train_data", "build_demo_model"} & set(scheduled(snakemake(copy, "-n")))
 
 
 def test_tensorboard_tracking_writes_one_run_a_fold_model(tmp_path):
@@ -252,3 +258,28 @@ def test_tensorboard_tracking_writes_one_run_a_fold_model(tmp_path):
     # Trained again from scratch: the folder starts afresh, not with a second set of the same steps.
     snakemake(workdir, "results/default/fold0/adapter", "--forcerun", "train_lora")
     assert len(list((workdir / "results/tensorboard/default/fold0").glob("events.out.tfevents.*"))) == 1
+
+
+def test_folds_that_cannot_be_made_or_come_out_uneven_say_so(tmp_path):
+    """Folds hold whole articles out: one article makes no two folds (and 2 is already the fewest), and one
+    long article beside short ones makes folds as uneven as 37 and 3 questions, which the log warns about."""
+    from mcqa.prompt import INSTRUCTION, build_input
+
+    def records(sizes):
+        return [{"instruction": INSTRUCTION, "input": build_input(f"文章{a}", f"問題{q}", ["1", "2", "3", "4"]),
+                 "options": ["1", "2", "3", "4"], "output": "1"} for a, size in enumerate(sizes) for q in range(size)]
+
+    def split(sizes, folds):
+        (tmp_path / "train.json").write_text(json.dumps(records(sizes), ensure_ascii=False))
+        return run_script("prepare_data.py", "folds", "--train", tmp_path / "train.json", "--folds", str(folds),
+                          "--out-dir", tmp_path / "folds")
+
+    one = split([40], 2)
+    assert one.returncode == 2 and "40 records in 1 articles cannot make 2 folds" in one.stderr
+    assert "cross-validation needs at least two; use data.val_fraction" in one.stderr and "lower" not in one.stderr
+    assert "lower data.folds" in split([40, 3], 3).stderr
+    uneven = split([37, 1, 1, 1], 2)
+    sizes = json.loads((tmp_path / "folds/folds.json").read_text())["fold_records"]
+    assert sum(sizes) == 40 and min(sizes) < max(sizes) / 2
+    assert uneven.returncode == 0 and f"WARNING the folds are uneven ({sizes[0]}, {sizes[1]} records)" in uneven.stderr
+    assert "WARNING" not in split([10, 10, 10, 10], 2).stderr

@@ -2,6 +2,11 @@
 
     prepare_data.py train --input AI.xlsx --train-out train.json --val-out val.json --report-out r.json ...
     prepare_data.py test  --input AI1000.xlsx --out test.json --report-out r.json ...
+    prepare_data.py folds --train train.json --folds 5 --out-dir results/data ...
+
+The folds are a job of their own, read from train.json: changing data.folds
+rewrites only them, and what reads train.json alone (a refit, a baseline,
+the demo base) is not made stale.
 
 Bad rows stop the run with a message naming file, column and row (exit 2,
 no output written), or with --on-invalid skip (training files only) are left out
@@ -13,6 +18,7 @@ run. Every fix made to a cell is counted in the report.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
 import sys
@@ -20,7 +26,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable
 
-from mcqa.prompt import INSTRUCTION, build_input
+from mcqa.prompt import INSTRUCTION, build_input, split_input
 from mcqa.records import write_json_atomic
 from mcqa.spreadsheet import InputError, ReadResult, Row, duplicate_rows, read_questions
 
@@ -87,24 +93,33 @@ def base_report(result: ReadResult, path: str, skipped: list[dict]) -> dict:
     }
 
 
-def grouped(rows: list[Row], split_by: str, seed: int) -> tuple[list, dict, Callable[[Row], object]]:
-    """The groups that must stay on one side of a split, in a seeded order: an article's questions
-    (split_by=article) or identical rows (same article, question and options; split_by=row), so validation
-    never scores a question trained on."""
-    key = (lambda r: r.article) if split_by == "article" else (lambda r: (r.article, r.question, tuple(r.options)))
-    groups: dict[object, list[Row]] = defaultdict(list)
-    for r in rows:
-        groups[key(r)].append(r)
+def grouped(items: list, key: Callable, seed: int) -> tuple[list, dict]:
+    """The groups of items with the same key, in a seeded order, and the items of each."""
+    groups: dict[object, list] = defaultdict(list)
+    for item in items:
+        groups[key(item)].append(item)
     order = list(groups)
     random.Random(seed).shuffle(order)
-    return order, groups, key
+    return order, groups
+
+
+def row_key(split_by: str) -> Callable[[Row], object]:
+    """What must stay on one side of a split: an article's questions (split_by=article) or identical rows
+    (same article, question and options; split_by=row), so validation never scores a question trained on."""
+    return (lambda r: r.article) if split_by == "article" else (lambda r: (r.article, r.question, tuple(r.options)))
+
+
+def record_key(split_by: str) -> Callable[[dict], object]:
+    """row_key for the records of train.json, whose `input` is the article, question and options."""
+    return (lambda r: split_input(r["input"])[0]) if split_by == "article" else (lambda r: r["input"])
 
 
 def split_rows(rows: list[Row], val_fraction: float, seed: int, split_by: str) -> tuple[list[Row], list[Row]]:
-    """Hold out about val_fraction of the rows, whole groups at a time (see grouped)."""
+    """Hold out about val_fraction of the rows, whole groups at a time (see row_key)."""
     if val_fraction <= 0:
         return rows, []
-    order, groups, key = grouped(rows, split_by, seed)
+    key = row_key(split_by)
+    order, groups = grouped(rows, key, seed)
     target = round(val_fraction * len(rows))
     val_keys, taken = set(), 0
     for k in order:
@@ -117,33 +132,47 @@ def split_rows(rows: list[Row], val_fraction: float, seed: int, split_by: str) -
     return train, val
 
 
-def assign_folds(rows: list[Row], folds: int, seed: int, split_by: str) -> list[int]:
-    """Each row's fold (0 to folds-1): the groups (see grouped), in their seeded order, each to the fold
-    with the fewest rows so far, so the folds are as even as whole groups allow."""
-    order, groups, key = grouped(rows, split_by, seed)
+def assign_folds(records: list[dict], folds: int, seed: int, split_by: str, path: str) -> list[int]:
+    """Each record's fold (0 to folds-1): the groups (see row_key), in their seeded order, each to the fold
+    with the fewest records so far, so the folds are as even as whole groups allow."""
+    key = record_key(split_by)
+    order, groups = grouped(records, key, seed)
+    unit = "articles" if split_by == "article" else "distinct questions"
+    if len(order) < folds:
+        fix = "lower data.folds" if folds > 2 else "cross-validation needs at least two; use data.val_fraction"
+        raise InputError(f"{path}: {len(records)} records in {len(order)} {unit} cannot make {folds} folds, each "
+                         f"holding whole {unit} out; {fix}, or add data.")
     sizes, fold_of_group = [0] * folds, {}
     for group in order:
         fold_of_group[group] = smallest = sizes.index(min(sizes))
         sizes[smallest] += len(groups[group])
-    return [fold_of_group[key(r)] for r in rows]
+    return [fold_of_group[key(r)] for r in records]
 
 
-def write_folds(rows: list[Row], folds: int, seed: int, split_by: str, folder: Path, path: str) -> dict:
-    """folds.json (which rows of train.json each fold holds out) and, for each fold, the train.json of the
-    other folds and the val.json of its own; returns the folds' part of the data report."""
-    fold = assign_folds(rows, folds, seed, split_by)
-    held_out = [[n for n, f in enumerate(fold) if f == k] for k in range(folds)]
-    if min(map(len, held_out)) == 0:
-        raise InputError(f"{path}: {len(rows)} usable rows in {len({r.article for r in rows})} articles cannot make "
-                         f"{folds} folds that each hold something out; lower data.folds.")
+def write_folds(args: argparse.Namespace) -> None:
+    """folds.json (which records of train.json each fold holds out, and how even the folds are) and, for
+    each fold, the train.json of the other folds and the val.json of its own."""
+    records = json.loads(Path(args.train).read_text(encoding="utf-8"))  # written by prepare_train, as they are
+    fold = assign_folds(records, args.folds, args.split_seed, args.split_by, args.train)
+    held_out = [[n for n, f in enumerate(fold) if f == k] for k in range(args.folds)]
+    folder = Path(args.out_dir)
     for k, rows_out in enumerate(held_out):
         out = set(rows_out)
-        write_json_atomic(folder / f"fold{k}" / "train.json", [labelled_record(r) for n, r in enumerate(rows) if n not in out])
-        write_json_atomic(folder / f"fold{k}" / "val.json", [labelled_record(rows[n]) for n in rows_out])
-    write_json_atomic(folder / "folds.json", {"folds": folds, "held_out": held_out})
-    articles = [{r.article for n, r in enumerate(rows) if fold[n] == k} for k in range(folds)]
-    return {"folds": folds, "fold_records": list(map(len, held_out)),
-            "articles_in_two_folds": sum(len(a & b) for i, a in enumerate(articles) for b in articles[i + 1:])}
+        write_json_atomic(folder / f"fold{k}" / "train.json", [r for n, r in enumerate(records) if n not in out])
+        write_json_atomic(folder / f"fold{k}" / "val.json", [records[n] for n in rows_out])
+    key = record_key(args.split_by)
+    groups = [{key(r) for n, r in enumerate(records) if fold[n] == k} for k in range(args.folds)]
+    sizes = list(map(len, held_out))
+    write_json_atomic(folder / "folds.json", {
+        "folds": args.folds, "split_by": args.split_by, "seed": args.split_seed, "fold_records": sizes,
+        "groups_in_two_folds": sum(len(a & b) for i, a in enumerate(groups) for b in groups[i + 1:]),
+        "held_out": held_out})
+    print(f"{args.train}: {args.folds} folds of {sizes} records", file=sys.stderr)
+    if min(sizes) < max(sizes) / 2:
+        print(f"WARNING the folds are uneven ({', '.join(map(str, sizes))} records): whole "
+              f"{'articles' if args.split_by == 'article' else 'questions'} go to one fold, and a few large ones "
+              "decide the sizes. The smallest fold's accuracy is then the least certain; fewer folds even them out.",
+              file=sys.stderr)
 
 
 def check_split(train: list[Row], val: list[Row], val_fraction: float, path: str) -> None:
@@ -183,16 +212,12 @@ def prepare_train(args: argparse.Namespace) -> None:
         "val_articles": len({r.article for r in val}),
         "articles_on_both_sides": len({r.article for r in train} & {r.article for r in val}),
     }
-    if args.folds:
-        report["split"].update(write_folds(train, args.folds, args.split_seed, args.split_by, Path(args.folds_dir),
-                                           args.input))
     write_json_atomic(args.train_out, [labelled_record(r) for r in train])
     write_json_atomic(args.val_out, [labelled_record(r) for r in val])
     write_json_atomic(args.report_out, report)
     print(
         f"{args.input}: read {result.rows_read}, kept {len(result.rows)}, fixed {sum(result.fixes.values())} "
         f"{result.fixes}, skipped {len(skipped)}; train {len(train)}, val {len(val)}"
-        + (f"; {args.folds} folds of {report['split']['fold_records']} records" if args.folds else "")
         + sheets_note(result),
         file=sys.stderr,
     )
@@ -230,8 +255,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--split-seed", type=int, default=42)
     train.add_argument("--split-by", choices=["article", "row"], default="article")
     train.add_argument("--on-invalid", choices=["error", "skip"], default="error")
-    train.add_argument("--folds", type=int, default=0, help="K >= 2: write K folds (with --folds-dir)")
-    train.add_argument("--folds-dir", default="", help="folder of folds.json and fold<k>/train.json, val.json")
+    folds = sub.add_parser("folds", help="train.json -> K folds: folds.json, fold<k>/train.json and val.json")
+    folds.add_argument("--train", required=True)
+    folds.add_argument("--folds", required=True, type=int)
+    folds.add_argument("--out-dir", required=True, help="folder of folds.json and fold<k>/")
+    folds.add_argument("--split-seed", type=int, default=42)
+    folds.add_argument("--split-by", choices=["article", "row"], default="article")
     test = sub.add_parser("test", help="unlabelled file -> test.json")
     test.add_argument("--input", required=True)
     test.add_argument("--out", required=True)
@@ -242,7 +271,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        (prepare_train if args.stage == "train" else prepare_test)(args)
+        {"train": prepare_train, "folds": write_folds, "test": prepare_test}[args.stage](args)
     except InputError as exc:
         print(f"ERROR {exc}", file=sys.stderr)
         return 2

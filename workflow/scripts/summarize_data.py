@@ -1,6 +1,7 @@
 """Join the train and test data reports into results/data/report.json, and show them as an HTML page.
 
-    summarize_data.py --train train_report.json --test test_report.json --out report.json --html report.html
+    summarize_data.py --train train_report.json --test test_report.json [--folds folds.json] --out report.json \
+        --html report.html
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ def as_html(report: dict) -> str:
         if "split" in r:
             counts.update({"train records": r["split"]["train_records"], "validation records": r["split"]["val_records"],
                            "articles on both sides": r["split"]["articles_on_both_sides"]})
+            if "folds" in r["split"]:
+                counts[f"{r['split']['folds']} folds, records held out by each"] = ", ".join(
+                    map(str, r["split"]["fold_records"]))
         rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in counts.items())
         details = "".join(f"<li>{html.escape(kind)}: {html.escape(', '.join(where))}</li>"
                           for kind, where in r["fixed_where"].items())
@@ -43,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train", required=True)
     parser.add_argument("--test", required=True)
+    parser.add_argument("--folds", help="folds.json, with data.folds: the folds' sizes go into the train part")
     parser.add_argument("--out", required=True)
     parser.add_argument("--html", required=True)
     args = parser.parse_args(argv)
@@ -50,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     for part in ("train", "test"):
         with open(getattr(args, part), encoding="utf-8") as fh:
             report[part] = json.load(fh)
+    if args.folds:
+        with open(args.folds, encoding="utf-8") as fh:
+            folds = json.load(fh)
+        report["train"]["split"].update({key: folds[key] for key in ("folds", "fold_records", "groups_in_two_folds")})
     write_json_atomic(args.out, report)
     Path(args.html).write_text(as_html(report), encoding="utf-8")
     print(f"read {report['train']['rows_read']} train and {report['test']['rows_read']} test rows", file=sys.stderr)
