@@ -486,7 +486,8 @@ def experiments_manifest():
     and, for a seed replica, the run it replicates."""
     manifest = {}
     for run, settings in RUNS.items():
-        models = [model for model, of in TRAINED.items() if of == run]
+        # With folds, the fold models (what the run's out-of-fold figure describes), not the refit.
+        models = [model for model, of in TRAINED.items() if of == run and not is_refit(model)]
         manifest[run] = {
             "settings": {k: v for k, v in settings.items() if k != "seeds"},
             "train_logs": [f"results/{model}/train_log.jsonl" for model in models],

@@ -249,7 +249,7 @@ rule combine_folds:
         oof="results/{run}/oof_probs.csv",
         metrics=report(
             "results/{run}/metrics.json",
-            caption="../workflow/report/metrics.rst",
+            caption="../workflow/report/oof_metrics.rst",
             category="Validation",
             subcategory="metrics",
             labels={"run": "{run}", "figure": "metrics.json"},

@@ -115,6 +115,12 @@ def test_experiments_table_shows_folds_seeds_and_the_baseline(cross_validated):
     assert rows["a"]["folds"].startswith("2 (sd ") and rows["base"]["kind"] == "baseline (no training)"
     assert float(rows["b (mean of 1 seeds)"]["val accuracy"]) == float(rows["b_seed1"]["val accuracy"])
     assert rows["ensemble"]["chosen on these questions"] == "weights"
+    # A run's training figures are its fold models', what its out-of-fold accuracy describes; not its refit's.
+    from mcqa.history import last_totals, read_history
+
+    seconds = [last_totals(read_history(cross_validated / f"results/a/{model}/train_log.jsonl"))["elapsed_s"]
+               for model in ("fold0", "fold1", "refit")]
+    assert float(rows["a"]["training minutes"]) == round(sum(seconds[:2]) / 60, 2)
 
 
 def test_seed_replicas_get_their_mean_and_spread_in_the_table(tmp_path):

@@ -37,7 +37,12 @@ def test_experiments_table_has_a_row_per_run_and_the_ensemble(two_runs):
 
 
 def rendered(report, paths: list[list[str]]) -> dict[str, str]:
-    """What the report shows after following each path of clicks (see tests/report/probe.html)."""
+    """What the report shows after following each path of clicks (see tests/report/probe.html); the front
+    page under "front page". Fails on a docutils system message anywhere in the report (a caption or the
+    front page that does not render as written)."""
+    source = report.read_text(encoding="utf-8")
+    assert "System Message" not in source, source[source.find("System Message") - 600:][:1200]
+    paths = [[], *paths]
     probe = report.parent / "probe.html"
     probe.write_text(PROBE.replace("__PATHS__", json.dumps(paths)).replace("__REPORT__", report.name))
     dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
@@ -45,7 +50,9 @@ def rendered(report, paths: list[list[str]]) -> dict[str, str]:
                          capture_output=True, text=True, timeout=180).stdout
     found = re.search(r'<pre id="out">(.*?)</pre>', dom, re.S)
     assert found and found[1], dom[-2000:]
-    return json.loads(html.unescape(found[1]))
+    shown = json.loads(html.unescape(found[1]))
+    shown["front page"] = shown.pop("")
+    return shown
 
 
 @pytest.mark.skipif(not CHROMIUM, reason="no chromium (Debian's chromium package; .ci/run installs it)")
@@ -64,6 +71,10 @@ def test_report_shows_every_run_figure_and_table_and_reruns_nothing(two_runs, tm
         ["Answers"],
     ])
     assert not [path for path, text in shown.items() if text.startswith("ERROR")], shown
+    front = " ".join(shown["front page"].split())
+    assert "with 0.2 held out for validation" in front and "Runs trained: default, r8." in front
+    assert "Baselines, the base scored as it is without training: none." in front
+    assert "the mean of the members' probabilities, equal weights" in front
     table = shown["Validation > all runs > show:experiments table"]
     assert "Experiments, best validation accuracy first" in table and "95% interval" in table
     for run in (*TWO_RUNS, "ensemble"):
@@ -84,10 +95,17 @@ def test_report_of_a_cross_validated_workflow_shows_folds_seeds_and_the_baseline
     snakemake(cross_validated, "--report", str(report))
     shown = rendered(report, [["Validation", "all runs", "show:experiments table"], ["Answers"], ["Training"]])
     assert not [path for path, text in shown.items() if text.startswith("ERROR")], shown
+    front = " ".join(shown["front page"].split())
+    assert "Cross-validated in 2 folds by article" in front and "held out for validation" not in front
+    assert "Runs trained: a, b." in front and "Baselines, the base scored as it is without training: base." in front
+    assert "greedy forward selection on out-of-fold accuracy" in front and "equal weights" not in front
     table = shown["Validation > all runs > show:experiments table"]
     assert "b (mean of 1 seeds)" in table and "baseline (no training)" in table and "2 (sd " in table
+    weights = json.loads((cross_validated / "results/ensemble/metrics.json").read_text())["members"]
+    assert f"ensemble (greedy, weight = times picked): a {weights['a']:.3g}" in table
     assert re.search(r"^a/refit\tanswers.csv", shown["Answers"], re.M) and re.search(r"^base\tanswers.csv",
                                                                                       shown["Answers"], re.M)
+    assert not re.search(r"^\S+/fold\d\tanswers.csv", shown["Answers"], re.M), "fold models' answers are no submission"
     assert re.search(r"^a/fold1\ttraining curve", shown["Training"], re.M)
 
 
@@ -104,10 +122,10 @@ def test_front_page_shows_config_text_as_text_not_markup():
 
     config = yaml.safe_load((REPO / "config.yaml").read_text())
     config.update(base_model="org/x** `click <javascript:alert(1)>`_ **", prompt_format="plain",
-                  answering={"rotations": 4}, runs={"a": {}},
-                  ensemble={"activate": True, "weights": "equal"})
+                  answering={"rotations": 4}, runs={"a_`b <javascript:alert(1)>`_": {}, "base": {"train": False}},
+                  training={"train": True}, ensemble={"activate": True, "weights": "equal", "method": "mean_probability"})
     config["data"].update(train="data/`see <javascript:alert(1)>`_.xlsx", test="data/|sub| :math:`x` [1]_.xlsx",
-                          split_by="article", val_fraction=0.2)
+                          split_by="article", val_fraction=0.2, folds=0)
     rst = jinja2.Template((REPO / "workflow/report/workflow.rst").read_text()).render(
         snakemake=types.SimpleNamespace(config=config))
     page = docutils.core.publish_parts(rst, writer="html", settings_overrides={"report_level": 5})["body"]
@@ -115,3 +133,4 @@ def test_front_page_shows_config_text_as_text_not_markup():
     assert html.escape("data/`see <javascript:alert(1)>`_.xlsx", quote=False) in page
     assert html.escape("data/|sub| :math:`x` [1]_.xlsx", quote=False) in page
     assert html.escape("org/x** `click <javascript:alert(1)>`_ **", quote=False) in page
+    assert html.escape("a_`b <javascript:alert(1)>`_", quote=False) in page

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.metrics_out:
             _, _, val_probs, labels = weighted_mean(validation, weights)
             result = {**metrics(val_probs, labels), "members": dict(zip(args.members, weights)),
-                      "weights": args.weights, "method": args.method}
+                      "weights": "times picked" if args.method == "greedy" else args.weights, "method": args.method}
             if args.method == "greedy" or args.weights == "val_accuracy":
                 result["chosen_on_these_questions"] = CHOSEN["weights"]
             write_json_atomic(args.metrics_out, result)

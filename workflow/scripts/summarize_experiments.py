@@ -9,8 +9,10 @@ validation accuracy (with folds: out-of-fold, on every training question)
 with its 95% interval and, with folds, the spread of the fold accuracies,
 log-loss, how the predictions spread over answers 1-4, the best step
 (select_best), the final training loss, tokens/s, training minutes (summed
-over a run's fold models) and peak GPU memory. A baseline (train: false)
-says so; the replicas of a run's seeds get a row of their mean and spread.
+over a run's fold models; a refit's are not counted, as it is not what the
+figure validates) and peak GPU memory. A baseline (train: false) says so,
+the ensemble how it weighted its members; the replicas of a run's seeds get
+a row of their mean and spread.
 Sorted by validation accuracy. The figure shows each accuracy with its
 interval, so runs whose intervals overlap are visibly not told apart.
 """
@@ -78,6 +80,14 @@ def validation_summary(metrics_path: str | None) -> dict:
             "predicted 1/2/3/4": spread}
 
 
+def ensemble_kind(metrics_path: str) -> str:
+    """How the ensemble combined its members, with each member's weight."""
+    m = json.loads(Path(metrics_path).read_text(encoding="utf-8"))
+    weights = ", ".join(f"{member} {weight:.3g}" for member, weight in m["members"].items())
+    how = "greedy, weight = times picked" if m["method"] == "greedy" else f"mean probability, {m['weights']} weights"
+    return f"ensemble ({how}): {weights}"
+
+
 def seed_rows(rows: list[dict], manifest: dict) -> list[dict]:
     """A row for each run replicated over seeds: its replicas' mean accuracy and their spread."""
     groups: dict[str, list[dict]] = {}
@@ -105,7 +115,7 @@ def table(manifest: dict, differ: list[str], ensemble: str | None) -> pd.DataFra
                      **validation_summary(entry["metrics"]), **training_summary(entry["train_logs"])})
     rows += seed_rows(rows, manifest)
     if ensemble:
-        rows.append({"run": "ensemble", **validation_summary(ensemble)})
+        rows.append({"run": "ensemble", "kind": ensemble_kind(ensemble), **validation_summary(ensemble)})
     frame = pd.DataFrame(rows)
     for column in ("best step", "tokens/s"):  # whole numbers, though the ensemble's row has none
         if column in frame and pd.api.types.is_numeric_dtype(frame[column]):  # fold models' steps are "3 / 4"
