@@ -237,6 +237,12 @@ def sweep_points():
     """
     if not config["sweep"]:
         return [("", {})]
+    known = read_schema(SCHEMAS / "training.schema.yaml")["properties"]
+    if unknown := sorted(set(config["sweep"]) - set(known)):
+        raise WorkflowError(
+            f"config sweep: {', '.join(unknown)} is not a training setting; a sweep varies keys of `training` "
+            "(workflow/schemas/training.schema.yaml lists them)"
+        )
     import itertools
 
     import pandas as pd
@@ -515,7 +521,8 @@ def get_final_output():
     """Everything `snakemake` with no target builds."""
     outputs = ["results/data/report.json", "results/data/report.html", "results/experiments.html"]
     outputs += expand("results/{run}/answers.csv", run=RUNS)
-    outputs += [f"results/{model}/train_curve.png" for model in TRAINED]
+    # The adapter is a product too (peft loads it): a training killed after a --forcerun is trained again.
+    outputs += [f"results/{model}/{name}" for model in TRAINED for name in ("adapter", "train_curve.png")]
     outputs += [f"results/{model}/answers.csv" for model in TRAINED if is_refit(model)]
     if config["merge_fold_models"]:
         outputs += [f"results/{model}/merged" for model in FOLD_MODELS]

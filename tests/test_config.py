@@ -25,6 +25,7 @@ def dry_run(workdir, *args):
         ({"training": {"lora_r": 0}}, "lora_r"),
         ({"runs": {"r8": {"lora_rank": 8}}}, "lora_rank"),
         ({"runs": {"r8": {"epochs": "two"}}}, "runs.r8"),
+        ({"sweep": {"lora_rank": [8, 16]}}, "config sweep: lora_rank is not a training setting"),
     ],
 )
 def test_bad_config_fails_before_any_job_naming_the_key(tmp_path, overrides, needle):

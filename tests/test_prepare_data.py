@@ -225,6 +225,8 @@ def test_test_file_with_a_repeated_id_fails_whatever_on_invalid_says(tmp_path):
     result = run_script("prepare_data.py", "test", "--input", table, "--out", tmp_path / "out/test.json",
                         "--report-out", tmp_path / "out/report.json")
     assert_clean_failure(result, tmp_path / "out", "row 5 (ID 101), column 題號: duplicate id, first used in row 3")
+    # data.on_invalid never applies to a test file: the message must not advise it.
+    assert "on_invalid: skip" not in result.stderr and "a test file is answered whole" in result.stderr
 
 
 def test_test_ids_are_stripped_and_a_line_break_in_an_id_is_refused(tmp_path):

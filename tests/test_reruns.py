@@ -104,6 +104,14 @@ def test_answering_setting_reruns_only_answers_and_evaluation(finished):
     assert jobs == ENSEMBLE | VALIDATION | per_run("answer_questions", "evaluate_answers", "plot_confusion")
 
 
+def test_a_missing_adapter_is_trained_again(finished):
+    """A training killed after `--forcerun train_lora` leaves no adapter (Snakemake removes an incomplete
+    output) beside answers made before; the adapter is a product of its own, so a plain run trains it again."""
+    shutil.rmtree(finished / "results/r8/adapter")
+    jobs, _ = dry_run(finished)
+    assert ("train_lora", "r8") in jobs and ("train_lora", "default") not in jobs
+
+
 def test_touched_but_unchanged_code_reruns_nothing(finished):
     """What a fresh checkout does to file times: scripts newer than results, same content."""
     for script in (REPO / "workflow/scripts").rglob("*.py"):

@@ -53,17 +53,18 @@ def length_stats(values: list[int]) -> dict:
 
 
 def check(result: ReadResult, path: str, on_invalid: str) -> list[dict]:
-    """Raise on bad rows (on_invalid=error) or return them as skipped entries."""
+    """Raise on bad rows (on_invalid=error, or never for a test file, whose rows are never skipped) or return
+    them as skipped entries (skip)."""
     if not result.problems:
         return []
     lines = "\n".join("  " + p.describe() for p in result.problems)
-    if on_invalid == "error":
+    if on_invalid != "skip":
         rows = len({(p.sheet, p.row) for p in result.problems})
-        raise InputError(
-            f"{path}: {rows} invalid row(s):\n{lines}\n"
-            "Fix these cells in the file, or set data.on_invalid: skip in config.yaml to leave the rows out "
-            "(they are then listed under 'skipped' in results/data/report.json)."
-        )
+        fix = ("Fix these cells in the file, or set data.on_invalid: skip in config.yaml to leave the rows out "
+               "(they are then listed under 'skipped' in results/data/report.json)." if on_invalid == "error" else
+               "Fix these cells in the file: a test file is answered whole, every question once, so data.on_invalid "
+               "never leaves its rows out.")
+        raise InputError(f"{path}: {rows} invalid row(s):\n{lines}\n{fix}")
     print(f"WARNING {path}: skipping {len({(p.sheet, p.row) for p in result.problems})} invalid row(s):\n{lines}",
           file=sys.stderr)
     skipped: dict[tuple, dict] = {}
@@ -230,7 +231,7 @@ def prepare_test(args: argparse.Namespace) -> None:
     an unusable id is an error whatever data.on_invalid says.
     """
     result = read_questions(args.input, labelled=False)
-    skipped = check(result, args.input, "error")
+    skipped = check(result, args.input, "never")
     records = [
         {"id": r.row_id, **record(r)} for r in result.rows
     ]
