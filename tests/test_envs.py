@@ -120,25 +120,42 @@ def shell_commands(workdir) -> dict[str, str]:
     return commands
 
 
-@pytest.mark.parametrize("name", ["data", "train", "merge", "answer"])
-def test_each_conda_env_runs_its_own_stages(name, cross_validated, tmp_path):
-    """What envs/NAME.yaml lists, installed into a fresh environment (pip, conda packages under their PyPI
-    names: no conda channel is reachable here), runs every rule that names the env, on the cross-validated
-    demo: each rule's own shell command with that environment's python first on PATH."""
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", venv], check=True)
-    pins = [f"{package}=={version}" for package, version in env_pins(REPO / "envs" / f"{name}.yaml").items()
-            if package != "python" and package not in CUDA_ONLY]
-    installed = subprocess.run([venv / "bin/python", "-m", "pip", "install", "-q", "--no-compile", *pins],
-                               capture_output=True, text=True)
-    assert installed.returncode == 0, installed.stderr[-3000:]
+ENVS = ("data", "train", "merge", "answer")
+
+
+@pytest.fixture(scope="module")
+def fresh_envs(tmp_path_factory) -> dict:
+    """env name -> the python of a fresh environment holding what envs/NAME.yaml lists (pip, conda packages
+    under their PyPI names: no conda channel is reachable here), the four installed at once."""
+    pythons, installs = {}, {}
+    for name in ENVS:
+        venv = tmp_path_factory.mktemp(f"env-{name}")
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
+        pins = [f"{package}=={version}" for package, version in env_pins(REPO / "envs" / f"{name}.yaml").items()
+                if package != "python" and package not in CUDA_ONLY]
+        pythons[name] = venv / "bin/python"
+        installs[name] = subprocess.Popen([sys.executable, "-m", "pip", "--python", pythons[name], "install", "-q",
+                                           "--no-compile", *pins], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                          text=True)
+    for name, install in installs.items():
+        output, _ = install.communicate()
+        assert install.returncode == 0, f"envs/{name}.yaml: {output[-3000:]}"
+    return pythons
+
+
+@pytest.mark.parametrize("name", ENVS)
+def test_each_conda_env_runs_its_own_stages(name, fresh_envs, cross_validated, tmp_path):
+    """What envs/NAME.yaml lists, installed into a fresh environment, runs every rule that names the env, on
+    the cross-validated demo: each rule's own shell command with that environment's python first on PATH
+    (the rules of one env run side by side)."""
     workdir = tmp_path / "work"
     shutil.copytree(cross_validated, workdir, symlinks=True)
     commands = shell_commands(workdir)
     rules = rules_by_env()[name]
     assert set(rules) <= set(commands), f"no job of {set(rules) - set(commands)} in the cross-validated demo"
-    for rule in rules:
-        result = subprocess.run(["bash", "-c", commands[rule]], cwd=workdir, capture_output=True, text=True,
-                                env={**env(), "PATH": f"{venv / 'bin'}:/usr/bin:/bin"})
-        log = re.search(r"> (\S+) 2>&1", commands[rule])
-        assert result.returncode == 0, f"{rule} in envs/{name}.yaml: " + (workdir / log[1].strip("'")).read_text()[-3000:]
+    path = f"{fresh_envs[name].parent}:/usr/bin:/bin"
+    jobs = {rule: subprocess.Popen(["bash", "-c", commands[rule]], cwd=workdir, env={**env(), "PATH": path})
+            for rule in rules}
+    for rule, job in jobs.items():
+        log = re.search(r"> (\S+) 2>&1", commands[rule])[1].strip("'")
+        assert job.wait() == 0, f"{rule} in envs/{name}.yaml: " + (workdir / log).read_text()[-3000:]

@@ -13,6 +13,7 @@ from conftest import BIN, INTERRUPTIBLE_TRAINING, REPO, env, resumed_steps, samp
 
 LAPTOP_CLUSTER = [  # what a one-node test cluster needs beyond the profile (its partitions are the profile's)
     "--slurm-status-command", "squeue", "--slurm-no-account", "--slurm-init-seconds-before-status-checks", "1",
+    "--seconds-between-status-checks", "2",  # a laptop cluster answers at once; a real one is polled every 10 s
     # No conda channels are reachable here; env-modules deploys nothing for rules without modules.
     "--sdm", "env-modules",
 ]
