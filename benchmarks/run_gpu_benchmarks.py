@@ -177,6 +177,23 @@ def epoch_batches(work: Path, settings: dict) -> tuple[list[int], list[list[int]
                                   settings["packing"])
 
 
+def flops_per_token(shape: dict, linear_params: int, mean_context: float, settings: dict) -> float:
+    """FLOPs a LoRA training step does per real token: 4N for the frozen linear layers (the forward products
+    and the backward ones to the activations; a frozen weight gets no gradient), 6 for each LoRA parameter
+    (forward, and the backward to its input and to its weights), and causal attention forward and backward
+    (3 x 4 x hidden x the mean context a token attends to, per layer). The output layer runs at the answer
+    positions only and is left out. "6N" counts weight gradients LoRA never computes: it is the conventional
+    figure, not the work done."""
+    sizes = {"q_proj": (shape["hidden_size"],) * 2, "k_proj": (shape["hidden_size"],) * 2,
+             "v_proj": (shape["hidden_size"],) * 2, "o_proj": (shape["hidden_size"],) * 2,
+             "gate_proj": (shape["hidden_size"], shape["intermediate_size"]),
+             "up_proj": (shape["hidden_size"], shape["intermediate_size"]),
+             "down_proj": (shape["intermediate_size"], shape["hidden_size"])}
+    lora_params = shape["num_layers"] * sum(settings["lora_r"] * sum(sizes[m]) for m in settings["target_modules"])
+    attention = 12 * shape["num_layers"] * shape["hidden_size"] * mean_context
+    return 4 * linear_params + 6 * lora_params + attention
+
+
 def train_once(work: Path, name: str, settings: dict, steps: int, skip: int, gpus: int = 1) -> dict:
     """Train `steps` optimizer steps (a fraction of an epoch) with the given settings, logging every step."""
     settings = {**LORA, **settings, "logging_steps": 1}
@@ -194,6 +211,8 @@ def train_once(work: Path, name: str, settings: dict, steps: int, skip: int, gpu
                       "micro_batch_size", "micro_batch_tokens", "gradient_accumulation_steps", "precision", "load_in",
                       "gradient_checkpointing", "packing", "compile")})
     result["epoch_minutes"] = round(result["epoch_tokens"] / result["tokens_per_s"] / 60, 2)
+    result["mean_context"] = round(sum(n * (n + 1) / 2 for n in lengths) / sum(lengths), 1)  # what a token attends to
+    result["losses"] = [e["loss"] for e in logging_steps(read_history(out / "train_log.jsonl"))]
     log(f"{name}: {result}")
     return result
 
@@ -207,7 +226,12 @@ def train(args, work: Path, results: dict) -> dict:
     def ours(name: str, overrides: dict, gpus: int = 1) -> dict:
         result = train_once(work, name, {"precision": precision, **overrides}, steps=args.train_steps,
                             skip=10, gpus=gpus)  # the first steps warm up (allocator, kernels, compilation)
-        result["mfu_6n"] = round(6 * results["setup"]["params"] * result["tokens_per_s"] / gpus / peak, 3)
+        rate = result["tokens_per_s"] / gpus
+        result["flops_per_token"] = flops_per_token(SHAPES[args.shape], results["setup"]["linear_params"],
+                                                    result["mean_context"], {**LORA, **overrides})
+        result["tflops_done"] = round(result["flops_per_token"] * rate / 1e12, 1)
+        result["utilisation_4n_lora_attention"] = round(result["flops_per_token"] * rate / peak, 3)
+        result["conventional_mfu_6n"] = round(6 * results["setup"]["params"] * rate / peak, 3)
         return result
 
     by_budget = {budget: ours(f"train_ours_{budget}", {"micro_batch_tokens": budget})
@@ -216,13 +240,16 @@ def train(args, work: Path, results: dict) -> dict:
     default = by_budget[best]
     result = {"ours_by_micro_batch_tokens": by_budget, "ours_micro_batch_tokens": best,
               "ours_tokens_per_s": default["tokens_per_s"], "ours_samples_per_s": default["samples_per_s"],
-              "ours_peak_gpu_mem_gb": default["peak_gpu_mem_gb"], "ours_mfu_6n": default["mfu_6n"],
+              "ours_peak_gpu_mem_gb": default["peak_gpu_mem_gb"],
+              "ours_utilisation_4n_lora_attention": default["utilisation_4n_lora_attention"],
+              "ours_conventional_mfu_6n": default["conventional_mfu_6n"],
               "ours_epoch_minutes": default["epoch_minutes"]}
     if args.variants:
         result["variants"] = {}
         for name, overrides in args.variants.items():
             variant = ours(f"train_variant_{name}", {"micro_batch_tokens": best, **overrides})
             variant["tokens_per_s_vs_default"] = round(variant["tokens_per_s"] / default["tokens_per_s"], 3)
+            variant["loss_vs_default"] = loss_difference(default["losses"], variant["losses"])
             result["variants"][name] = variant
     if args.gpus > 1:  # the same run on several GPUs, as resources.train.gpu launches it
         several = ours(f"train_ours_{best}_{args.gpus}gpus", {"micro_batch_tokens": best}, gpus=args.gpus)
@@ -238,54 +265,107 @@ def train(args, work: Path, results: dict) -> dict:
     return result
 
 
+def loss_difference(reference: list[float], other: list[float]) -> dict:
+    """Two trainings from the same seed, step by step: the largest difference of their running-mean losses
+    (the mean of every step so far) and of their single steps' losses."""
+    steps = min(len(reference), len(other))
+    running = [(sum(reference[:n]) / n, sum(other[:n]) / n) for n in range(1, steps + 1)]
+    return {"steps": steps, "running_mean_max_abs": round(max(abs(a - b) for a, b in running), 4),
+            "running_mean_final": [round(v, 4) for v in running[-1]],
+            "step_max_abs": round(max(abs(a - b) for a, b in zip(reference, other)), 4)}
+
+
+def check_features(work: Path, examples: int) -> list[dict]:
+    """The first training examples, tokenized as training does: the batch the precision checks compare on."""
+    features, _ = tokenize(read_records(work / "data/train.json", "labelled")[:examples],
+                           load_tokenizer(str(work / "base")), LORA["max_seq_length"])
+    return features
+
+
+def with_lora(model):
+    """The benchmark's LoRA on a loaded base, as a trained adapter (B = 0 would give A no gradient): the same
+    adapter on every call."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(model, LoraConfig(r=LORA["lora_r"], lora_alpha=LORA["lora_alpha"], lora_dropout=0.0,
+                                             target_modules=LORA["target_modules"], task_type="CAUSAL_LM"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.01)
+    return model
+
+
+def loss_and_lora_gradients(model, features: list[dict], attention: str = "sdpa",
+                            packed: bool = False) -> tuple[float, torch.Tensor]:
+    """The loss of the examples as one batch (padded, or packed) and the gradient of every LoRA weight."""
+    from mcqa.batching import AnswerOnlyCollator
+    from mcqa.modeling import without_attention_mask
+
+    model.set_attn_implementation(attention)
+    batch = AnswerOnlyCollator(pad_token_id=0, packed=packed)([features])
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in without_attention_mask(batch).items()}
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.item(), torch.cat([p.grad.float().flatten() for n, p in model.named_parameters() if "lora_" in n])
+
+
+def against(reference: torch.Tensor, gradients: torch.Tensor) -> dict:
+    """How far LoRA gradients are from the reference's: relative error and cosine."""
+    return {"relative_error": float(f"{((gradients - reference).norm() / reference.norm()).item():.3g}"),
+            "cosine": float(f"{torch.nn.functional.cosine_similarity(gradients, reference, dim=0).item():.4g}")}
+
+
 def packing_check(args, work: Path, examples: int = 8) -> dict:
     """Loss and LoRA gradients of the same examples, padded (SDPA) and packed (the varlen kernel), on the
     benchmark's base in half precision, each against the same padded batch in fp32: packing is right when
     the packed batch is no further from fp32 than the padded one is (half precision's own error)."""
-    from peft import LoraConfig, get_peft_model
-
     from mcqa.attention import PACKED_ATTENTION
-    from mcqa.modeling import load_model, without_attention_mask
-    from mcqa.batching import AnswerOnlyCollator
+    from mcqa.modeling import load_model
 
     precision = "bf16" if cuda() else "fp32"
-    features, _ = tokenize(read_records(work / "data/train.json", "labelled")[:examples],
-                           load_tokenizer(str(work / "base")), LORA["max_seq_length"])
-    model = load_model(str(work / "base"), precision)
-    model = get_peft_model(model, LoraConfig(r=LORA["lora_r"], lora_alpha=LORA["lora_alpha"], lora_dropout=0.0,
-                                             target_modules=LORA["target_modules"], task_type="CAUSAL_LM"))
-    torch.manual_seed(0)
-    with torch.no_grad():  # a trained adapter (B = 0 would give A no gradient)
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.01)
-    device = next(model.parameters()).device
-
-    def loss_and_gradients(model, attention: str, packed: bool = False) -> tuple[float, torch.Tensor]:
-        model.set_attn_implementation(attention)
-        batch = AnswerOnlyCollator(pad_token_id=0, packed=packed)([features])
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in without_attention_mask(batch).items()}
-        model.zero_grad()
-        loss = model(**batch).loss
-        loss.backward()
-        return loss.item(), torch.cat([p.grad.float().flatten() for n, p in model.named_parameters() if "lora_" in n])
-
-    padded_loss, padded = loss_and_gradients(model, "sdpa")
-    packed_loss, packed = loss_and_gradients(model, PACKED_ATTENTION, packed=True)
+    features = check_features(work, examples)
+    model = with_lora(load_model(str(work / "base"), precision))
+    padded_loss, padded = loss_and_lora_gradients(model, features)
+    packed_loss, packed = loss_and_lora_gradients(model, features, PACKED_ATTENTION, packed=True)
     model.float()
-    reference_loss, reference = loss_and_gradients(model, "sdpa")
+    reference_loss, reference = loss_and_lora_gradients(model, features)
     del model
     torch.cuda.empty_cache() if cuda() else None
-
-    def relative(a: torch.Tensor) -> float:
-        return float(f"{((a - reference).norm() / reference.norm()).item():.3g}")
-
     result = {"examples": examples, "tokens": sum(len(f["input_ids"]) for f in features), "precision": precision,
               "loss_fp32_padded": reference_loss, f"loss_{precision}_padded": padded_loss,
               f"loss_{precision}_packed": packed_loss,
-              f"lora_grad_relative_error_{precision}_padded": relative(padded),
-              f"lora_grad_relative_error_{precision}_packed": relative(packed)}
+              f"lora_grad_relative_error_{precision}_padded": against(reference, padded)["relative_error"],
+              f"lora_grad_relative_error_{precision}_packed": against(reference, packed)["relative_error"]}
     log(f"packing check: {result}")
+    return result
+
+
+def fp8_check(args, work: Path, examples: int = 8) -> dict:
+    """Loss and LoRA gradients of the same examples with the base's products in bf16 and in FP8 (each
+    recipe of training.fp8, as train_lora applies it), each against the same batch in fp32: what FP8 costs
+    in the gradients that training follows, beside bf16's own error."""
+    from mcqa.modeling import load_model
+    from mcqa.training import float8_base
+
+    features = check_features(work, examples)
+    model = with_lora(load_model(str(work / "base"), "fp32"))
+    reference_loss, reference = loss_and_lora_gradients(model, features)
+    del model
+    result = {"examples": examples, "tokens": sum(len(f["input_ids"]) for f in features),
+              "loss_fp32": round(reference_loss, 5)}
+    for recipe in ("none", "tensorwise", "rowwise"):
+        torch.cuda.empty_cache() if cuda() else None
+        model = load_model(str(work / "base"), "bf16" if cuda() else "fp32")
+        applied = float8_base(model, recipe, LORA["target_modules"], "none", compiled=True, emulate=not cuda())
+        loss, gradients = loss_and_lora_gradients(with_lora(model), features)
+        name = "bf16" if recipe == "none" else f"fp8_{recipe}"
+        result[name] = {"fp8": applied, "loss": round(loss, 5), **against(reference, gradients)}
+        del model
+    log(f"fp8 check: {result}")
     return result
 
 
@@ -512,14 +592,15 @@ def main() -> int:
     results.update(device_info())
     stages = {"setup": lambda: setup(args, args.work, SHAPES[args.shape]), "train": lambda: train(args, args.work, results),
               "merge": lambda: merge(args, args.work, results), "answer": lambda: answer(args, args.work, results),
-              "resume": lambda: resume(args, args.work), "packing_check": lambda: packing_check(args, args.work)}
+              "resume": lambda: resume(args, args.work), "packing_check": lambda: packing_check(args, args.work),
+              "fp8_check": lambda: fp8_check(args, args.work)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for stage in args.stages.split(","):
         log(f"stage {stage}")
         results[stage] = stages[stage]()
         for path in (state, args.out):  # after every stage, so a run cut short keeps what it measured
             path.write_text(json.dumps(results, indent=1))
-    print(json.dumps({k: results[k] for k in ("device", "setup", "train", "packing_check", "merge", "answer")
+    print(json.dumps({k: results[k] for k in ("device", "setup", "train", "packing_check", "fp8_check", "merge", "answer")
                       if k in results}, indent=1))
     return 0
 

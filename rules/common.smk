@@ -213,6 +213,11 @@ def run_settings(run, point=None):
             f"config runs.{run}: select_best picks the adapter by validation accuracy, but data.val_fraction is 0, "
             "so there are no validation questions; hold out a share (e.g. 0.1) or set select_best: false"
         )
+    if settings["fp8"] != "none" and settings["load_in"] != "none":
+        raise WorkflowError(
+            f"config runs.{run}: fp8 {settings['fp8']} runs a bf16 or fp16 base's products in FP8, but load_in "
+            f"{settings['load_in']} quantises the base already; set fp8: none or load_in: none"
+        )
     if settings["early_stopping_patience"] and not settings["select_best"]:
         raise WorkflowError(f"config runs.{run}: early_stopping_patience needs select_best: true")
     if embedding := [m for m in settings["target_modules"] if m.split(".")[-1] in EMBEDDING_MODULES]:

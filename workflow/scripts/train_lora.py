@@ -43,7 +43,7 @@ from mcqa.records import read_records
 from mcqa.scoring import ROTATIONS
 from mcqa.storage import disk_full_message
 from mcqa.training import (AnswerOnlyTrainer, EarlyStopping, ProgressLog, TrainingDiverged, answer_accuracy,
-                           compile_layers, end_with_launcher, tensorboard_callback, tokenize,
+                           compile_layers, end_with_launcher, float8_base, tensorboard_callback, tokenize,
                            training_arguments)
 
 
@@ -81,6 +81,8 @@ def lora_model(args: argparse.Namespace, settings: dict, precision: str):
         if refused := tied_modules_refused(args.base_model, settings["modules_to_save"]):
             print(f"ERROR {refused}", file=sys.stderr)
             return None
+    compiled = settings["compile"] and torch.cuda.is_available() and settings["load_in"] == "none"
+    say(f"fp8: {float8_base(model, settings['fp8'], settings['target_modules'], settings['load_in'], compiled)}")
     if settings["load_in"] != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings["gradient_checkpointing"])
     model = get_peft_model(model, LoraConfig(
