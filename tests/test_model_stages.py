@@ -395,7 +395,6 @@ def test_fp8_runs_the_adapted_projections_of_the_frozen_base_in_float8_under_lor
         wrapped = model.base_model.model.model.layers[0].mlp.down_proj
         assert isinstance(wrapped.base_layer, Float8Linear) and not wrapped.base_layer.weight.requires_grad
         assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
-        error = ((grads - exact).norm() / exact.norm()).item()
         # FP8 (3 or 2 mantissa bits) is far coarser than bf16: the gradients keep their direction, not their
         # digits (on this random 2-layer model 0.29 tensorwise, 0.51 rowwise relative error; cosine 0.96 and
         # 0.90). What it costs a real training is measured on the 7B shape (BENCHMARKS.md).
