@@ -147,7 +147,10 @@ def float8_base(model: torch.nn.Module, recipe: str, target_modules: list[str], 
 
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
-    config = dataclasses.replace(Float8LinearConfig.from_recipe_name(recipe), emulate=emulate)
+    # pad_inner_dim: FP8 products need inner dimensions divisible by 16, and a packed micro-batch's token count
+    # (the inner dimension of the weight-gradient product, which compile traces before dropping it) is any
+    # number; unpadded, compiling failed on an H200 ("Expected self.size(1) to be divisible by 16").
+    config = dataclasses.replace(Float8LinearConfig.from_recipe_name(recipe), emulate=emulate, pad_inner_dim=True)
 
     def adapted(module: torch.nn.Module, name: str) -> bool:
         # FP8 products need both dimensions divisible by 16 (every 7B projection's are).
