@@ -145,11 +145,11 @@ def setup(args, work: Path, shape: dict) -> dict:
             "matmul_peak_tflops": round(matmul_peak_tflops(), 1)}
 
 
-def train_rate(log_jsonl: Path, skip: int) -> dict:
-    """Throughput from the end of the first `skip` logged steps (warm-up) to the last one."""
+def train_rate(log_jsonl: Path, skip: int, leave: int = 0) -> dict:
+    """Throughput from the end of the first `skip` logged steps (warm-up) to the last one but `leave`."""
     entries = read_history(log_jsonl)
     steps = logging_steps(entries)
-    first, last = steps[skip - 1], steps[-1]
+    first, last = steps[skip - 1], steps[-1 - leave]
     seconds = last["elapsed_s"] - first["elapsed_s"]
     return {"first_step_at_s": steps[0]["elapsed_s"],  # the clock starts after loading: the first step and its compiling
             "tokens_per_s": round((last["tokens_seen"] - first["tokens_seen"]) / seconds, 1),
@@ -194,8 +194,10 @@ def flops_per_token(shape: dict, linear_params: int, mean_context: float, settin
     return 4 * linear_params + 6 * lora_params + attention
 
 
-def train_once(work: Path, name: str, settings: dict, steps: int, skip: int, gpus: int = 1) -> dict:
-    """Train `steps` optimizer steps (a fraction of an epoch) with the given settings, logging every step."""
+def train_once(work: Path, name: str, settings: dict, steps: int, skip: int, gpus: int = 1,
+               profile: int = 0) -> dict:
+    """Train `steps` optimizer steps (a fraction of an epoch) with the given settings, logging every step;
+    with `profile`, the last that many steps run under torch.profiler (profile.json) and are not timed."""
     settings = {**LORA, **settings, "logging_steps": 1}
     lengths, batches = epoch_batches(work, settings)
     settings["epochs"] = steps * settings["gradient_accumulation_steps"] * gpus / len(batches)
@@ -203,8 +205,14 @@ def train_once(work: Path, name: str, settings: dict, steps: int, skip: int, gpu
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
     start = time.perf_counter()
-    run(train_command(work, out, settings, gpus), out / "train.log")
-    result = train_rate(out / "train_log.jsonl", skip=skip)
+    command = train_command(work, out, settings, gpus)
+    if profile:
+        command = [sys.executable, REPO / "benchmarks/profile_training.py", "--out", out / "profile.json",
+                   "--first-step", steps - profile + 1, "--steps", profile, "--", *command[2:]]
+    run(command, out / "train.log")
+    result = train_rate(out / "train_log.jsonl", skip=skip, leave=profile)
+    if profile:
+        result["profile"] = json.loads((out / "profile.json").read_text())
     result.update(wall_s=round(time.perf_counter() - start, 1), epoch_tokens=sum(lengths), gpus=gpus,
                   epoch_steps=math.ceil(len(batches) / (settings["gradient_accumulation_steps"] * gpus)),
                   micro_batches=len(batches), settings={k: settings[k] for k in (
@@ -225,7 +233,8 @@ def train(args, work: Path, results: dict) -> dict:
 
     def ours(name: str, overrides: dict, gpus: int = 1) -> dict:
         result = train_once(work, name, {"precision": precision, **overrides}, steps=args.train_steps,
-                            skip=10, gpus=gpus)  # the first steps warm up (allocator, kernels, compilation)
+                            # the first steps warm up (allocator, kernels, compilation)
+                            skip=10, gpus=gpus, profile=args.profile_steps if gpus == 1 else 0)
         rate = result["tokens_per_s"] / gpus
         result["flops_per_token"] = flops_per_token(SHAPES[args.shape], results["setup"]["linear_params"],
                                                     result["mean_context"], {**LORA, **overrides})
@@ -366,6 +375,50 @@ def fp8_check(args, work: Path, examples: int = 8) -> dict:
         result[name] = {"fp8": applied, "loss": round(loss, 5), **against(reference, gradients)}
         del model
     log(f"fp8 check: {result}")
+    return result
+
+
+def fp8_learning(args, work: Path) -> dict:
+    """The demo's learning proof with each training.fp8 setting: the bundled sample, the demo model built from
+    it and the demo's training settings, as `make run` trains them (compiled, bf16 on a GPU), then its
+    validation questions scored from the base and the adapter. The 7B shape's weights are random; this is the
+    one model here that learns something, so it shows whether FP8 costs what it learns."""
+    schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())["properties"]
+    demo = schema["demo_model"]["properties"]
+    shape = {k: spec["default"] for k, spec in demo.items() if k != "training"}
+    demo_training = {k: spec["default"] for k, spec in demo["training"]["properties"].items()}
+    answering = {**{k: spec["default"] for k, spec in schema["answering"]["properties"].items()},
+                 "prompt_format": "plain"}
+    out = work / "fp8_learning"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    run([sys.executable, SCRIPTS / "prepare_data.py", "train", "--input", REPO / "resources/sample/train.xlsx",
+         "--train-out", out / "train.json", "--val-out", out / "val.json", "--report-out", out / "report.json",
+         "--val-fraction", "0.2"], out / "prepare.log")
+    run([sys.executable, SCRIPTS / "build_demo_model.py", "--train", out / "train.json", "--out", out / "base",
+         "--settings", json.dumps(shape)], out / "build.log")
+    result = {"validation_questions": len(read_records(out / "val.json", "labelled"))}
+    for recipe in ("none", "tensorwise", "rowwise"):
+        name = f"fp8_{recipe}"
+        settings = {**DEFAULTS, **demo_training, "precision": "bf16" if cuda() else "fp32", "fp8": recipe}
+        run([sys.executable, SCRIPTS / "train_lora.py", "--train", out / "train.json", "--base-model", out / "base",
+             "--out", out / name / "adapter", "--log-jsonl", out / name / "train_log.jsonl", "--checkpoint-dir",
+             out / name / "checkpoints", "--settings", json.dumps(settings), "--compile-cache",
+             work / "compile_cache"], out / f"{name}_train.log")
+        run([sys.executable, SCRIPTS / "score_questions.py", "--model", out / "base", "--adapter",
+             out / name / "adapter", "--val", out / "val.json", "--metrics", out / name / "metrics.json",
+             "--val-probs", out / name / "val_probs.csv", "--max-seq-length", str(settings["max_seq_length"]),
+             "--settings", json.dumps(answering)], out / f"{name}_score.log")
+        losses = [e["loss"] for e in logging_steps(read_history(out / name / "train_log.jsonl"))]
+        applied = [line.split("fp8: ", 1)[1] for line in (out / f"{name}_train.log").read_text().splitlines()
+                   if "fp8: " in line]
+        result[name] = {"fp8": applied[0] if applied else None, "steps": len(losses),
+                        "first_loss": losses[0], "last_loss": losses[-1],
+                        "val_accuracy": json.loads((out / name / "metrics.json").read_text())["accuracy"]}
+        if recipe != "none":
+            result[name]["loss_vs_fp8_none"] = loss_difference(result["fp8_none"]["losses"], losses)
+        result[name]["losses"] = losses
+    log(f"fp8 learning: {result}")
     return result
 
 
@@ -576,6 +629,8 @@ def main() -> int:
     parser.add_argument("--micro-batch-tokens", type=lambda s: [int(x) for x in s.split(",")], default=[8192],
                         help="token budgets per micro-batch to try for our training (the fastest is reported)")
     parser.add_argument("--train-steps", type=int, default=40)
+    parser.add_argument("--profile-steps", type=int, default=0,
+                        help="profile the last N steps of each one-GPU training of ours (benchmarks/profile_training.py)")
     parser.add_argument("--variants", type=json.loads, default={},
                         help='JSON of named setting overrides also trained, e.g. \'{"padded": {"packing": false}}\'')
     parser.add_argument("--recipe-steps", type=int, default=10, help="0 skips the recipe's training")
@@ -593,14 +648,15 @@ def main() -> int:
     stages = {"setup": lambda: setup(args, args.work, SHAPES[args.shape]), "train": lambda: train(args, args.work, results),
               "merge": lambda: merge(args, args.work, results), "answer": lambda: answer(args, args.work, results),
               "resume": lambda: resume(args, args.work), "packing_check": lambda: packing_check(args, args.work),
-              "fp8_check": lambda: fp8_check(args, args.work)}
+              "fp8_check": lambda: fp8_check(args, args.work), "fp8_learning": lambda: fp8_learning(args, args.work)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for stage in args.stages.split(","):
         log(f"stage {stage}")
         results[stage] = stages[stage]()
         for path in (state, args.out):  # after every stage, so a run cut short keeps what it measured
             path.write_text(json.dumps(results, indent=1))
-    print(json.dumps({k: results[k] for k in ("device", "setup", "train", "packing_check", "fp8_check", "merge", "answer")
+    print(json.dumps({k: results[k] for k in ("device", "setup", "train", "packing_check", "fp8_check", "fp8_learning",
+                                                "merge", "answer")
                       if k in results}, indent=1))
     return 0
 
