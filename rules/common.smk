@@ -110,8 +110,22 @@ if FOLDS and USER_DATA.get("val_fraction"):
 if FOLDS:
     config["data"]["val_fraction"] = 0  # the schema's default share is not held out when folds are
 HAS_VAL = bool(FOLDS) or config["data"]["val_fraction"] > 0
-# Keys of a run that shape the workflow's jobs rather than a training: they never reach train_lora.
-WORKFLOW_KEYS = ("seeds", "train", "refit")
+# Keys of a run that shape the workflow's jobs rather than a training: they never reach train_lora (what
+# `extra` names reaches it as files).
+WORKFLOW_KEYS = ("seeds", "train", "refit", "extra", "pseudo_labels")
+
+
+def extra_sources():
+    """data.extra by name; a name given twice is refused."""
+    sources = {}
+    for source in config["data"]["extra"]:
+        if source["name"] in sources:
+            raise WorkflowError(f"config data.extra: two sources are named {source['name']}; give each its own name")
+        sources[source["name"]] = source
+    return sources
+
+
+EXTRA = extra_sources()
 
 
 def check_base_model(name):
@@ -197,7 +211,18 @@ def run_settings(run, point=None):
     only shape a training (BASELINE_CLEARED)."""
     settings = requested_settings(run, point)
     if not settings["train"]:
-        return {**settings, **BASELINE_CLEARED}
+        return {
+            **settings,
+            **BASELINE_CLEARED,
+            "extra": [],
+            "pseudo_labels": {**settings["pseudo_labels"], "teacher": None},
+        }
+    settings["extra"] = list(EXTRA) if settings["extra"] is None else settings["extra"]
+    if unknown := [name for name in settings["extra"] if name not in EXTRA]:
+        raise WorkflowError(
+            f"config runs.{run}: extra names {', '.join(unknown)}, which data.extra does not define "
+            f"(it defines: {', '.join(EXTRA) or 'nothing'}); add the source to data.extra or remove the name"
+        )
     if settings["refit"] and not FOLDS:
         raise WorkflowError(
             f"config runs.{run}: refit trains one more model on every row beside the fold models; "
@@ -329,6 +354,47 @@ SCORED = {**TRAINED, **{run: run for run in BASELINES}}  # what answers and eval
 FOLDED = [run for run in RUNS if FOLDS and RUNS[run]["train"]]  # runs whose results combine fold models
 
 
+def teachers_of(run):
+    """The runs (or `ensemble`) whose answers a run learns from."""
+    teacher = RUNS[run]["pseudo_labels"]["teacher"]
+    return [teacher] if teacher else []
+
+
+def learns_from(run, teacher):
+    """Whether a run learns from `teacher`, directly or through its own teachers."""
+    seen, todo = set(), teachers_of(run)
+    while todo:
+        current = todo.pop()
+        if current == teacher:
+            return True
+        if current not in seen and current in RUNS:
+            seen.add(current)
+            todo += teachers_of(current)
+    return False
+
+
+def check_teachers():
+    """Every teacher is a run of this config or the ensemble, and no run learns from itself; before any job."""
+    for run in RUNS:
+        for teacher in teachers_of(run):
+            if teacher != "ensemble" and teacher not in RUNS:
+                raise WorkflowError(
+                    f"config runs.{run}: pseudo_labels.teacher {teacher} is not a run of this config "
+                    f"({', '.join(RUNS)}) nor `ensemble`"
+                )
+            if teacher == run or (teacher in RUNS and learns_from(teacher, run)):
+                raise WorkflowError(
+                    f"config runs.{run}: pseudo_labels.teacher {teacher} "
+                    + ("is the run itself" if teacher == run else f"learns from {run}")
+                    + "; a teacher must be trained before its students"
+                )
+
+
+check_teachers()
+# Runs that train on pseudo-labels, each from its teacher's answer_probs.csv.
+PSEUDO_LABELLED = [run for run in RUNS if RUNS[run]["pseudo_labels"]["teacher"]]
+
+
 def is_refit(model):
     """Whether a model is a run's refit on every training row."""
     run, _, unit = model.rpartition("/")
@@ -372,17 +438,23 @@ wildcard_constraints:
     run=regex(RUNS),
     model=regex(SCORED),
     member=regex([*RUNS, "ensemble"]),
+    source=regex(EXTRA),
 
 
 def get_training_data(wildcards):
     """What a model trains on, and validates on during training: its fold's files, all rows for a refit, or
-    the single split."""
+    the single split; and the extra sources its run names, trained on only."""
     fold = fold_of(wildcards.model)
+    run = run_of(wildcards)
+    extra = {
+        "extra": [f"results/data/extra/{name}.json" for name in RUNS[run]["extra"]]
+        + [f"results/{run}/pseudo_labels.json"] * (run in PSEUDO_LABELLED)
+    }
     if fold:
-        return {"train": f"results/data/{fold}/train.json", "val": f"results/data/{fold}/val.json"}
+        return {"train": f"results/data/{fold}/train.json", "val": f"results/data/{fold}/val.json", **extra}
     if is_refit(wildcards.model):
-        return {"train": "results/data/train.json"}
-    return {"train": "results/data/train.json", "val": "results/data/val.json"}
+        return {"train": "results/data/train.json", **extra}
+    return {"train": "results/data/train.json", "val": "results/data/val.json", **extra}
 
 
 def get_validation_data(wildcards):
@@ -463,10 +535,16 @@ def ensemble_members():
     """The runs the ensemble combines ([] when it is off or would have fewer than two); every seed
     replica is a member of its own."""
     settings = config["ensemble"]
-    members = settings["runs"] or list(RUNS)
+    # A run that learns from the ensemble cannot be one of its members.
+    members = settings["runs"] or [run for run in RUNS if not learns_from(run, "ensemble")]
     unknown = [run for run in members if run not in RUNS]
     if unknown:
         raise WorkflowError(f"config ensemble.runs: {', '.join(unknown)} not among runs ({', '.join(RUNS)})")
+    if students := [run for run in members if learns_from(run, "ensemble")]:
+        raise WorkflowError(
+            f"config ensemble.runs: {', '.join(students)} learn(s) from the ensemble, so cannot be among its "
+            "members (the ensemble would wait for itself); leave them out of ensemble.runs"
+        )
     if settings["runs"] and len(members) < 2:
         raise WorkflowError("config ensemble.runs: an ensemble needs at least two runs")
     if (settings["weights"] == "val_accuracy" or settings["method"] == "greedy") and not HAS_VAL:
@@ -480,6 +558,16 @@ def ensemble_members():
 
 
 ENSEMBLE = ensemble_members()
+if (students := [run for run in RUNS if "ensemble" in teachers_of(run)]) and not ENSEMBLE:
+    raise WorkflowError(
+        f"config runs.{students[0]}: its teacher is the ensemble, but the ensemble is off or has fewer than two "
+        "members; set ensemble.activate: true with two or more runs, or name a run as the teacher"
+    )
+
+
+def teacher_probs(wildcards):
+    """The test probabilities a run's pseudo-labels come from: its teacher's answer_probs.csv."""
+    return f"results/{RUNS[wildcards.run]['pseudo_labels']['teacher']}/answer_probs.csv"
 
 
 def ensemble_chooses():
@@ -492,6 +580,15 @@ def get_ensemble_validation_input(wildcards):
     return [validation_probs(run) for run in ENSEMBLE] if ensemble_chooses() else []
 
 
+def trained_on(run):
+    """What a run trains on besides the training file, in words ("" for the training file alone)."""
+    pseudo = RUNS[run]["pseudo_labels"]
+    sources = [f"extra {name}" for name in RUNS[run]["extra"]]
+    if pseudo["teacher"]:
+        sources.append(f"pseudo-labels of {pseudo['teacher']} (p >= {pseudo['min_probability']})")
+    return " + ".join(["training file", *sources]) if sources else ""
+
+
 def experiments_manifest():
     """What the experiments table shows of each run: its settings, its models' training logs, its metrics
     and, for a seed replica, the run it replicates."""
@@ -500,11 +597,13 @@ def experiments_manifest():
         # With folds, the fold models (what the run's out-of-fold figure describes), not the refit.
         models = [model for model, of in TRAINED.items() if of == run and not is_refit(model)]
         manifest[run] = {
-            "settings": {k: v for k, v in settings.items() if k != "seeds"},
+            # What the run trained on is its own column (trained_on), not two settings.
+            "settings": {k: v for k, v in settings.items() if k not in ("seeds", "extra", "pseudo_labels")},
             "train_logs": [f"results/{model}/train_log.jsonl" for model in models],
             "metrics": f"results/{run}/metrics.json" if HAS_VAL else None,
             "replica_of": REPLICAS.get(run),
             "folds": FOLDS,
+            "trained_on": trained_on(run),
         }
     return manifest
 

@@ -44,6 +44,29 @@ rule split_folds:
         "--split-seed {params.split_seed} --split-by {params.split_by} > {log:q} 2>&1"
 
 
+rule prepare_extra_data:
+    input:
+        table=lambda wildcards: EXTRA[wildcards.source]["path"],
+        against=["results/data/train.json", "results/data/val.json", "results/data/test.json"],
+        script=SCRIPTS / "prepare_data.py",
+        lib=library_of("prepare_data.py"),
+    output:
+        records="results/data/extra/{source}.json",
+        report="results/data/extra/{source}_report.json",
+    log:
+        "logs/prepare_extra_data/{source}.log",
+    conda:
+        "../envs/data.yaml"
+    params:
+        convert=lambda wildcards: EXTRA[wildcards.source]["convert"],
+        columns=lambda wildcards: as_json(EXTRA[wildcards.source]["columns"]),
+        on_invalid=config["data"]["on_invalid"],
+    shell:
+        "python {input.script:q} extra --input {input.table:q} --name {wildcards.source} "
+        "--convert {params.convert} --columns {params.columns:q} --against {input.against:q} "
+        "--out {output.records:q} --report-out {output.report:q} --on-invalid {params.on_invalid} > {log:q} 2>&1"
+
+
 rule prepare_test_data:
     input:
         table=config["data"]["test"],
@@ -66,6 +89,8 @@ rule summarize_data:
         train="results/data/train_report.json",
         test="results/data/test_report.json",
         folds="results/data/folds.json" if FOLDS else [],
+        extra=expand("results/data/extra/{source}_report.json", source=EXTRA),
+        pseudo_labels=expand("results/{run}/pseudo_labels_report.json", run=PSEUDO_LABELLED),
         script=SCRIPTS / "summarize_data.py",
         lib=library_of("summarize_data.py"),
     output:
@@ -82,6 +107,36 @@ rule summarize_data:
         "../envs/data.yaml"
     params:
         folds=lambda wildcards, input: f"--folds {shlex.quote(input.folds)}" if FOLDS else "",
+        extra=lambda wildcards, input: " ".join(["--extra", *map(shlex.quote, input.extra)]) if input.extra else "",
+        pseudo_labels=lambda wildcards, input: (
+            " ".join(["--pseudo-labels", *map(shlex.quote, input.pseudo_labels)]) if input.pseudo_labels else ""
+        ),
     shell:
-        "python {input.script:q} --train {input.train:q} --test {input.test:q} {params.folds} --out {output.json:q} "
+        "python {input.script:q} --train {input.train:q} --test {input.test:q} {params.folds} {params.extra} "
+        "{params.pseudo_labels} "
+        "--out {output.json:q} "
         "--html {output.html:q} > {log:q} 2>&1"
+
+
+rule select_pseudo_labels:
+    input:
+        test="results/data/test.json",
+        teacher=teacher_probs,
+        script=SCRIPTS / "select_pseudo_labels.py",
+        lib=library_of("select_pseudo_labels.py"),
+    output:
+        records="results/{run}/pseudo_labels.json",
+        report="results/{run}/pseudo_labels_report.json",
+    log:
+        "logs/{run}/select_pseudo_labels.log",
+    wildcard_constraints:
+        run=regex(PSEUDO_LABELLED),
+    conda:
+        "../envs/data.yaml"
+    params:
+        teacher=lambda wildcards: RUNS[wildcards.run]["pseudo_labels"]["teacher"],
+        min_probability=lambda wildcards: RUNS[wildcards.run]["pseudo_labels"]["min_probability"],
+    shell:
+        "python {input.script:q} --test {input.test:q} --teacher-probs {input.teacher:q} --teacher {params.teacher} "
+        "--min-probability {params.min_probability} --out {output.records:q} --report-out {output.report:q} "
+        "> {log:q} 2>&1"

@@ -47,6 +47,7 @@ rule train_lora:
     params:
         settings=training_settings,
         val=lambda wildcards, input: f"--val {shlex.quote(input.val)}" if hasattr(input, "val") else "",
+        extra=lambda wildcards, input: " ".join(["--extra", *map(shlex.quote, input.extra)]) if input.extra else "",
         base_model=base_model_path(),
         remote_code=remote_code_flag(),
         revision=revision_flag(),
@@ -60,7 +61,7 @@ rule train_lora:
         # rerun resumes from the last checkpoint.
         checkpoint_dir="results/{model}/checkpoints",
     shell:
-        "{params.launcher} {input.script:q} --train {input.train:q} {params.val} "
+        "{params.launcher} {input.script:q} --train {input.train:q} {params.val} {params.extra} "
         "--base-model {params.base_model:q} --out {output.adapter:q} --log-jsonl {output.log_jsonl:q} "
         "--checkpoint-dir {params.checkpoint_dir:q} --deepspeed-config {input.deepspeed:q} "
         "--settings {params.settings:q} --prompt-format {params.prompt_format} {params.rotations} "

@@ -3,6 +3,14 @@
     prepare_data.py train --input AI.xlsx --train-out train.json --val-out val.json --report-out r.json ...
     prepare_data.py test  --input AI1000.xlsx --out test.json --report-out r.json ...
     prepare_data.py folds --train train.json --folds 5 --out-dir results/data ...
+    prepare_data.py extra --input c3.csv --name c3 --against train.json val.json test.json --out c3.json ...
+
+An extra source (data.extra) is another labelled file, only ever trained on:
+read with its own column names, converted to Traditional Chinese with OpenCC
+where asked, and without the questions whose article is also in the training
+or test file (after conversion, Unicode NFKC and without whitespace), so
+validation and out-of-fold figures stay comparable and nothing of the test
+file is trained on. Each row left out is counted in its report with why.
 
 The folds are a job of their own, read from train.json: changing data.folds
 rewrites only them, and what reads train.json alone (a refit, a baseline,
@@ -20,13 +28,15 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import statistics
 import sys
+import unicodedata
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable
 
-from mcqa.prompt import INSTRUCTION, build_input, split_input
+from mcqa.prompt import ARTICLE_MARKER, INSTRUCTION, build_input, split_input
 from mcqa.records import write_json_atomic
 from mcqa.spreadsheet import InputError, ReadResult, Row, duplicate_rows, read_questions
 
@@ -224,6 +234,62 @@ def prepare_train(args: argparse.Namespace) -> None:
     )
 
 
+def article_key(article: str) -> str:
+    """An article as compared across files: Unicode NFKC (full-width forms folded), without whitespace."""
+    return re.sub(r"\s+", "", unicodedata.normalize("NFKC", article))
+
+
+def converted(rows: list[Row], config: str) -> int:
+    """Convert the rows' texts with OpenCC's `config` (s2twp: Simplified to Taiwan's Traditional, with its
+    phrases) in place; the number of rows changed."""
+    import opencc
+
+    try:
+        converter = opencc.OpenCC(config)
+    except RuntimeError as exc:
+        raise InputError(f"convert {config!r}: OpenCC has no such conversion ({exc}); use one of its configs, "
+                         "e.g. s2twp (Simplified to Traditional as used in Taiwan, with phrases), s2tw or s2t") from None
+    changed = 0
+    for r in rows:
+        texts = [r.article, r.question, *r.options]
+        new = [converter.convert(t) for t in texts]
+        if new != texts:
+            r.article, r.question, r.options = new[0], new[1], new[2:]
+            changed += 1
+    return changed
+
+
+def prepare_extra(args: argparse.Namespace) -> None:
+    """An extra labelled source: every usable row whose article is in neither the training nor the test file."""
+    result = read_questions(args.input, labelled=True, columns=json.loads(args.columns))
+    skipped = check(result, args.input, args.on_invalid)
+    changed = converted(result.rows, args.convert) if args.convert != "none" else 0
+    seen = {}
+    for path in args.against:
+        for r in json.loads(Path(path).read_text(encoding="utf-8")):
+            seen.setdefault(article_key(split_input(r["input"])[0].removeprefix(ARTICLE_MARKER)), path)
+    kept, left_out = [], []
+    for r in result.rows:
+        if (also_in := seen.get(article_key(r.article))) is not None:
+            left_out.append({"row": r.row, **({"sheet": r.sheet} if r.sheet else {}), "id": r.row_id,
+                             "reason": f"its article is also in {also_in}"})
+        else:
+            kept.append(r)
+    report = base_report(result, args.input, skipped)
+    report.update(name=args.name, convert=args.convert, rows_converted=changed, rows_kept=len(kept),
+                  rows_left_out=len(left_out), left_out=left_out,
+                  left_out_by_reason={reason: sum(e["reason"] == reason for e in left_out)
+                                      for reason in sorted({e["reason"] for e in left_out})})
+    report["lengths_chars"] = base_report(ReadResult(rows=kept), args.input, [])["lengths_chars"]
+    write_json_atomic(args.out, [labelled_record(r) for r in kept])
+    write_json_atomic(args.report_out, report)
+    print(f"{args.input} (extra source {args.name}): read {result.rows_read}, skipped {len(skipped)}, converted "
+          f"{changed} ({args.convert}), left out {len(left_out)} {report['left_out_by_reason']}; kept {len(kept)} "
+          "to train on" + sheets_note(result), file=sys.stderr)
+    if not kept:
+        print(f"WARNING {args.input}: extra source {args.name} keeps no rows to train on", file=sys.stderr)
+
+
 def prepare_test(args: argparse.Namespace) -> None:
     """Every test question becomes a record, or the run fails: a submission must hold every id once.
 
@@ -262,6 +328,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     folds.add_argument("--out-dir", required=True, help="folder of folds.json and fold<k>/")
     folds.add_argument("--split-seed", type=int, default=42)
     folds.add_argument("--split-by", choices=["article", "row"], default="article")
+    extra = sub.add_parser("extra", help="an extra labelled source -> its records, trained on only")
+    extra.add_argument("--input", required=True)
+    extra.add_argument("--name", required=True, help="the source's name in data.extra")
+    extra.add_argument("--columns", default="{}", help="JSON: our column name -> the file's (e.g. {\"文章\": \"context\"})")
+    extra.add_argument("--convert", default="none", help="an OpenCC conversion (e.g. s2twp), or none")
+    extra.add_argument("--against", nargs="+", default=[], help="record files whose articles are left out")
+    extra.add_argument("--out", required=True)
+    extra.add_argument("--report-out", required=True)
+    extra.add_argument("--on-invalid", choices=["error", "skip"], default="error")
     test = sub.add_parser("test", help="unlabelled file -> test.json")
     test.add_argument("--input", required=True)
     test.add_argument("--out", required=True)
@@ -272,7 +347,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        {"train": prepare_train, "folds": write_folds, "test": prepare_test}[args.stage](args)
+        {"train": prepare_train, "folds": write_folds, "extra": prepare_extra, "test": prepare_test}[args.stage](args)
     except InputError as exc:
         print(f"ERROR {exc}", file=sys.stderr)
         return 2

@@ -4,7 +4,9 @@
         "replica_of": null, "folds": 0}, ...}' [--ensemble-metrics ensemble/metrics.json] \
         --tsv experiments.tsv --html experiments.html --png experiments.png
 
-A row per run: the training settings that differ between runs (only those),
+A row per run: what it trained on beyond the training file (extra sources,
+pseudo-labels; shown when any run has such), the training settings that
+differ between runs (only those),
 validation accuracy (with folds: out-of-fold, on every training question)
 with its 95% interval and, with folds, the spread of the fold accuracies,
 log-loss, how the predictions spread over answers 1-4, the best step
@@ -111,7 +113,9 @@ def table(manifest: dict, differ: list[str], ensemble: str | None) -> pd.DataFra
     settings = {run: entry["settings"] for run, entry in manifest.items()}
     rows = []
     for run, entry in manifest.items():
-        rows.append({"run": run, **{k: json.dumps(settings[run].get(k)) for k in differ},
+        # What a run trained on beyond the training file (extra sources, pseudo-labels), shown whenever any run has it.
+        sources = {"trained on": entry["trained_on"]} if any(e.get("trained_on") for e in manifest.values()) else {}
+        rows.append({"run": run, **sources, **{k: json.dumps(settings[run].get(k)) for k in differ},
                      **validation_summary(entry["metrics"]), **training_summary(entry["train_logs"])})
     rows += seed_rows(rows, manifest)
     if ensemble:

@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train", required=True)
     parser.add_argument("--val", default="")
+    parser.add_argument("--extra", nargs="*", default=[],
+                        help="more labelled records trained on beside --train (extra sources), never validated")
     parser.add_argument("--base-model", required=True)
     parser.add_argument("--out", required=True, help="adapter directory")
     parser.add_argument("--log-jsonl", required=True)
@@ -123,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ERROR {exc}", file=sys.stderr)
         return 2
     train_records = read_records(args.train, "labelled")
+    for path in args.extra:
+        extra = read_records(path, "labelled")
+        say(f"{path}: {len(extra)} more records to train on")
+        train_records += extra
     val_records = read_records(args.val, "labelled") if args.val else []
     train_features, train_cuts = tokenize(train_records, tokenizer, settings["max_seq_length"], frame)
     val_features, val_cuts = tokenize(val_records, tokenizer, settings["max_seq_length"], frame)
@@ -175,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     # The checkpoint folder: rank 0 decides whether to resume (and cleans up); the Trainer has set up the
     # process group, so every rank then follows the same decision.
     expected = fingerprint(settings, args.train, args.val, args.base_model, args.revision, args.prompt_format,
-                           args.rotations, trainer.args.world_size)
+                           args.rotations, trainer.args.world_size, args.extra)
     resume = [prepare_checkpoint_dir(checkpoint_dir, expected) if trainer.is_world_process_zero() else None]
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.broadcast_object_list(resume)

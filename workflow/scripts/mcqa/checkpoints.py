@@ -28,12 +28,13 @@ WEIGHT_NEUTRAL = ("checkpoint_steps", "logging_steps", "gradient_checkpointing",
 
 
 def fingerprint(settings: dict, train: str, val: str, base_model: str, revision: str | None, prompt_format: str,
-                rotations: int, processes: int = 1) -> dict:
+                rotations: int, processes: int = 1, extra: list[str] = ()) -> dict:
     """What a checkpoint must match to be resumed: what decides the trained weights (settings, prompt format,
-    base model, data, and the number of processes, since the data order and the schedule are functions of
-    it) and, with select_best, what decides the step kept (eval_steps, the scoring rotations)."""
+    base model, data with the extra records trained on, and the number of processes, since the data order and
+    the schedule are functions of it) and, with select_best, what decides the step kept (eval_steps, the
+    scoring rotations)."""
     digest = hashlib.sha256()
-    for path in (train, val):
+    for path in (train, val, *extra):
         if path:
             digest.update(Path(path).read_bytes())
     neutral = WEIGHT_NEUTRAL + (() if settings["select_best"] else ("eval_steps",))

@@ -39,6 +39,8 @@ def place(sheet: str | None, row: int) -> str:
 
 @dataclass
 class Problem:
+    """A cell that makes its row unusable: where, and why."""
+
     row: int  # spreadsheet row number (1 = header)
     row_id: str | None
     column: str
@@ -262,9 +264,10 @@ def mark_formulas(path: Path, rows: list[SheetRow], columns: tuple[str, ...]) ->
             row.cells[column] = Formula(text)
 
 
-def read_table(path: str | Path, required: tuple[str, ...], result: ReadResult) -> list[SheetRow]:
+def read_table(path: str | Path, required: tuple[str, ...], result: ReadResult, label: str = LABEL) -> list[SheetRow]:
     """The data rows of a spreadsheet (xlsx: every sheet with the required columns; csv), each cell keeping
-    its own type and the text it shows ('NA', 'None' and 'N/A' stay text); fail clearly on anything else."""
+    its own type and the text it shows ('NA', 'None' and 'N/A' stay text); fail clearly on anything else.
+    `label` is the answer column's name in the file."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: file not found. Set data.train / data.test in config.yaml to an existing file.")
@@ -285,8 +288,8 @@ def read_table(path: str | Path, required: tuple[str, ...], result: ReadResult) 
             f"The first row must hold the column names {', '.join(required)}."
         )
     # CSV has no cell types: a plain digit label is what an xlsx int is.
-    if LABEL in frame.columns:
-        frame[LABEL] = frame[LABEL].map(lambda v: int(v) if isinstance(v, str) and re.fullmatch(r"[1-4]", v) else v)
+    if label in frame.columns:
+        frame[label] = frame[label].map(lambda v: int(v) if isinstance(v, str) and re.fullmatch(r"[1-4]", v) else v)
     rows = [SheetRow(None, int(index) + HEADER_ROWS + 1, dict(cells))
             for index, cells in frame.iterrows() if not all(is_missing(cells[c]) for c in frame.columns)]
     if not rows:
@@ -298,33 +301,41 @@ def read_table(path: str | Path, required: tuple[str, ...], result: ReadResult) 
 FORMULA_HELP = "open the file in Excel or LibreOffice and save it (that stores the values), or paste the values in"
 
 
-def read_questions(path: str | Path, labelled: bool) -> ReadResult:
+def read_questions(path: str | Path, labelled: bool, columns: dict[str, str] | None = None) -> ReadResult:
     """Read a train (labelled) or test file into normalised rows and a list of problems.
 
     A test question is answered even with an empty article or question (it is
     counted as a fix); what makes it unusable is its id (empty, holding a
     line break, or used twice) or a formula cell with no saved value.
+    `columns` names the file's own column for any of ours (文章: context); problems name the file's.
     """
     result = ReadResult()
-    table = read_table(path, TRAIN_COLUMNS if labelled else TEST_COLUMNS, result)
+    names = {column: (columns or {}).get(column, column) for column in (TRAIN_ID, *TRAIN_COLUMNS, TEST_ID)}
+    required = TRAIN_COLUMNS if labelled else TEST_COLUMNS
+    table = read_table(path, tuple(names[c] for c in required), result, label=names[LABEL])
     id_column = TRAIN_ID if labelled else TEST_ID
     result.rows_read = len(table)
+
+    def problem(row: int, row_id: str | None, column: str, message: str, sheet: str | None) -> Problem:
+        return Problem(row, row_id, names.get(column, column), message, sheet)  # the file's name of the column
+
     for sheet_row in table:
-        cells, row, sheet = sheet_row.cells, sheet_row.row, sheet_row.sheet
+        cells = {ours: sheet_row.cells.get(theirs) for ours, theirs in names.items()}
+        row, sheet = sheet_row.row, sheet_row.sheet
         raw_id = cells.get(id_column)
         row_id = None if is_missing(raw_id) else cell_text(raw_id)
-        where = Problem(row, row_id, "", "", sheet).where
+        where = place(sheet, row) + (f" (ID {row_id})" if row_id is not None else "")
         problems: list[Problem] = []
         if not labelled and row_id is None:
-            problems.append(Problem(row, None, TEST_ID, "the question id is empty; every test question needs its 題號",
+            problems.append(problem(row, None, TEST_ID, "the question id is empty; every test question needs its 題號",
                                     sheet))
         elif not labelled and re.search(r"[\r\n]", row_id):
-            problems.append(Problem(row, row_id.replace("\n", "\\n"), TEST_ID,
+            problems.append(problem(row, row_id.replace("\n", "\\n"), TEST_ID,
                                     "the id holds a line break; remove it so the submission has one id per line", sheet))
         cell_columns = (ARTICLE, QUESTION, *OPTIONS, *((LABEL,) if labelled else ()))
         for column in cell_columns:
             if isinstance(cells[column], Formula):
-                problems.append(Problem(row, row_id, column, f"holds the formula {cells[column].text} with no saved "
+                problems.append(problem(row, row_id, column, f"holds the formula {cells[column].text} with no saved "
                                                              f"value; {FORMULA_HELP}", sheet))
         texts = {}
         for column, kind in ((ARTICLE, "article_missing"), (QUESTION, "question_missing")):
@@ -333,7 +344,7 @@ def read_questions(path: str | Path, labelled: bool) -> ReadResult:
             if not is_missing(cells[column]):
                 texts[column] = cell_text(cells[column])
             elif labelled:
-                problems.append(Problem(row, row_id, column, "is empty", sheet))
+                problems.append(problem(row, row_id, column, "is empty", sheet))
             else:  # still answerable from the question and options; counted, never dropped
                 texts[column] = ""
                 result.fix(kind, where)
@@ -350,7 +361,7 @@ def read_questions(path: str | Path, labelled: bool) -> ReadResult:
         if labelled and not isinstance(cells[LABEL], Formula):
             label, kind = normalise_label(cells[LABEL])
             if label is None:
-                problems.append(Problem(row, row_id, LABEL, f"{cells[LABEL]!r} is not an answer 1-4 (also accepted: "
+                problems.append(problem(row, row_id, LABEL, f"{cells[LABEL]!r} is not an answer 1-4 (also accepted: "
                                                             "'選項3', '３', '4.0')", sheet))
             elif kind:
                 result.fix(kind, where)
@@ -362,7 +373,7 @@ def read_questions(path: str | Path, labelled: bool) -> ReadResult:
         seen: dict[str, Row] = {}
         for r in result.rows:
             if r.row_id in seen:
-                result.problems.append(Problem(r.row, r.row_id, TEST_ID, f"duplicate id, first used in "
+                result.problems.append(problem(r.row, r.row_id, TEST_ID, f"duplicate id, first used in "
                                                f"{seen[r.row_id].where}; ids must be unique", r.sheet))
             else:
                 seen[r.row_id] = r

@@ -1,0 +1,235 @@
+"""Beyond the labelled file: extra sources (data.extra) and pseudo-labels (pseudo_labels), trained on only."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pandas as pd
+import pytest
+from conftest import run_script, sample_workdir, snakemake, training_defaults
+
+from mcqa.prompt import INSTRUCTION, build_input
+
+# A C3-like source: Simplified Chinese, its own column names, answers 1-4.
+COLUMNS = {"文章": "context", "問題": "question", "選項1": "a", "選項2": "b", "選項3": "c", "選項4": "d",
+           "正確答案": "answer"}
+
+
+def c3_rows() -> list[dict]:
+    return [
+        {"context": "这个软件的内存不够。", "question": "缺什么？", "a": "内存", "b": "硬盘", "c": "网络", "d": "屏幕",
+         "answer": 1},
+        # The training file's article once converted, in full-width forms and with other spacing: a leak.
+        {"context": " 訓練文章 ＡＢＣ", "question": "哪个？", "a": "甲", "b": "乙", "c": "丙", "d": "丁", "answer": 2},
+        # The test file's article once converted: a leak of the test.
+        {"context": "测试文章", "question": "什么？", "a": "甲", "b": "乙", "c": "丙", "d": "丁", "answer": 3},
+        {"context": "", "question": "空的？", "a": "甲", "b": "乙", "c": "丙", "d": "丁", "answer": 4},
+    ]
+
+
+def records(path, articles: list[str], with_ids: bool = False) -> str:
+    path.write_text(json.dumps([
+        {**({"id": str(n)} if with_ids else {"output": "1"}), "instruction": INSTRUCTION,
+         "input": build_input(article, "問題？", ["甲", "乙", "丙", "丁"]), "options": ["甲", "乙", "丙", "丁"]}
+        for n, article in enumerate(articles)], ensure_ascii=False))
+    return str(path)
+
+
+def prepare_extra(tmp_path, *args: str):
+    table = tmp_path / "c3.csv"
+    pd.DataFrame(c3_rows()).to_csv(table, index=False)
+    train = records(tmp_path / "train.json", ["訓練文章 ABC", "另一篇"])
+    test = records(tmp_path / "test.json", ["測試文章"], with_ids=True)
+    out = tmp_path / "out"
+    result = run_script("prepare_data.py", "extra", "--input", table, "--name", "c3", "--columns", json.dumps(COLUMNS),
+                        "--convert", "s2twp", "--against", train, test, "--out", out / "c3.json",
+                        "--report-out", out / "c3_report.json", *args)
+    return result, out, table, train, test
+
+
+def test_an_extra_source_is_mapped_converted_and_leaves_out_what_the_training_and_test_files_hold(tmp_path):
+    result, out, table, train, test = prepare_extra(tmp_path, "--on-invalid", "skip")
+    assert result.returncode == 0, result.stderr
+    kept = json.loads((out / "c3.json").read_text())
+    report = json.loads((out / "c3_report.json").read_text())
+    # Simplified became Taiwan's Traditional with its phrases (软件 -> 軟體, 内存 -> 記憶體).
+    assert len(kept) == 1 and kept[0]["options"][0] == "記憶體" and "軟體" in kept[0]["input"]
+    assert kept[0]["output"] == "1"
+    assert (report["name"], report["rows_read"], report["rows_kept"], report["rows_skipped"]) == ("c3", 4, 1, 1)
+    assert report["rows_converted"] == 3 and report["convert"] == "s2twp"
+    assert report["left_out_by_reason"] == {f"its article is also in {train}": 1, f"its article is also in {test}": 1}
+    assert [e["row"] for e in report["left_out"]] == [3, 4]
+    assert "context: is empty" in report["skipped"][0]["reasons"][0]  # the file's own column name
+    assert report["lengths_chars"]["article"]["count"] == 1
+
+
+def test_a_bad_row_of_an_extra_source_stops_the_run_naming_its_file_row_and_column(tmp_path):
+    result, out, table, *_ = prepare_extra(tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{table}: 1 invalid row(s)" in result.stderr and "row 5, column context: is empty" in result.stderr
+    assert not (out / "c3.json").exists()
+
+
+def test_a_missing_mapped_column_is_named_as_the_file_calls_it(tmp_path):
+    table = tmp_path / "c3.csv"
+    pd.DataFrame(c3_rows()).drop(columns=["answer"]).to_csv(table, index=False)
+    result = run_script("prepare_data.py", "extra", "--input", table, "--name", "c3", "--columns", json.dumps(COLUMNS),
+                        "--out", tmp_path / "c3.json", "--report-out", tmp_path / "r.json")
+    assert result.returncode == 2 and "missing column(s) answer" in result.stderr
+
+
+def planned_commands(workdir, *args: str) -> list[str]:
+    """The shell commands of a dry run."""
+    output = snakemake(workdir, "-n", "-p", *args).stdout
+    return [line for line in output.splitlines() if line.startswith("python ") or " python " in line]
+
+
+def commands_of(commands: list[str], script: str) -> list[str]:
+    return [c for c in commands if f"{script} " in c or f"{script}' " in c]
+
+
+def with_c3(tmp_path, **overrides):
+    table = tmp_path / "c3.csv"
+    pd.DataFrame(c3_rows()[:1]).to_csv(table, index=False)
+    data = {"extra": [{"name": "c3", "path": str(table), "convert": "s2twp", "columns": COLUMNS}],
+            **overrides.pop("data", {})}
+    return sample_workdir(tmp_path / "work", data=data, **overrides)
+
+
+def test_extra_sources_only_ever_train(tmp_path):
+    """A run trains on the sources its `extra` names (all by default); no split, fold, evaluation, scoring or
+    baseline reads them."""
+    workdir = with_c3(tmp_path, data={"folds": 2}, runs={"all": {}, "none": {"extra": []}, "base": {"train": False}})
+    commands = planned_commands(workdir)
+    training = commands_of(commands, "train_lora.py")
+    assert len(training) == 4  # two runs, two folds each
+    for command in training:
+        has_extra = "--extra results/data/extra/c3.json" in command
+        assert has_extra == ("results/all/" in command), command
+    extra = commands_of(commands, "prepare_data.py")
+    assert any(" extra " in c and "--convert s2twp" in c for c in extra)
+    for command in commands:
+        if "extra/c3.json" in command:
+            assert "train_lora.py" in command or " extra " in command, command
+    assert any("--extra results/data/extra/c3_report.json" in c for c in commands_of(commands, "summarize_data.py"))
+
+
+@pytest.mark.parametrize("runs, needle", [
+    ({"r": {"extra": ["c4"]}}, "extra names c4, which data.extra does not define (it defines: c3)"),
+    ({"r": {"pseudo_labels": {"teacher": "nobody"}}}, "pseudo_labels.teacher nobody is not a run of this config"),
+    ({"r": {"pseudo_labels": {"teacher": "r"}}}, "pseudo_labels.teacher r is the run itself"),
+    ({"r": {"pseudo_labels": {"teacher": "s"}}, "s": {"pseudo_labels": {"teacher": "r"}}},
+     "pseudo_labels.teacher s learns from r"),
+    ({"r": {"pseudo_labels": {"teacher": "ensemble"}}, "s": {}}, "its teacher is the ensemble, but the ensemble is off"),
+])
+def test_sources_and_teachers_that_cannot_work_are_refused_before_any_job(tmp_path, runs, needle):
+    result = snakemake(with_c3(tmp_path, runs=runs), "-n", check=False)
+    assert result.returncode != 0 and needle in result.stdout + result.stderr
+
+
+def test_two_sources_of_one_name_are_refused(tmp_path):
+    workdir = with_c3(tmp_path)
+    config = workdir / "config.yaml"
+    config.write_text(config.read_text().replace("  extra:\n", "  extra:\n  - {name: c3, path: x.csv}\n", 1))
+    result = snakemake(workdir, "-n", check=False)
+    assert "two sources are named c3" in result.stdout + result.stderr
+
+
+def test_pseudo_labels_come_from_the_teacher_and_only_train(tmp_path):
+    """A student of the ensemble trains on the ensemble's confident test answers, is no member of it, and
+    nothing but its training reads them."""
+    workdir = with_c3(tmp_path, runs={"a": {}, "b": {"lora_r": 8},
+                                      "student": {"pseudo_labels": {"teacher": "ensemble", "min_probability": 0.6}}})
+    commands = planned_commands(workdir)
+    [select] = commands_of(commands, "select_pseudo_labels.py")
+    assert "--teacher-probs results/ensemble/answer_probs.csv" in select and "--min-probability 0.6" in select
+    [ensemble] = [c for c in commands_of(commands, "ensemble_answers.py") if "--answers" in c]
+    assert "student" not in ensemble  # a student of the ensemble is not one of its members
+    for command in commands:
+        if "pseudo_labels.json" in command:
+            assert "select_pseudo_labels.py" in command or (
+                "train_lora.py" in command and "results/student/adapter" in command), command
+    [student] = [c for c in commands_of(commands, "train_lora.py") if "results/student/" in c]
+    assert "results/student/pseudo_labels.json" in student
+    assert any("--pseudo-labels results/student/pseudo_labels_report.json" in c
+               for c in commands_of(commands, "summarize_data.py"))
+
+
+def test_select_pseudo_labels_keeps_confident_answers_and_reports_their_spread(tmp_path):
+    test = records(tmp_path / "test.json", ["一", "二", "三", "四"], with_ids=True)
+    probs = tmp_path / "answer_probs.csv"
+    probs.write_text("ID,p1,p2,p3,p4\n0,0.95,0.02,0.02,0.01\n1,0.4,0.3,0.2,0.1\n2,0.01,0.01,0.9,0.08\n"
+                     "3,0.05,0.05,0.05,0.85\n")
+    out = tmp_path / "pseudo.json"
+    result = run_script("select_pseudo_labels.py", "--test", test, "--teacher-probs", probs, "--teacher", "ens",
+                        "--min-probability", "0.9", "--out", out, "--report-out", tmp_path / "report.json")
+    assert result.returncode == 0, result.stderr
+    kept = json.loads(out.read_text())
+    assert [r["output"] for r in kept] == ["1", "3"] and all("id" not in r for r in kept)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["kept"] == 2 and report["answer_spread"] == {"1": 1, "2": 0, "3": 1, "4": 0}
+    assert report["mean_teacher_probability"] == 0.925 and "2 of 4 test questions" in result.stderr
+    # A teacher scored on another test file is refused, not silently misaligned.
+    probs.write_text("ID,p1,p2,p3,p4\n9,0.95,0.02,0.02,0.01\n")
+    result = run_script("select_pseudo_labels.py", "--test", test, "--teacher-probs", probs, "--teacher", "ens",
+                        "--min-probability", "0.9", "--out", out, "--report-out", tmp_path / "report.json")
+    assert result.returncode == 2 and "does not answer the questions of" in result.stderr
+
+
+def test_train_lora_trains_on_the_extra_records_and_resumes_only_with_the_same_ones(demo_run, tmp_path):
+    from mcqa.checkpoints import fingerprint
+
+    data = demo_run / "results/data"
+    extra = tmp_path / "extra.json"
+    extra.write_text((data / "val.json").read_text())
+    settings = {**training_defaults(), "epochs": 0.01, "micro_batch_size": 8, "max_seq_length": 256,
+                "compile": False}
+    out = tmp_path / "run"
+    result = run_script("train_lora.py", "--train", data / "train.json", "--extra", extra, "--base-model",
+                        demo_run / "resources/models/demo", "--out", out / "adapter", "--log-jsonl", out / "log.jsonl",
+                        "--checkpoint-dir", out / "checkpoints", "--settings", json.dumps(settings))
+    assert result.returncode == 0, result.stderr
+    train, val = (len(json.loads((data / f"{part}.json").read_text())) for part in ("train", "val"))
+    assert f"{extra}: {val} more records to train on" in result.stderr
+    assert re.search(rf"train {train + val} examples", result.stderr), result.stderr
+    args = (settings, str(data / "train.json"), "", "base", None, "plain", 1, 1)
+    assert fingerprint(*args, [str(extra)])["data_sha256"] != fingerprint(*args)["data_sha256"]
+
+
+def test_the_data_report_and_the_experiments_table_show_what_each_run_trained_on(tmp_path):
+    part = {"file": "c3.csv", "sheets_read": [], "sheets_left_out": [], "rows_read": 4, "rows_kept": 1,
+            "rows_skipped": 1, "fixed": {}, "fixed_where": {}, "skipped": [], "name": "c3", "convert": "s2twp",
+            "rows_converted": 3, "left_out": [{"row": 3, "reason": "its article is also in test.json"}],
+            "left_out_by_reason": {"its article is also in test.json": 1},
+            "lengths_chars": {"article": {"count": 1, "mean": 9.0, "median": 9, "p95": 9, "max": 9}}}
+    reports = {"train": {**part, "file": "train.xlsx"}, "test": {**part, "file": "test.xlsx"}}
+    for name in ("train", "test"):
+        (tmp_path / f"{name}.json").write_text(json.dumps({k: v for k, v in reports[name].items()
+                                                           if k not in ("name", "convert")}))
+    (tmp_path / "c3.json").write_text(json.dumps(part))
+    (tmp_path / "student").mkdir()
+    (tmp_path / "student/pseudo_labels_report.json").write_text(json.dumps(
+        {"teacher": "ensemble", "min_probability": 0.9, "test_questions": 10, "kept": 7,
+         "answer_spread": {"1": 4, "2": 1, "3": 2, "4": 0}, "mean_teacher_probability": 0.95}))
+    result = run_script("summarize_data.py", "--train", tmp_path / "train.json", "--test", tmp_path / "test.json",
+                        "--extra", tmp_path / "c3.json", "--pseudo-labels", tmp_path / "student/pseudo_labels_report.json",
+                        "--out", tmp_path / "report.json", "--html", tmp_path / "report.html")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["extra c3"]["rows_kept"] == 1 and report["pseudo-labels student"]["kept"] == 7
+    page = (tmp_path / "report.html").read_text()
+    for shown in ("rows converted (s2twp)</th><td>3", "left out: its article is also in test.json</th><td>1",
+                  "kept as pseudo-labels</th><td>7", "(1, 2, 3, 4)</th><td>4, 1, 2, 0"):
+        assert shown in page, shown
+
+    manifest = {run: {"settings": {"lora_r": 8}, "train_logs": [], "metrics": None, "replica_of": None, "folds": 0,
+                      "trained_on": trained_on} for run, trained_on in
+                (("plain", ""), ("student", "training file + extra c3 + pseudo-labels of ensemble (p >= 0.9)"))}
+    result = run_script("summarize_experiments.py", "--manifest", json.dumps(manifest), "--tsv", tmp_path / "e.tsv",
+                        "--html", tmp_path / "e.html", "--png", tmp_path / "e.png")
+    assert result.returncode == 0, result.stderr
+    table = pd.read_csv(tmp_path / "e.tsv", sep="\t", keep_default_na=False)
+    assert dict(zip(table["run"], table["trained on"])) == {
+        "plain": "", "student": "training file + extra c3 + pseudo-labels of ensemble (p >= 0.9)"}
+
