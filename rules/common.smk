@@ -216,6 +216,7 @@ def run_settings(run, point=None):
             **BASELINE_CLEARED,
             "extra": [],
             "pseudo_labels": {**settings["pseudo_labels"], "teacher": None},
+            "distill": {**settings["distill"], "teacher": None},
         }
     settings["extra"] = list(EXTRA) if settings["extra"] is None else settings["extra"]
     if unknown := [name for name in settings["extra"] if name not in EXTRA]:
@@ -355,9 +356,8 @@ FOLDED = [run for run in RUNS if FOLDS and RUNS[run]["train"]]  # runs whose res
 
 
 def teachers_of(run):
-    """The runs (or `ensemble`) whose answers a run learns from."""
-    teacher = RUNS[run]["pseudo_labels"]["teacher"]
-    return [teacher] if teacher else []
+    """The runs (or `ensemble`) whose answers a run learns from: pseudo-labels' and distillation's teachers."""
+    return [t for t in (RUNS[run]["pseudo_labels"]["teacher"], RUNS[run]["distill"]["teacher"]) if t]
 
 
 def learns_from(run, teacher):
@@ -377,14 +377,15 @@ def check_teachers():
     """Every teacher is a run of this config or the ensemble, and no run learns from itself; before any job."""
     for run in RUNS:
         for teacher in teachers_of(run):
+            key = "pseudo_labels" if teacher == RUNS[run]["pseudo_labels"]["teacher"] else "distill"
             if teacher != "ensemble" and teacher not in RUNS:
                 raise WorkflowError(
-                    f"config runs.{run}: pseudo_labels.teacher {teacher} is not a run of this config "
+                    f"config runs.{run}: {key}.teacher {teacher} is not a run of this config "
                     f"({', '.join(RUNS)}) nor `ensemble`"
                 )
             if teacher == run or (teacher in RUNS and learns_from(teacher, run)):
                 raise WorkflowError(
-                    f"config runs.{run}: pseudo_labels.teacher {teacher} "
+                    f"config runs.{run}: {key}.teacher {teacher} "
                     + ("is the run itself" if teacher == run else f"learns from {run}")
                     + "; a teacher must be trained before its students"
                 )
@@ -450,6 +451,8 @@ def get_training_data(wildcards):
         "extra": [f"results/data/extra/{name}.json" for name in RUNS[run]["extra"]]
         + [f"results/{run}/pseudo_labels.json"] * (run in PSEUDO_LABELLED)
     }
+    if run in DISTILLED:  # the teacher's out-of-fold probabilities, keyed by the records of train.json
+        extra.update(teacher=teacher_oof(run), teacher_records="results/data/train.json")
     if fold:
         return {"train": f"results/data/{fold}/train.json", "val": f"results/data/{fold}/val.json", **extra}
     if is_refit(wildcards.model):
@@ -565,6 +568,36 @@ if (students := [run for run in RUNS if "ensemble" in teachers_of(run)]) and not
     )
 
 
+def check_distillation():
+    """A teacher's probability of a training question must come from a model that did not train on it: its
+    out-of-fold probabilities, so a cross-validated trained run or an ensemble of them; before any job."""
+    for run in DISTILLED:
+        teacher = RUNS[run]["distill"]["teacher"]
+        why = f"config runs.{run}: distill.teacher {teacher}"
+        if not FOLDS:
+            raise WorkflowError(
+                f"{why}: distillation needs the teacher's probability of every training question from a model "
+                "that did not train on it (its out-of-fold probabilities); set data.folds (e.g. 5)"
+            )
+        members = ENSEMBLE if teacher == "ensemble" else [teacher]
+        if untrained := [m for m in members if m not in FOLDED]:
+            raise WorkflowError(
+                f"{why}: {', '.join(untrained)} trains no fold models (a baseline), so it has no out-of-fold "
+                "probabilities to teach with; name a trained run"
+            )
+
+
+# Runs distilled from a teacher's out-of-fold probabilities.
+DISTILLED = [run for run in RUNS if RUNS[run]["distill"]["teacher"]]
+check_distillation()
+
+
+def teacher_oof(run):
+    """The out-of-fold probabilities a distilled run learns from."""
+    teacher = RUNS[run]["distill"]["teacher"]
+    return "results/ensemble/val_probs.csv" if teacher == "ensemble" else f"results/{teacher}/oof_probs.csv"
+
+
 def teacher_probs(wildcards):
     """The test probabilities a run's pseudo-labels come from: its teacher's answer_probs.csv."""
     return f"results/{RUNS[wildcards.run]['pseudo_labels']['teacher']}/answer_probs.csv"
@@ -586,6 +619,8 @@ def trained_on(run):
     sources = [f"extra {name}" for name in RUNS[run]["extra"]]
     if pseudo["teacher"]:
         sources.append(f"pseudo-labels of {pseudo['teacher']} (p >= {pseudo['min_probability']})")
+    if distill := RUNS[run]["distill"]["teacher"]:
+        sources.append(f"distilled from {distill}")
     return " + ".join(["training file", *sources]) if sources else ""
 
 
@@ -598,7 +633,7 @@ def experiments_manifest():
         models = [model for model, of in TRAINED.items() if of == run and not is_refit(model)]
         manifest[run] = {
             # What the run trained on is its own column (trained_on), not two settings.
-            "settings": {k: v for k, v in settings.items() if k not in ("seeds", "extra", "pseudo_labels")},
+            "settings": {k: v for k, v in settings.items() if k not in ("seeds", "extra", "pseudo_labels", "distill")},
             "train_logs": [f"results/{model}/train_log.jsonl" for model in models],
             "metrics": f"results/{run}/metrics.json" if HAS_VAL else None,
             "replica_of": REPLICAS.get(run),

@@ -32,7 +32,8 @@ rule evaluate_ensemble:
         script=SCRIPTS / "ensemble_answers.py",
         lib=library_of("ensemble_answers.py"),
     output:
-        "results/ensemble/metrics.json",
+        metrics="results/ensemble/metrics.json",
+        probs="results/ensemble/val_probs.csv",
     log:
         "logs/evaluate_ensemble.log",
     conda:
@@ -43,4 +44,4 @@ rule evaluate_ensemble:
         method=config["ensemble"]["method"],
     shell:
         "python {input.script:q} --members {params.members:q} --weights {params.weights} --method {params.method} "
-        "--val-probs {input.probs:q} --metrics-out {output:q} > {log:q} 2>&1"
+        "--val-probs {input.probs:q} --metrics-out {output.metrics:q} --val-probs-out {output.probs:q} > {log:q} 2>&1"

@@ -48,6 +48,11 @@ rule train_lora:
         settings=training_settings,
         val=lambda wildcards, input: f"--val {shlex.quote(input.val)}" if hasattr(input, "val") else "",
         extra=lambda wildcards, input: " ".join(["--extra", *map(shlex.quote, input.extra)]) if input.extra else "",
+        teacher=lambda wildcards, input: (
+            f"--teacher-probs {shlex.quote(input.teacher)} --teacher-records {shlex.quote(input.teacher_records)}"
+            if hasattr(input, "teacher")
+            else ""
+        ),
         base_model=base_model_path(),
         remote_code=remote_code_flag(),
         revision=revision_flag(),
@@ -61,7 +66,7 @@ rule train_lora:
         # rerun resumes from the last checkpoint.
         checkpoint_dir="results/{model}/checkpoints",
     shell:
-        "{params.launcher} {input.script:q} --train {input.train:q} {params.val} {params.extra} "
+        "{params.launcher} {input.script:q} --train {input.train:q} {params.val} {params.extra} {params.teacher} "
         "--base-model {params.base_model:q} --out {output.adapter:q} --log-jsonl {output.log_jsonl:q} "
         "--checkpoint-dir {params.checkpoint_dir:q} --deepspeed-config {input.deepspeed:q} "
         "--settings {params.settings:q} --prompt-format {params.prompt_format} {params.rotations} "
@@ -270,7 +275,9 @@ rule combine_folds:
         "../envs/data.yaml"
     params:
         selected_step=lambda wildcards: "--selected-step" if RUNS[wildcards.run]["select_best"] else "",
+        distilled=lambda wildcards: "--distilled" if wildcards.run in DISTILLED else "",
     shell:
         "python {input.script:q} --folds {input.folds:q} --val-probs {input.val_probs:q} "
         "--answer-probs {input.answer_probs:q} --oof {output.oof:q} --metrics {output.metrics:q} "
-        "--answers {output.answers:q} --probs {output.answer_probs:q} {params.selected_step} > {log:q} 2>&1"
+        "--answers {output.answers:q} --probs {output.answer_probs:q} {params.selected_step} {params.distilled} "
+        "> {log:q} 2>&1"

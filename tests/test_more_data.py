@@ -1,12 +1,16 @@
-"""Beyond the labelled file: extra sources (data.extra) and pseudo-labels (pseudo_labels), trained on only."""
+"""Beyond the labelled file: extra sources (data.extra) and pseudo-labels (pseudo_labels), trained on only, and
+distillation of a cross-validated teacher (distill)."""
 
 from __future__ import annotations
 
 import json
 import re
 
+import math
+
 import pandas as pd
 import pytest
+import torch
 from conftest import run_script, sample_workdir, snakemake, training_defaults
 
 from mcqa.prompt import INSTRUCTION, build_input
@@ -177,24 +181,122 @@ def test_select_pseudo_labels_keeps_confident_answers_and_reports_their_spread(t
     assert result.returncode == 2 and "does not answer the questions of" in result.stderr
 
 
-def test_train_lora_trains_on_the_extra_records_and_resumes_only_with_the_same_ones(demo_run, tmp_path):
+def test_train_lora_trains_on_extra_records_and_distils_its_teacher(demo_run, tmp_path):
+    """One short training with an extra file and a teacher: the extra records join training (label only), the
+    training file's records get their teacher's probabilities, and a resume needs the same extra data."""
     from mcqa.checkpoints import fingerprint
 
     data = demo_run / "results/data"
     extra = tmp_path / "extra.json"
     extra.write_text((data / "val.json").read_text())
+    train = json.loads((data / "train.json").read_text())
+    teacher = tmp_path / "oof_probs.csv"
+    teacher.write_text("record,label,p1,p2,p3,p4\n" + "".join(f"{n},{r['output']},0.7,0.1,0.1,0.1\n"
+                                                             for n, r in enumerate(train)))
     settings = {**training_defaults(), "epochs": 0.01, "micro_batch_size": 8, "max_seq_length": 256,
-                "compile": False}
+                "compile": False, "distill": {"teacher": "t", "weight": 0.5, "temperature": 2.0}}
     out = tmp_path / "run"
-    result = run_script("train_lora.py", "--train", data / "train.json", "--extra", extra, "--base-model",
-                        demo_run / "resources/models/demo", "--out", out / "adapter", "--log-jsonl", out / "log.jsonl",
-                        "--checkpoint-dir", out / "checkpoints", "--settings", json.dumps(settings))
+    result = run_script("train_lora.py", "--train", data / "train.json", "--extra", extra, "--teacher-probs", teacher,
+                        "--teacher-records", data / "train.json", "--base-model", demo_run / "resources/models/demo",
+                        "--out", out / "adapter", "--log-jsonl", out / "log.jsonl", "--checkpoint-dir",
+                        out / "checkpoints", "--settings", json.dumps(settings))
     assert result.returncode == 0, result.stderr
-    train, val = (len(json.loads((data / f"{part}.json").read_text())) for part in ("train", "val"))
+    val = len(json.loads((data / "val.json").read_text()))
     assert f"{extra}: {val} more records to train on" in result.stderr
-    assert re.search(rf"train {train + val} examples", result.stderr), result.stderr
+    assert re.search(rf"train {len(train) + val} examples", result.stderr), result.stderr
+    assert f"distilling t (weight 0.5, temperature 2.0): teacher probabilities for the {len(train)} records" \
+        in result.stderr
+    assert (out / "adapter/adapter_model.safetensors").exists()
     args = (settings, str(data / "train.json"), "", "base", None, "plain", 1, 1)
     assert fingerprint(*args, [str(extra)])["data_sha256"] != fingerprint(*args)["data_sha256"]
+    # A teacher file of other data is refused, naming it.
+    teacher.write_text("record,label,p1,p2,p3,p4\n0,1,0.7,0.1,0.1,0.1\n")
+    result = run_script("train_lora.py", "--train", data / "train.json", "--teacher-probs", teacher,
+                        "--teacher-records", data / "train.json", "--base-model", demo_run / "resources/models/demo",
+                        "--out", out / "adapter2", "--log-jsonl", out / "log2.jsonl", "--checkpoint-dir",
+                        out / "checkpoints2", "--settings", json.dumps(settings))
+    assert result.returncode == 2 and f"{teacher} has 1 rows for the {len(train)} records" in result.stderr
+
+
+def test_the_distilled_loss_mixes_label_and_teacher_at_the_answer_digit_only():
+    from mcqa.training import Distillation, distilled_loss_sum
+
+    torch.manual_seed(0)
+    answer_ids, end = [5, 6, 7, 8], 9
+    # A packed micro-batch of three examples: each has its digit then its end token among the kept positions.
+    targets = torch.tensor([[6, end, 8, end, 5, end]])
+    logits = torch.randn(1, 6, 12)
+    teacher = torch.tensor([[0.1, 0.6, 0.2, 0.1], [math.nan] * 4, [0.25, 0.25, 0.25, 0.25]])
+    ce = torch.nn.functional.cross_entropy(logits[0], targets[0], reduction="none")
+    plain = distilled_loss_sum(logits, targets, teacher, Distillation(answer_ids, 0.0, 2.0))
+    assert torch.allclose(plain, ce.sum())
+    t, w = 2.0, 0.3
+    mixed = distilled_loss_sum(logits, targets, teacher, Distillation(answer_ids, w, t))
+    expected = ce[[1, 3, 5]].sum() + ce[2]  # end tokens, and the example without a teacher: label alone
+    for position, row in ((0, 0), (4, 2)):
+        soft = torch.softmax(teacher[row].log() / t, dim=-1)
+        student = torch.log_softmax(logits[0, position, answer_ids] / t, dim=-1)
+        expected += (1 - w) * ce[position] + w * t * t * (soft * (soft.log() - student)).sum()
+    assert torch.allclose(mixed, expected)
+    # A student whose softened answer probabilities are the teacher's pays no KL.
+    matched = logits.clone()
+    matched[0, 0, answer_ids] = teacher[0].log() + 3.0
+    only_label = distilled_loss_sum(matched, targets, teacher[:1].repeat(3, 1) * torch.tensor([[1.0], [math.nan], [1.0]]),
+                                    Distillation(answer_ids, 1.0, 1.0))
+    ce_matched = torch.nn.functional.cross_entropy(matched[0], targets[0], reduction="none")
+    kl_last = (teacher[0] * (teacher[0].log() - torch.log_softmax(matched[0, 4, answer_ids], -1))).sum()
+    assert torch.allclose(only_label, ce_matched[[1, 2, 3, 5]].sum() + kl_last)
+    with pytest.raises(ValueError, match="2 answer positions for 3 teacher rows"):
+        distilled_loss_sum(logits[:, :4], targets[:, :4], teacher, Distillation(answer_ids, w, t))
+
+
+def test_the_collator_carries_each_examples_teacher_in_order():
+    from mcqa.batching import AnswerOnlyCollator
+
+    features = [{"input_ids": [1, 2, 3], "labels": [-100, -100, 3], "attention_mask": [1] * 3,
+                 "teacher_probs": [0.4, 0.3, 0.2, 0.1]},
+                {"input_ids": [1, 4], "labels": [-100, 4], "attention_mask": [1] * 2}]
+    for packed in (True, False):
+        batch = AnswerOnlyCollator(0, packed=packed)([features])
+        assert batch["teacher_probs"][0].tolist() == pytest.approx([0.4, 0.3, 0.2, 0.1])
+        assert batch["teacher_probs"][1].isnan().all()
+    assert "teacher_probs" not in AnswerOnlyCollator(0, packed=True)([[features[1]]])
+
+
+def test_distillation_learns_from_out_of_fold_probabilities_only(tmp_path):
+    """A distilled student's fold models read the teacher's out-of-fold probabilities (an ensemble's are the
+    weighted mean of its members'); its own figure says the teacher saw its held-out questions; a teacher
+    without them is refused before any job runs."""
+    workdir = sample_workdir(tmp_path / "cv", data={"folds": 2},
+                             runs={"a": {}, "b": {"lora_r": 8}, "student": {"distill": {"teacher": "ensemble"}}})
+    commands = planned_commands(workdir)
+    students = [c for c in commands_of(commands, "train_lora.py") if "results/student/" in c]
+    assert len(students) == 2 and all("--teacher-probs results/ensemble/val_probs.csv --teacher-records "
+                                      "results/data/train.json" in c for c in students)
+    assert all("--teacher-probs" not in c for c in commands_of(commands, "train_lora.py") if "results/student/" not in c)
+    [evaluate] = [c for c in commands_of(commands, "ensemble_answers.py") if "--metrics-out" in c]
+    assert "--val-probs-out results/ensemble/val_probs.csv" in evaluate and "student" not in evaluate
+    assert [c for c in commands_of(commands, "combine_folds.py") if "--distilled" in c] == [
+        c for c in commands_of(commands, "combine_folds.py") if "results/student/" in c]
+    refused = {
+        "no folds": ({}, {"student": {"distill": {"teacher": "a"}}, "a": {}}, "distillation needs the teacher's "
+                     "probability of every training question from a model that did not train on it"),
+        "baseline": ({"folds": 2}, {"student": {"distill": {"teacher": "base"}}, "base": {"train": False}},
+                     "base trains no fold models (a baseline)"),
+    }
+    for name, (data, runs, needle) in refused.items():
+        result = snakemake(sample_workdir(tmp_path / name.replace(" ", "_"), data=data, runs=runs), "-n", check=False)
+        assert result.returncode != 0 and needle in result.stdout + result.stderr, name
+
+
+def test_the_ensemble_writes_its_out_of_fold_probabilities(tmp_path):
+    for name, p in (("a", "0.6,0.2,0.1,0.1"), ("b", "0.2,0.6,0.1,0.1")):
+        (tmp_path / f"{name}.csv").write_text(f"record,label,p1,p2,p3,p4\n0,1,{p}\n1,2,{p}\n")
+    result = run_script("ensemble_answers.py", "--members", "a", "b", "--val-probs", tmp_path / "a.csv",
+                        tmp_path / "b.csv", "--metrics-out", tmp_path / "m.json", "--val-probs-out", tmp_path / "v.csv")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "v.csv").read_text().splitlines() == [
+        "record,label,p1,p2,p3,p4", "0,1,0.400000,0.400000,0.100000,0.100000", "1,2,0.400000,0.400000,0.100000,0.100000"]
 
 
 def test_the_data_report_and_the_experiments_table_show_what_each_run_trained_on(tmp_path):
@@ -226,10 +328,17 @@ def test_the_data_report_and_the_experiments_table_show_what_each_run_trained_on
     manifest = {run: {"settings": {"lora_r": 8}, "train_logs": [], "metrics": None, "replica_of": None, "folds": 0,
                       "trained_on": trained_on} for run, trained_on in
                 (("plain", ""), ("student", "training file + extra c3 + pseudo-labels of ensemble (p >= 0.9)"))}
+    manifest["student"]["metrics"] = str(tmp_path / "metrics.json")
+    manifest["plain"]["metrics"] = str(tmp_path / "metrics_plain.json")
+    from mcqa.metrics import CHOSEN, metrics
+    for path, extra in (("metrics.json", {"teacher_saw_these_questions": CHOSEN["teacher"]}), ("metrics_plain.json", {})):
+        (tmp_path / path).write_text(json.dumps({**metrics([[0.7, 0.1, 0.1, 0.1]] * 4, [1, 1, 2, 1]), **extra}))
     result = run_script("summarize_experiments.py", "--manifest", json.dumps(manifest), "--tsv", tmp_path / "e.tsv",
                         "--html", tmp_path / "e.html", "--png", tmp_path / "e.png")
     assert result.returncode == 0, result.stderr
     table = pd.read_csv(tmp_path / "e.tsv", sep="\t", keep_default_na=False)
     assert dict(zip(table["run"], table["trained on"])) == {
         "plain": "", "student": "training file + extra c3 + pseudo-labels of ensemble (p >= 0.9)"}
+    assert dict(zip(table["run"], table["chosen on these questions"])) == {"plain": "", "student": "teacher"}
+    assert "a distilled run learnt from a teacher" in (tmp_path / "e.html").read_text()
 

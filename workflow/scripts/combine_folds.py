@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probs", required=True)
     parser.add_argument("--selected-step", action="store_true",
                         help="each fold model's step was chosen on its held-out fold (select_best): say so")
+    parser.add_argument("--distilled", action="store_true",
+                        help="the fold models learnt from a teacher whose fold models saw their held-out folds: say so")
     args = parser.parse_args(argv)
     folds = json.loads(Path(args.folds).read_text())
     try:
@@ -71,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
               "fold_accuracy_sd": round(statistics.stdev(accuracies), 4)}
     if args.selected_step:
         result["chosen_on_these_questions"] = CHOSEN["step"]
+    if args.distilled:
+        result["teacher_saw_these_questions"] = CHOSEN["teacher"]
     write_json_atomic(args.metrics, result)
     write_answers(args.answers, ids, predicted_answers(test_probs))
     write_probs(args.probs, "ID", ids, test_probs)

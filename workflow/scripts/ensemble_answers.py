@@ -1,5 +1,5 @@
 """Combine the runs' answer probabilities: results/ensemble/answers.csv and answer_probs.csv (test),
-or results/ensemble/metrics.json (validation).
+or results/ensemble/metrics.json and val_probs.csv (validation).
 
     ensemble_answers.py --members a b --weights equal --test-probs a/answer_probs.csv b/answer_probs.csv \
         --answers answers.csv --probs answer_probs.csv
@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val-probs", nargs="*", default=[],
                         help="the members' validation (out-of-fold) probabilities: weights are chosen on them")
     parser.add_argument("--metrics-out", help="the ensemble's metrics on --val-probs")
+    parser.add_argument("--val-probs-out", help="with --metrics-out: the ensemble's validation (out-of-fold) "
+                                               "probabilities, what distillation from the ensemble learns")
     args = parser.parse_args(argv)
     try:
         validation = read_aligned(args.val_probs) if args.val_probs else []
@@ -96,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
             write_probs(args.probs, "ID", ids, probs)
             print(f"ensemble of {members}: {len(ids)} answers", file=sys.stderr)
         if args.metrics_out:
-            _, _, val_probs, labels = weighted_mean(validation, weights)
+            key, records, val_probs, labels = weighted_mean(validation, weights)
+            if args.val_probs_out:
+                write_probs(args.val_probs_out, key, records, val_probs, labels)
             result = {**metrics(val_probs, labels), "members": dict(zip(args.members, weights)),
                       "weights": "times picked" if args.method == "greedy" else args.weights, "method": args.method}
             if args.method == "greedy" or args.weights == "val_accuracy":

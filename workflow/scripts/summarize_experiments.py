@@ -75,7 +75,9 @@ def validation_summary(metrics_path: str | None) -> dict:
     m = json.loads(Path(metrics_path).read_text(encoding="utf-8"))
     low, high = m["accuracy_ci95"]
     spread = " / ".join(str(m["predicted_counts"][a]) for a in "1234")
-    chosen = {text: kind for kind, text in CHOSEN.items()}.get(m.get("chosen_on_these_questions"), "")
+    kinds = {text: kind for kind, text in CHOSEN.items()}
+    chosen = ", ".join(filter(None, (kinds.get(m.get("chosen_on_these_questions")),
+                                     kinds.get(m.get("teacher_saw_these_questions")))))
     folds = f"{m['folds']} (sd {m['fold_accuracy_sd']:.4f})" if m.get("folds") else ""
     return {"val accuracy": round(m["accuracy"], 4), "95% interval": f"{low:.3f}-{high:.3f}", "ci_low": low,
             "ci_high": high, "folds": folds, "chosen on these questions": chosen, "log-loss": round(m["log_loss"], 4),
@@ -131,7 +133,9 @@ def table(manifest: dict, differ: list[str], ensemble: str | None) -> pd.DataFra
 
 CHOSEN_NOTE = ("'chosen on these questions': the run's training step (select_best) or the ensemble's weights "
                "(val_accuracy) were picked on the same validation questions it is scored on, so its accuracy is "
-               "optimistic (the best of several) and it is favoured beside runs that chose nothing.")
+               "optimistic (the best of several) and it is favoured beside runs that chose nothing. 'teacher': a "
+               "distilled run learnt from a teacher whose fold models trained on its held-out questions, so its "
+               "out-of-fold accuracy is slightly optimistic too.")
 
 
 def plot(frame: pd.DataFrame, out: str) -> None:

@@ -42,9 +42,9 @@ from mcqa.prompt import PROMPT_FORMATS, describe_cuts, prompt_frame
 from mcqa.records import read_records
 from mcqa.scoring import ROTATIONS
 from mcqa.storage import disk_full_message
-from mcqa.training import (AnswerOnlyTrainer, EarlyStopping, ProgressLog, TrainingDiverged, answer_accuracy,
-                           compile_layers, end_with_launcher, float8_base, tensorboard_callback, tokenize,
-                           training_arguments)
+from mcqa.training import (AnswerOnlyTrainer, Distillation, EarlyStopping, ProgressLog, TrainingDiverged,
+                           answer_accuracy, compile_layers, end_with_launcher, float8_base, teacher_targets,
+                           tensorboard_callback, tokenize, training_arguments)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -53,6 +53,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--val", default="")
     parser.add_argument("--extra", nargs="*", default=[],
                         help="more labelled records trained on beside --train (extra sources), never validated")
+    parser.add_argument("--teacher-probs", default="",
+                        help="with distill: the teacher's out-of-fold probabilities (keyed by --teacher-records)")
+    parser.add_argument("--teacher-records", default="", help="the records --teacher-probs numbers (train.json)")
     parser.add_argument("--base-model", required=True)
     parser.add_argument("--out", required=True, help="adapter directory")
     parser.add_argument("--log-jsonl", required=True)
@@ -125,6 +128,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ERROR {exc}", file=sys.stderr)
         return 2
     train_records = read_records(args.train, "labelled")
+    distill = settings["distill"]
+    if distill["teacher"]:
+        if not args.teacher_probs:
+            print(f"ERROR distill.teacher {distill['teacher']} needs --teacher-probs", file=sys.stderr)
+            return 2
+        try:
+            teacher = teacher_targets(train_records, args.teacher_probs, args.teacher_records)
+        except ValueError as exc:
+            print(f"ERROR {exc}", file=sys.stderr)
+            return 2
+        train_records = [{**r, "teacher_probs": p} for r, p in zip(train_records, teacher)]
+        say(f"distilling {distill['teacher']} (weight {distill['weight']}, temperature {distill['temperature']}): "
+            f"teacher probabilities for the {len(train_records)} records of {args.train}")
     for path in args.extra:
         extra = read_records(path, "labelled")
         say(f"{path}: {len(extra)} more records to train on")
@@ -169,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     trainer.remove_callback(PrinterCallback)  # ProgressLog prints a readable line instead
     trainer.add_callback(ProgressLog(history, trainer.examples_trained_all))
+    if distill["teacher"]:
+        trainer.distill = Distillation(frame.answer_ids, distill["weight"], distill["temperature"])
     if settings["select_best"]:
         # Scored in rows of the training's own token budget, which fit beside the training's memory.
         trainer.answer_accuracy = answer_accuracy(

@@ -131,6 +131,8 @@ class AnswerOnlyCollator:
                      for key, value in (("input_ids", self.pad_token_id), ("attention_mask", 0), ("labels", -100))}
             targets = torch.cat([batch["labels"][:, 1:], torch.full_like(batch["labels"][:, :1], -100)], dim=1)
         keep = (targets != -100).any(dim=0).nonzero().flatten()
+        if any("teacher_probs" in f for f in features):  # distillation: each example's teacher, NaN for none
+            batch["teacher_probs"] = torch.tensor([f.get("teacher_probs") or [math.nan] * 4 for f in features])
         return {**batch, "logits_to_keep": keep, "shift_labels": targets[:, keep]}
 
     @staticmethod

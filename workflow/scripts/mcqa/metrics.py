@@ -15,6 +15,8 @@ PROB_COLUMNS = [f"p{a}" for a in ANSWERS]
 # optimistic (metrics.json's chosen_on_these_questions, and a column of the experiments table).
 CHOSEN = {"step": "the training step kept (select_best), the best of several on these questions",
           "weights": "the members' weights (ensemble.weights: val_accuracy or method: greedy), taken from these "
+                     "questions",
+          "teacher": "the teacher distilled into each fold model (distill), whose fold models trained on these "
                      "questions"}
 
 

@@ -9,6 +9,7 @@ import math
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -24,15 +25,36 @@ from .scoring import encode_rotations, score_prompts
 
 def tokenize(records: list[dict], tokenizer, max_seq_length: int,
              frame: PromptFrame | None = None) -> tuple[list[dict], list[str | None]]:
-    """Training features (plain format unless `frame` says otherwise) and what each example's prompt lost to fit."""
+    """Training features (plain format unless `frame` says otherwise) and what each example's prompt lost to fit;
+    a record's teacher_probs (distillation) go with its feature."""
     frame = frame or prompt_frame(tokenizer, "plain")
     prompts = encode_prompts(tokenizer, [r["instruction"] for r in records], [r["input"] for r in records],
                              max_seq_length - ANSWER_SUFFIX_TOKENS, frame)
     features = []
     for r, prompt in zip(records, prompts):
         ids, labels, _ = training_example(prompt, r["label"], frame)
-        features.append({"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)})
+        features.append({"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids),
+                         **({"teacher_probs": r["teacher_probs"]} if "teacher_probs" in r else {})})
     return features, [p.cut for p in prompts]
+
+
+def teacher_targets(records: list[dict], probs_path: str, indexed_path: str) -> list[list[float]]:
+    """Each record's teacher probabilities (p1..p4): the teacher's out-of-fold file is keyed by record number
+    in `indexed_path` (train.json), and a fold's records are found there by their input. Every record must
+    have them: a student's training file is part of the file its teacher was cross-validated on."""
+    from .metrics import read_probs
+    from .records import read_records
+
+    _, keys, probs, _ = read_probs(probs_path)
+    indexed = read_records(indexed_path, "labelled")
+    if len(keys) != len(indexed):
+        raise ValueError(f"{probs_path} has {len(keys)} rows for the {len(indexed)} records of {indexed_path}: "
+                         "the teacher was cross-validated on other data; rerun it")
+    by_input = {indexed[int(key)]["input"]: p for key, p in zip(keys, probs)}
+    if missing := [n for n, r in enumerate(records) if r["input"] not in by_input]:
+        raise ValueError(f"{len(missing)} training records (the first: record {missing[0]}) are not in "
+                         f"{indexed_path}, so {probs_path} has no teacher probabilities for them")
+    return [by_input[r["input"]] for r in records]
 
 
 def restore_cpu_index(storage, location: str):
@@ -68,6 +90,43 @@ def end_with_launcher() -> None:
         os._exit(1)
 
 
+@dataclass(frozen=True)
+class Distillation:
+    """How a student learns from its teacher's four answer probabilities (training.distill)."""
+
+    answer_ids: list[int]
+    weight: float
+    temperature: float
+
+
+def distilled_loss_sum(logits: torch.Tensor, targets: torch.Tensor, teacher: torch.Tensor,
+                       distill: Distillation) -> torch.Tensor:
+    """The summed loss of a micro-batch's label tokens, the answer digit's distilled.
+
+    `logits` and `targets` are the kept positions (AnswerOnlyCollator: rows x positions); each example has
+    one answer-digit target, met in the order of `teacher` (examples x 4 probabilities, NaN for an example
+    without a teacher, such as an extra source's). A digit's loss is (1 - weight) x its cross-entropy +
+    weight x T^2 x KL(teacher_T || student_T) over the four answer tokens, where _T is softened by the
+    temperature T; without a teacher, its cross-entropy alone. Every other label token (the end token)
+    keeps its cross-entropy. Weight 0 gives the summed cross-entropy of plain training.
+    """
+    flat_logits = logits.float().reshape(-1, logits.shape[-1])
+    flat_targets = targets.reshape(-1)
+    cross_entropy = torch.nn.functional.cross_entropy(flat_logits, flat_targets, ignore_index=-100, reduction="none")
+    answer_ids = torch.tensor(distill.answer_ids, device=flat_targets.device)
+    is_answer = torch.isin(flat_targets, answer_ids)
+    if int(is_answer.sum()) != len(teacher):
+        raise ValueError(f"{int(is_answer.sum())} answer positions for {len(teacher)} teacher rows")
+    has_teacher = ~teacher.isnan().any(dim=1)
+    t = distill.temperature
+    teacher_soft = torch.softmax(teacher.nan_to_num(0.25).clamp_min(1e-12).log() / t, dim=-1)
+    student_log = torch.log_softmax(flat_logits[is_answer][:, answer_ids] / t, dim=-1)
+    kl = (teacher_soft * (teacher_soft.log() - student_log)).sum(dim=-1)
+    weight = distill.weight * has_teacher.float()
+    answer_loss = (1 - weight) * cross_entropy[is_answer] + weight * t * t * kl
+    return cross_entropy[~is_answer].sum() + answer_loss.sum()
+
+
 class AnswerOnlyTrainer(Trainer):
     """A Trainer for AnswerOnlyCollator's batches of a causal LM; counts the examples trained on.
 
@@ -80,6 +139,7 @@ class AnswerOnlyTrainer(Trainer):
 
     examples_trained = 0
     answer_accuracy: Callable[[torch.nn.Module], float] | None = None  # set for select_best
+    distill: Distillation | None = None  # set for training.distill
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         packed = inputs.get("cu_seq_lens_q")  # a packed row holds many examples
@@ -91,8 +151,21 @@ class AnswerOnlyTrainer(Trainer):
         count = torch.tensor(self.examples_trained, device=self.accelerator.device)
         return int(self.accelerator.reduce(count, reduction="sum"))
 
-    def compute_loss(self, model, inputs, *args, **kwargs):
-        return super().compute_loss(model, without_attention_mask(inputs), *args, **kwargs)
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = without_attention_mask(inputs)
+        teacher = inputs.pop("teacher_probs", None)
+        if self.distill is None or teacher is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        targets = inputs.pop("shift_labels")
+        inputs.pop("labels")
+        outputs = model(**inputs)
+        # Normalised as the Trainer normalises the plain loss: by the label tokens of the accumulated batch,
+        # which with average_tokens_across_devices counts every process's.
+        count = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
+        loss = distilled_loss_sum(outputs.logits, targets, teacher, self.distill) / count
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
 
     def evaluation_loop(self, *args, metric_key_prefix: str = "eval", **kwargs):
         """Validation loss and, with select_best, validation answer accuracy (eval_val_accuracy), among the
