@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     # The checkpoint folder: rank 0 decides whether to resume (and cleans up); the Trainer has set up the
     # process group, so every rank then follows the same decision.
     expected = fingerprint(settings, args.train, args.val, args.base_model, args.revision, args.prompt_format,
-                           args.rotations, trainer.args.world_size, args.extra)
+                           args.rotations, trainer.args.world_size, [*args.extra, *filter(None, [args.teacher_probs])])
     resume = [prepare_checkpoint_dir(checkpoint_dir, expected) if trainer.is_world_process_zero() else None]
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.broadcast_object_list(resume)

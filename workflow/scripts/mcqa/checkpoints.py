@@ -30,9 +30,9 @@ WEIGHT_NEUTRAL = ("checkpoint_steps", "logging_steps", "gradient_checkpointing",
 def fingerprint(settings: dict, train: str, val: str, base_model: str, revision: str | None, prompt_format: str,
                 rotations: int, processes: int = 1, extra: list[str] = ()) -> dict:
     """What a checkpoint must match to be resumed: what decides the trained weights (settings, prompt format,
-    base model, data with the extra records trained on, and the number of processes, since the data order and
-    the schedule are functions of it) and, with select_best, what decides the step kept (eval_steps, the
-    scoring rotations)."""
+    base model, data with the extra records and teacher probabilities trained on, and the number of
+    processes, since the data order and the schedule are functions of it) and, with select_best, what decides
+    the step kept (eval_steps, the scoring rotations)."""
     digest = hashlib.sha256()
     for path in (train, val, *extra):
         if path:
