@@ -289,3 +289,17 @@ def test_folds_that_cannot_be_made_or_come_out_uneven_say_so(tmp_path):
     assert sum(sizes) == 40 and min(sizes) < max(sizes) / 2
     assert uneven.returncode == 0 and f"WARNING the folds are uneven ({sizes[0]}, {sizes[1]} records)" in uneven.stderr
     assert "WARNING" not in split([10, 10, 10, 10], 2).stderr
+
+
+def test_a_new_student_trains_only_itself_and_learns_from_the_finished_teacher(cross_validated):
+    """Teachers and students are ordinary runs: adding a student of a finished cross-validated run plans the
+    student's fold models (reading the teacher's out-of-fold file) and what combines runs, no teacher job."""
+    (cross_validated / "student.yaml").write_text(yaml.safe_dump(
+        {"runs": {"student": {"distill": {"teacher": "a", "weight": 0.3}}}}))
+    result = snakemake(cross_validated, "-n", "-p", configfiles=("config.yaml", "student.yaml"))
+    planned = scheduled(result)
+    assert planned["train_lora"] == 2 and planned["score_fold_model"] == 2 and planned["combine_folds"] == 1
+    trainings = [line for line in result.stdout.splitlines() if "train_lora.py" in line and "--settings" in line]
+    assert all("results/student/fold" in line and "--teacher-probs results/a/oof_probs.csv" in line
+               and '"weight": 0.3' in line for line in trainings), trainings
+    assert (cross_validated / "results/a/oof_probs.csv").exists()  # the teacher is finished: only read

@@ -19,8 +19,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from mcqa.metrics import (CHOSEN, ProbabilityFileError, metrics, predicted_answers, read_aligned, read_probs,
-                          weighted_mean, write_answers, write_probs)
+from mcqa.metrics import CHOSEN, metrics, predicted_answers, write_answers
+from mcqa.probabilities import ProbabilityFileError, read_aligned, read_probs, weighted_mean, write_probs
 from mcqa.records import write_json_atomic
 
 

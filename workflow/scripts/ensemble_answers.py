@@ -21,8 +21,8 @@ import sys
 
 import numpy as np
 
-from mcqa.metrics import (CHOSEN, ProbabilityFile, ProbabilityFileError, metrics, predicted_answers, read_aligned,
-                          weighted_mean, write_answers, write_probs)
+from mcqa.metrics import CHOSEN, metrics, predicted_answers, write_answers
+from mcqa.probabilities import ProbabilityFile, ProbabilityFileError, read_aligned, weighted_mean, write_probs
 from mcqa.records import write_json_atomic
 
 GREEDY_ROUNDS = 25

@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from mcqa.lora import MergeError, apply_adapter
-from mcqa.metrics import CHOSEN, metrics, write_answers, write_probs
+from mcqa.metrics import CHOSEN, metrics, write_answers
+from mcqa.probabilities import write_probs
 from mcqa.modeling import fuse_kernels, load_model, load_tokenizer, resolve_precision
 from mcqa.progress import Meter
 from mcqa.prompt import describe_cuts, prompt_frame

@@ -15,7 +15,7 @@ import argparse
 import sys
 from collections import Counter
 
-from mcqa.metrics import ProbabilityFileError, read_probs
+from mcqa.probabilities import ProbabilityFileError, read_probs
 from mcqa.prompt import ANSWERS
 from mcqa.records import read_records, write_json_atomic
 

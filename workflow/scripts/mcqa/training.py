@@ -42,7 +42,7 @@ def teacher_targets(records: list[dict], probs_path: str, indexed_path: str) -> 
     """Each record's teacher probabilities (p1..p4): the teacher's out-of-fold file is keyed by record number
     in `indexed_path` (train.json), and a fold's records are found there by their input. Every record must
     have them: a student's training file is part of the file its teacher was cross-validated on."""
-    from .metrics import read_probs
+    from .probabilities import read_probs
     from .records import read_records
 
     _, keys, probs, _ = read_probs(probs_path)
