@@ -215,15 +215,27 @@ def two_runs(tmp_path_factory):
     return workdir, result.stdout + result.stderr
 
 
-# Cross-validation on the sample: two folds, a run with a refit, a run of one seed replica, a baseline,
-# and the greedy ensemble of them, one short epoch each.
-CV_RUNS = {"a": {"refit": True}, "b": {"lora_r": 8, "seeds": [1]}, "base": {"train": False}}
+# Cross-validation on the sample: two folds, a run with a refit, a run of one seed replica that also trains
+# on the baseline's pseudo-labels and is distilled from `a`, a baseline, and the greedy ensemble of them, one
+# short epoch each; every trained run also trains on an extra source in Simplified Chinese (C3's kind).
+CV_RUNS = {"a": {"refit": True},
+           "b": {"lora_r": 8, "seeds": [1], "pseudo_labels": {"teacher": "base", "min_probability": 0.25},
+                 "distill": {"teacher": "a"}},
+           "base": {"train": False}}
+CV_EXTRA_COLUMNS = {"文章": "context", "問題": "question", "選項1": "a", "選項2": "b", "選項3": "c", "選項4": "d",
+                    "正確答案": "answer"}
 
 
 @pytest.fixture(scope="session")
 def cross_validated(tmp_path_factory) -> Path:
     """The workdir of the whole cross-validated workflow, finished."""
-    workdir = sample_workdir(tmp_path_factory.mktemp("cv"), data={"folds": 2}, runs=CV_RUNS,
-                             training={"epochs": 1}, ensemble={"method": "greedy"}, resources=ONE_THREAD)
+    root = tmp_path_factory.mktemp("cv")
+    (root / "data").mkdir()
+    (root / "data/c3.csv").write_text("context,question,a,b,c,d,answer\n"
+                                      "这个软件的内存不够。,缺什么？,内存,硬盘,网络,屏幕,1\n"
+                                      "鸟在天上飞。,什么在飞？,鱼,鸟,猫,狗,2\n", encoding="utf-8")
+    extra = [{"name": "c3", "path": "data/c3.csv", "convert": "s2twp", "columns": CV_EXTRA_COLUMNS}]
+    workdir = sample_workdir(root, data={"folds": 2, "extra": extra}, runs=CV_RUNS, training={"epochs": 1},
+                             ensemble={"method": "greedy"}, resources=ONE_THREAD)
     snakemake(workdir)
     return workdir

@@ -303,3 +303,20 @@ def test_a_new_student_trains_only_itself_and_learns_from_the_finished_teacher(c
     assert all("results/student/fold" in line and "--teacher-probs results/a/oof_probs.csv" in line
                and '"weight": 0.3' in line for line in trainings), trainings
     assert (cross_validated / "results/a/oof_probs.csv").exists()  # the teacher is finished: only read
+
+
+def test_a_cross_validated_run_trains_on_extras_and_pseudo_labels_and_learns_its_teacher(cross_validated):
+    """The demo's whole chain: the extra source converted and trained on by every trained model, the baseline's
+    pseudo-labels and a's out-of-fold probabilities in b's fold models, and b's figure marked optimistic."""
+    report = json.loads((cross_validated / "results/data/report.json").read_text())
+    assert report["extra c3"]["rows_kept"] == 2 and report["extra c3"]["rows_converted"] == 2
+    test_questions = len(read_records(cross_validated / "results/data/test.json", "test"))
+    assert report["pseudo-labels b_seed1"]["kept"] == test_questions  # min_probability 0.25 keeps every answer
+    for model in ("a/fold0", "a/refit", "b_seed1/fold1"):
+        log = (cross_validated / f"logs/{model}/train_lora.log").read_text()
+        assert "results/data/extra/c3.json: 2 more records to train on" in log, model
+    log = (cross_validated / "logs/b_seed1/fold1/train_lora.log").read_text()
+    assert f"results/b_seed1/pseudo_labels.json: {test_questions} more records to train on" in log
+    assert "distilling a (weight 0.5, temperature 2.0)" in log
+    assert "teacher_saw_these_questions" in json.loads((cross_validated / "results/b_seed1/metrics.json").read_text())
+    assert "teacher_saw_these_questions" not in json.loads((cross_validated / "results/a/metrics.json").read_text())
