@@ -141,10 +141,12 @@ def main(argv: list[str] | None = None) -> int:
         train_records = [{**r, "teacher_probs": p} for r, p in zip(train_records, teacher)]
         say(f"distilling {distill['teacher']} (weight {distill['weight']}, temperature {distill['temperature']}): "
             f"teacher probabilities for the {len(train_records)} records of {args.train}")
+    sources = [(args.train, len(train_records))]  # each file's share of train_records, in order
     for path in args.extra:
         extra = read_records(path, "labelled")
         say(f"{path}: {len(extra)} more records to train on")
         train_records += extra
+        sources.append((path, len(extra)))
     val_records = read_records(args.val, "labelled") if args.val else []
     train_features, train_cuts = tokenize(train_records, tokenizer, settings["max_seq_length"], frame)
     val_features, val_cuts = tokenize(val_records, tokenizer, settings["max_seq_length"], frame)
@@ -162,8 +164,14 @@ def main(argv: list[str] | None = None) -> int:
     # What the model is trained on, special tokens shown, so a user can check a new base's prompt at a glance.
     say("first training example, decoded: "
         + json.dumps(tokenizer.decode(train_features[0]["input_ids"]), ensure_ascii=False))
-    for path, cuts in ((args.train, train_cuts), (args.val, val_cuts)):
-        say(f"{path}: " + describe_cuts(cuts, [f"record {n}" for n in range(len(cuts))], settings["max_seq_length"]))
+    start = 0
+    for path, count in sources:
+        cuts = train_cuts[start:start + count]
+        start += count
+        say(f"{path}: " + describe_cuts(cuts, [f"record {n}" for n in range(count)], settings["max_seq_length"]))
+    if args.val:
+        say(f"{args.val}: " + describe_cuts(val_cuts, [f"record {n}" for n in range(len(val_cuts))],
+                                           settings["max_seq_length"]))
     say(f"train {len(train_features)} examples ({sum(lengths):,} tokens, longest {max(lengths)}), "
         f"val {len(val_features)}; precision {precision}, base loaded as {settings['load_in']}; "
         f"{len(batches)} {'packed' if settings['packing'] else 'padded'} micro-batches of "
