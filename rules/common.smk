@@ -504,6 +504,11 @@ def revision_flag():
     return f"--revision {shlex.quote(revision)}" if revision and not IS_DEMO else ""
 
 
+def files_flag(flag, files):
+    """A flag followed by each file, quoted for the shell; nothing when there are no files."""
+    return " ".join([flag, *map(shlex.quote, files)]) if files else ""
+
+
 def remote_code_flag():
     return "--trust-remote-code" if config["trust_remote_code"] else ""
 

@@ -107,15 +107,11 @@ rule summarize_data:
         "../envs/data.yaml"
     params:
         folds=lambda wildcards, input: f"--folds {shlex.quote(input.folds)}" if FOLDS else "",
-        extra=lambda wildcards, input: " ".join(["--extra", *map(shlex.quote, input.extra)]) if input.extra else "",
-        pseudo_labels=lambda wildcards, input: (
-            " ".join(["--pseudo-labels", *map(shlex.quote, input.pseudo_labels)]) if input.pseudo_labels else ""
-        ),
+        extra=lambda wildcards, input: files_flag("--extra", input.extra),
+        pseudo_labels=lambda wildcards, input: files_flag("--pseudo-labels", input.pseudo_labels),
     shell:
         "python {input.script:q} --train {input.train:q} --test {input.test:q} {params.folds} {params.extra} "
-        "{params.pseudo_labels} "
-        "--out {output.json:q} "
-        "--html {output.html:q} > {log:q} 2>&1"
+        "{params.pseudo_labels} --out {output.json:q} --html {output.html:q} > {log:q} 2>&1"
 
 
 rule select_pseudo_labels:

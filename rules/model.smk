@@ -47,7 +47,7 @@ rule train_lora:
     params:
         settings=training_settings,
         val=lambda wildcards, input: f"--val {shlex.quote(input.val)}" if hasattr(input, "val") else "",
-        extra=lambda wildcards, input: " ".join(["--extra", *map(shlex.quote, input.extra)]) if input.extra else "",
+        extra=lambda wildcards, input: files_flag("--extra", input.extra),
         teacher=lambda wildcards, input: (
             f"--teacher-probs {shlex.quote(input.teacher)} --teacher-records {shlex.quote(input.teacher_records)}"
             if hasattr(input, "teacher")

@@ -85,6 +85,15 @@ def check(result: ReadResult, path: str, on_invalid: str) -> list[dict]:
     return list(skipped.values())
 
 
+def text_lengths(rows: list[Row]) -> dict:
+    """Length statistics, in characters, of the rows' articles, questions and whole inputs."""
+    return {
+        "article": length_stats([len(r.article) for r in rows]),
+        "question": length_stats([len(r.question) for r in rows]),
+        "input": length_stats([len(build_input(r.article, r.question, r.options)) for r in rows]),
+    }
+
+
 def base_report(result: ReadResult, path: str, skipped: list[dict]) -> dict:
     return {
         "file": path,
@@ -96,11 +105,7 @@ def base_report(result: ReadResult, path: str, skipped: list[dict]) -> dict:
         "fixed_where": dict(sorted(result.fixed_rows.items())),
         "skipped": skipped,
         "rows_skipped": len(skipped),
-        "lengths_chars": {
-            "article": length_stats([len(r.article) for r in result.rows]),
-            "question": length_stats([len(r.question) for r in result.rows]),
-            "input": length_stats([len(build_input(r.article, r.question, r.options)) for r in result.rows]),
-        },
+        "lengths_chars": text_lengths(result.rows),
     }
 
 
@@ -280,7 +285,7 @@ def prepare_extra(args: argparse.Namespace) -> None:
                   rows_left_out=len(left_out), left_out=left_out,
                   left_out_by_reason={reason: sum(e["reason"] == reason for e in left_out)
                                       for reason in sorted({e["reason"] for e in left_out})})
-    report["lengths_chars"] = base_report(ReadResult(rows=kept), args.input, [])["lengths_chars"]
+    report["lengths_chars"] = text_lengths(kept)
     write_json_atomic(args.out, [labelled_record(r) for r in kept])
     write_json_atomic(args.report_out, report)
     print(f"{args.input} (extra source {args.name}): read {result.rows_read}, skipped {len(skipped)}, converted "

@@ -164,14 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     # What the model is trained on, special tokens shown, so a user can check a new base's prompt at a glance.
     say("first training example, decoded: "
         + json.dumps(tokenizer.decode(train_features[0]["input_ids"]), ensure_ascii=False))
-    start = 0
-    for path, count in sources:
-        cuts = train_cuts[start:start + count]
-        start += count
-        say(f"{path}: " + describe_cuts(cuts, [f"record {n}" for n in range(count)], settings["max_seq_length"]))
-    if args.val:
-        say(f"{args.val}: " + describe_cuts(val_cuts, [f"record {n}" for n in range(len(val_cuts))],
-                                           settings["max_seq_length"]))
+    starts = [sum(count for _, count in sources[:n]) for n in range(len(sources))]
+    cuts_by_file = [(path, train_cuts[start:start + count]) for (path, count), start in zip(sources, starts)]
+    for path, cuts in cuts_by_file + ([(args.val, val_cuts)] if args.val else []):
+        say(f"{path}: " + describe_cuts(cuts, [f"record {n}" for n in range(len(cuts))], settings["max_seq_length"]))
     say(f"train {len(train_features)} examples ({sum(lengths):,} tokens, longest {max(lengths)}), "
         f"val {len(val_features)}; precision {precision}, base loaded as {settings['load_in']}; "
         f"{len(batches)} {'packed' if settings['packing'] else 'padded'} micro-batches of "

@@ -324,7 +324,7 @@ def read_questions(path: str | Path, labelled: bool, columns: dict[str, str] | N
         row, sheet = sheet_row.row, sheet_row.sheet
         raw_id = cells.get(id_column)
         row_id = None if is_missing(raw_id) else cell_text(raw_id)
-        where = place(sheet, row) + (f" (ID {row_id})" if row_id is not None else "")
+        where = Problem(row, row_id, "", "", sheet).where
         problems: list[Problem] = []
         if not labelled and row_id is None:
             problems.append(problem(row, None, TEST_ID, "the question id is empty; every test question needs its 題號",
