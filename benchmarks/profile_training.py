@@ -28,11 +28,14 @@ import train_lora  # noqa: E402
 from mcqa import training  # noqa: E402
 
 KINDS = (  # first match wins
-    ("fp8_matmul", ("f8", "fp8", "e4m3", "scaled_mm")),
-    ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "matmul")),
-    ("attention", ("flash", "fmha", "attention")),
-    ("optimizer", ("multi_tensor", "adam")),
+    # Compiled code's kernels are named after the ops they fuse: FP8's casts and scales fused ahead of a
+    # product read "triton_..._scaled_mm_...", yet are elementwise work.
     ("fused_elementwise", ("triton",)),
+    ("attention", ("flash", "fmha", "attention")),  # flash attention's names mention cutlass too
+    # cuBLAS's FP8 products: nvjet_..._qqtst_ (rowwise, both operands quantised) and _qrtst_ (tensorwise).
+    ("fp8_matmul", ("qqtst", "qrtst", "f8", "fp8", "e4m3", "scaled_mm")),
+    ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "matmul")),
+    ("optimizer", ("multi_tensor", "adam")),
 )
 
 

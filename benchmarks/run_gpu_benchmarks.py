@@ -146,10 +146,12 @@ def setup(args, work: Path, shape: dict) -> dict:
 
 
 def train_rate(log_jsonl: Path, skip: int, leave: int = 0) -> dict:
-    """Throughput from the end of the first `skip` logged steps (warm-up) to the last one but `leave`."""
+    """Throughput from the logged step `skip` (the end of warm-up) to the last logged step before the last
+    `leave` steps."""
     entries = read_history(log_jsonl)
     steps = logging_steps(entries)
-    first, last = steps[skip - 1], steps[-1 - leave]
+    first = next(e for e in steps if e["step"] >= skip)
+    last = [e for e in steps if e["step"] <= steps[-1]["step"] - leave][-1]
     seconds = last["elapsed_s"] - first["elapsed_s"]
     return {"first_step_at_s": steps[0]["elapsed_s"],  # the clock starts after loading: the first step and its compiling
             "tokens_per_s": round((last["tokens_seen"] - first["tokens_seen"]) / seconds, 1),
@@ -195,10 +197,11 @@ def flops_per_token(shape: dict, linear_params: int, mean_context: float, settin
 
 
 def train_once(work: Path, name: str, settings: dict, steps: int, skip: int, gpus: int = 1,
-               profile: int = 0) -> dict:
-    """Train `steps` optimizer steps (a fraction of an epoch) with the given settings, logging every step;
-    with `profile`, the last that many steps run under torch.profiler (profile.json) and are not timed."""
-    settings = {**LORA, **settings, "logging_steps": 1}
+               profile: int = 0, log_every: int = 1) -> dict:
+    """Train `steps` optimizer steps (a fraction of an epoch) with the given settings, logging every
+    `log_every` steps (a logged step waits for the GPU); with `profile`, the last that many steps run under
+    torch.profiler (profile.json) and are not timed."""
+    settings = {**LORA, **settings, "logging_steps": log_every}
     lengths, batches = epoch_batches(work, settings)
     settings["epochs"] = steps * settings["gradient_accumulation_steps"] * gpus / len(batches)
     out = work / name
@@ -234,7 +237,8 @@ def train(args, work: Path, results: dict) -> dict:
     def ours(name: str, overrides: dict, gpus: int = 1) -> dict:
         result = train_once(work, name, {"precision": precision, **overrides}, steps=args.train_steps,
                             # the first steps warm up (allocator, kernels, compilation)
-                            skip=10, gpus=gpus, profile=args.profile_steps if gpus == 1 else 0)
+                            skip=10, gpus=gpus, profile=args.profile_steps if gpus == 1 else 0,
+                            log_every=args.logging_steps)
         rate = result["tokens_per_s"] / gpus
         result["flops_per_token"] = flops_per_token(SHAPES[args.shape], results["setup"]["linear_params"],
                                                     result["mean_context"], {**LORA, **overrides})
@@ -629,6 +633,9 @@ def main() -> int:
     parser.add_argument("--micro-batch-tokens", type=lambda s: [int(x) for x in s.split(",")], default=[8192],
                         help="token budgets per micro-batch to try for our training (the fastest is reported)")
     parser.add_argument("--train-steps", type=int, default=40)
+    parser.add_argument("--logging-steps", type=int, default=10,
+                        help="our trainings log every N steps, as training.logging_steps (1 gives per-step losses, "
+                             "at the cost of a wait for the GPU every step)")
     parser.add_argument("--profile-steps", type=int, default=0,
                         help="profile the last N steps of each one-GPU training of ours (benchmarks/profile_training.py)")
     parser.add_argument("--variants", type=json.loads, default={},

@@ -7,6 +7,7 @@ import random
 import pytest
 
 from mcqa.batching import AnswerOnlyCollator, MicroBatchDataset, divisible, micro_batches
+from mcqa.training import ProgressLog
 
 
 def lengths(n: int = 3000, seed: int = 0) -> list[int]:
@@ -103,3 +104,26 @@ def test_first_losses_of_a_seeded_training_are_the_pinned_ones(demo_run, tmp_pat
         "--checkpoint-dir", str(tmp_path / "checkpoints"), "--settings", json.dumps(settings)]) == 0
     losses = [round(e["loss"], 4) for e in logging_steps(read_history(tmp_path / "log.jsonl"))]
     assert losses == pytest.approx(PINNED_LOSSES, abs=2e-4)
+
+
+def test_tokens_seen_go_on_from_a_resumed_checkpoint_and_are_read_only_at_steps_that_log_or_save(tmp_path):
+    """Reading the device's token count makes the host wait for the GPU, so it is read only where the count
+    is used (a logged line, a saved checkpoint), and a resume adds on to the checkpoint's count."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    reads = []
+
+    def tokens_trained() -> int:
+        reads.append(1)
+        return 500
+
+    progress = ProgressLog(tmp_path / "log.jsonl", lambda: 0, tokens_trained)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True)
+    state = TrainerState(global_step=10, max_steps=20, num_input_tokens_seen=1000)  # as the checkpoint saved it
+    progress.on_train_begin(args, state, TrainerControl())
+    progress.on_step_end(args, state, TrainerControl())
+    assert reads == [] and state.num_input_tokens_seen == 1000
+    for flag in ("should_log", "should_save", "should_evaluate", "should_training_stop"):
+        progress.on_step_end(args, state, TrainerControl(**{flag: True}))
+        assert state.num_input_tokens_seen == 1500, flag
+    assert len(reads) == 4

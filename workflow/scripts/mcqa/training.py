@@ -128,27 +128,37 @@ def distilled_loss_sum(logits: torch.Tensor, targets: torch.Tensor, teacher: tor
 
 
 class AnswerOnlyTrainer(Trainer):
-    """A Trainer for AnswerOnlyCollator's batches of a causal LM; counts the examples trained on.
+    """A Trainer for AnswerOnlyCollator's batches of a causal LM; counts the examples and real tokens trained on.
 
     The forward pass gets no attention mask: right-padded rows need none (see
     mcqa.modeling.pad_right for why that changes nothing the loss sees and
     lets attention run its fused causal kernel), and packed rows carry where
-    each example starts instead. The mask stays in the batch so the Trainer
-    counts real tokens. Examples are counted because micro-batches vary in size.
+    each example starts instead. The mask stays in the batch to count real
+    tokens. Examples are counted because micro-batches vary in size. Tokens are
+    summed on the device and read only when ProgressLog needs them: the
+    Trainer's own count reads each micro-batch's sum on the host, a wait for
+    the GPU every step that left it idle while the next step was prepared.
     """
 
     examples_trained = 0
+    tokens_trained: torch.Tensor | int = 0  # on the device
     answer_accuracy: Callable[[torch.nn.Module], float] | None = None  # set for select_best
     distill: Distillation | None = None  # set for training.distill
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         packed = inputs.get("cu_seq_lens_q")  # a packed row holds many examples
         self.examples_trained += len(packed) - 1 if packed is not None else len(inputs["input_ids"])
+        self.tokens_trained = inputs["attention_mask"].sum() + self.tokens_trained
         return super().training_step(model, inputs, num_items_in_batch)
 
     def examples_trained_all(self) -> int:
         """Examples trained on by all processes together (every process must call it)."""
         count = torch.tensor(self.examples_trained, device=self.accelerator.device)
+        return int(self.accelerator.reduce(count, reduction="sum"))
+
+    def tokens_trained_all(self) -> int:
+        """Real tokens trained on by all processes together in this session (every process must call it)."""
+        count = torch.as_tensor(self.tokens_trained, device=self.accelerator.device)
         return int(self.accelerator.reduce(count, reduction="sum"))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -277,25 +287,33 @@ class ProgressLog(TrainerCallback):
     Rates are over the interval since the previous line; the running totals
     `elapsed_s`, `tokens_seen` (real tokens) and `examples_seen`, all
     processes together, go on across a resume, so a reader can take any
-    interval. `examples_trained` must be called on every process (it sums
-    over them), so on_log does its counting before rank 0 alone writes.
+    interval. `examples_trained` and `tokens_trained` (this session's counts)
+    must be called on every process (they sum over them), so the counting is
+    done before rank 0 alone writes. The tokens seen are kept in the Trainer's
+    state at every step that logs, evaluates or saves, so a checkpoint holds
+    them and a resume goes on from them.
     """
 
-    def __init__(self, path: Path, examples_trained: Callable[[], int]):
-        self.path, self.examples_trained = path, examples_trained
+    def __init__(self, path: Path, examples_trained: Callable[[], int], tokens_trained: Callable[[], int]):
+        self.path, self.examples_trained, self.tokens_trained = path, examples_trained, tokens_trained
         self.start = self.last_time = None
-        self.last_tokens = self.last_examples = 0
+        self.last_tokens = self.last_examples = self.tokens_before = 0
         self.first_step = 0
         self.elapsed_before = self.examples_before = 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = self.last_time = time.perf_counter()
+        self.tokens_before = state.num_input_tokens_seen  # from the checkpoint when resuming
         self.last_tokens, self.last_examples = state.num_input_tokens_seen, self.examples_trained()
         self.first_step = state.global_step
         if state.global_step:
             if totals := last_totals(read_history(self.path)):
                 self.elapsed_before, self.examples_before = totals["elapsed_s"], totals["examples_seen"]
             say(f"resumed from checkpoint at step {state.global_step}")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_log or control.should_evaluate or control.should_save or control.should_training_stop:
+            state.num_input_tokens_seen = self.tokens_before + self.tokens_trained()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs:
@@ -304,7 +322,7 @@ class ProgressLog(TrainerCallback):
         if not state.is_world_process_zero:
             return
         now = time.perf_counter()
-        tokens = state.num_input_tokens_seen  # the Trainer sums it over processes
+        tokens = state.num_input_tokens_seen  # all processes', kept current by on_step_end
         entry = {"step": state.global_step, "epoch": round(state.epoch or 0, 4)}
         totals = {"elapsed_s": round(self.elapsed_before + now - self.start, 3), "tokens_seen": tokens,
                   "examples_seen": self.examples_before + examples}
@@ -392,7 +410,12 @@ def training_arguments(settings: dict, checkpoint_dir: str, deepspeed_config: st
         greater_is_better=True if settings["select_best"] else None,
         seed=settings["seed"],
         data_seed=settings["seed"],
-        include_num_input_tokens_seen="non_padding",
+        # No step waits for the GPU: ProgressLog counts tokens (AnswerOnlyTrainer.tokens_trained), batches are
+        # copied to the GPU without waiting (from pinned memory), and a loss that is not a number is logged as
+        # it is, which stops the training (TrainingDiverged), instead of being checked on the host every step.
+        include_num_input_tokens_seen="no",
+        accelerator_config={"non_blocking": True},
+        logging_nan_inf_filter=False,
         remove_unused_columns=False,
         report_to="none",  # TensorBoard, when tracked, through tensorboard_callback
         disable_tqdm=True,
