@@ -11,6 +11,8 @@ configfile: "config.yaml"
 report: "workflow/report/workflow.rst"
 
 
+include: "rules/config.smk"
+include: "rules/planning.smk"
 include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/model.smk"
@@ -32,6 +34,14 @@ localrules:
     evaluate_ensemble,
     summarize_experiments,
     plot_confusion,
+
+
+onsuccess:
+    print(end_of_run_summary())
+
+
+onerror:
+    print(failed_job_logs(log))
 
 
 rule all:

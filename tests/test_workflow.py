@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shlex
 import signal
 import time
 from pathlib import Path
@@ -52,6 +53,30 @@ def test_default_workflow_writes_every_output(demo_run):
 def test_second_call_schedules_nothing(demo_run):
     result = snakemake(demo_run, "-n", snakefile=demo_run.parent / "流程 copy" / "Snakefile")
     assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_the_end_of_a_run_says_where_its_answers_are(demo_run):
+    """Snakemake's own last lines say nothing of the results: the workflow names each answers file with its
+    validation accuracy, the experiments table and the report's command (here after a call with nothing to do)."""
+    result = snakemake(demo_run, snakefile=demo_run.parent / "流程 copy" / "Snakefile")
+    metrics = json.loads((demo_run / "results/default/metrics.json").read_text())
+    low, high = metrics["accuracy_ci95"]
+    out = result.stdout + result.stderr
+    assert (f"results/default/answers.csv  validation accuracy {metrics['accuracy']:.3f} (95% {low:.3f}-{high:.3f}, "
+            f"{metrics['questions']} questions)") in out, out[-2000:]
+    assert "Experiments table: results/experiments.html" in out
+    assert f"snakemake --report results/report.html --configfile {shlex.quote(str(demo_run / 'config.yaml'))}" in out
+
+
+def test_a_failed_run_names_the_failed_jobs_logs(tmp_path):
+    workdir = sample_workdir(tmp_path, data={"train": "data/bad.csv"})
+    columns = "文章,問題,選項1,選項2,選項3,選項4,正確答案"
+    (workdir / "data/bad.csv").write_text(f"{columns}\n一篇文章,問題,甲,乙,丙,丁,5\n", encoding="utf-8")
+    result = snakemake(workdir, "results/data/train.json", check=False)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "Failed jobs and their logs (shown above):\n  prepare_train_data: logs/prepare_train_data.log" in out, out[-3000:]
+    assert "is not an answer 1-4" in (workdir / "logs/prepare_train_data.log").read_text()
 
 
 def accuracy(answers_csv, truth_csv) -> float:
@@ -129,8 +154,9 @@ def test_training_history_survives_a_resume(killed_training):
     (last,) = [e["step"] for e in entries if "train_runtime_s" in e]
     every = INTERRUPTIBLE_TRAINING["logging_steps"]
     assert [e["step"] for e in entries if "loss" in e] == list(range(every, last + 1, every))
-    totals = [e["elapsed_s"] for e in entries if "elapsed_s" in e]
-    assert totals == sorted(totals), "running totals go on across the resume"
+    for total in ("elapsed_s", "tokens_seen", "examples_seen"):
+        totals = [e[total] for e in entries if total in e]
+        assert totals == sorted(totals) and totals[0] > 0, f"{total} goes on across the resume"
 
 
 def test_tensorboard_shows_each_step_once_after_a_resume(killed_training):
