@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO / "workflow" / "scripts"))
 
 from run_gpu_benchmarks import LORA, epoch_batches, log  # noqa: E402
 
-from build_demo_model import build_model  # noqa: E402
+from mcqa.demo_model import build_model  # noqa: E402
 from mcqa.modeling import load_tokenizer  # noqa: E402
 
 

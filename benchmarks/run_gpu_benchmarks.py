@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "workflow" / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
-from build_demo_model import build_model, train_tokenizer  # noqa: E402
+from mcqa.demo_model import build_model, train_tokenizer  # noqa: E402
 from mcqa.history import logging_steps, read_history  # noqa: E402
 from mcqa.modeling import load_tokenizer  # noqa: E402
 from mcqa.prompt import prompt_text  # noqa: E402

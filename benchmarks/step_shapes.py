@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow" / "scripts"))
 
-from build_demo_model import build_model  # noqa: E402
+from mcqa.demo_model import build_model  # noqa: E402
 from mcqa.modeling import without_attention_mask  # noqa: E402
 from mcqa.batching import AnswerOnlyCollator  # noqa: E402
 

@@ -11,7 +11,7 @@ from conftest import run_script, training_defaults
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from build_demo_model import build_model
+from mcqa.demo_model import build_model
 from mcqa.modeling import load_tokenizer, without_attention_mask
 from mcqa.records import read_records
 from mcqa.batching import micro_batches
