@@ -214,10 +214,10 @@ def end_of_run_summary():
     return "\n".join(summary)
 
 
-def failed_job_logs(snakemake_log):
-    """The logs of the jobs that failed, read from Snakemake's own log of this run."""
-    text = Path(snakemake_log).read_text(errors="replace") if snakemake_log and Path(snakemake_log).exists() else ""
+def failed_job_logs(snakemake_logs):
+    """The logs of the jobs that failed, read from Snakemake's own logs of this run."""
+    text = "".join(Path(log).read_text(errors="replace") for log in snakemake_logs if Path(log).is_file())
     failed = re.findall(r"^Error in rule\s(\S+?):\n(?:    .*\n)*?    log: (.+?) \(check log", text, re.MULTILINE)
     lines = [f"  {rule}: {logs}" for rule, logs in dict.fromkeys(failed)]
     where = "\n".join(["", "Failed jobs and their logs (shown above):", *lines]) if lines else ""
-    return f"{where}\nSnakemake's own log of this run: {snakemake_log}"
+    return f"{where}\nSnakemake's own log of this run: {', '.join(map(str, snakemake_logs))}"

@@ -47,12 +47,14 @@ def slurm_snakemake(workdir, *args, background=False, check=True):
 
 
 def jobs_of(workdir) -> list[dict]:
-    """Every Slurm job this workdir submitted, with the fields scontrol reports."""
+    """Every Slurm job this workdir submitted, with the fields scontrol reports; not those of an earlier test
+    session's workdir of the same path that the controller still remembers."""
     out = subprocess.run(["scontrol", "show", "job", "-o"], capture_output=True, text=True).stdout
+    created = datetime.fromtimestamp((workdir / "config.yaml").stat().st_mtime).replace(microsecond=0)
     jobs = []
     for line in out.splitlines():
         fields = dict(re.findall(r"(\w+)=(\S*)", line))
-        if fields.get("WorkDir") == str(workdir):
+        if fields.get("WorkDir") == str(workdir) and datetime.fromisoformat(fields["SubmitTime"]) >= created:
             jobs.append(fields)
     return jobs
 
