@@ -144,8 +144,8 @@ def test_best_checkpoint_on_validation_accuracy_is_the_one_kept(tmp_path):
     """A learning rate that warms up far too high makes late steps worse: the saved adapter is the
     best step's, and evaluate_answers scores it exactly as training did."""
     workdir = sample_workdir(tmp_path, answering={"rotations": 1}, training={
-        "select_best": True, "eval_steps": 25, "logging_steps": 25, "learning_rate": 0.02, "warmup_ratio": 0.9,
-        "lr_scheduler": "linear"})
+        "select_best": True, "eval_steps": 12, "logging_steps": 12, "learning_rate": 0.01, "warmup_ratio": 0.9,
+        "lr_scheduler": "linear", "epochs": 10})
     snakemake(workdir, "results/default/metrics.json")
     log = [json.loads(line) for line in (workdir / "results/default/train_log.jsonl").read_text().splitlines()]
     accuracies = {e["step"]: e["val_accuracy"] for e in log if "val_accuracy" in e}
