@@ -113,11 +113,11 @@ def test_tokens_seen_go_on_from_a_resumed_checkpoint_and_are_read_only_at_steps_
 
     reads = []
 
-    def tokens_trained() -> int:
+    def trained() -> tuple[int, int]:
         reads.append(1)
-        return 500
+        return 7, 500  # examples, tokens
 
-    progress = ProgressLog(tmp_path / "log.jsonl", lambda: 0, tokens_trained)
+    progress = ProgressLog(tmp_path / "log.jsonl", trained)
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True)
     state = TrainerState(global_step=10, max_steps=20, num_input_tokens_seen=1000)  # as the checkpoint saved it
     progress.on_train_begin(args, state, TrainerControl())

@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         processing_class=tokenizer,
     )
     trainer.remove_callback(PrinterCallback)  # ProgressLog prints a readable line instead
-    trainer.add_callback(ProgressLog(history, trainer.examples_trained_all, trainer.tokens_trained_all))
+    trainer.add_callback(ProgressLog(history, trainer.trained_all))
     if distill["teacher"]:
         trainer.distill = Distillation(frame.answer_ids, distill["weight"], distill["temperature"])
     if settings["select_best"]:

@@ -151,15 +151,13 @@ class AnswerOnlyTrainer(Trainer):
         self.tokens_trained = inputs["attention_mask"].sum() + self.tokens_trained
         return super().training_step(model, inputs, num_items_in_batch)
 
-    def examples_trained_all(self) -> int:
-        """Examples trained on by all processes together (every process must call it)."""
-        count = torch.tensor(self.examples_trained, device=self.accelerator.device)
-        return int(self.accelerator.reduce(count, reduction="sum"))
-
-    def tokens_trained_all(self) -> int:
-        """Real tokens trained on by all processes together in this session (every process must call it)."""
-        count = torch.as_tensor(self.tokens_trained, device=self.accelerator.device)
-        return int(self.accelerator.reduce(count, reduction="sum"))
+    def trained_all(self) -> tuple[int, int]:
+        """Examples and real tokens trained on in this session by all processes together, in one reduction
+        (every process must call it)."""
+        counts = torch.stack([torch.as_tensor(self.examples_trained, device=self.accelerator.device),
+                              torch.as_tensor(self.tokens_trained, device=self.accelerator.device)])
+        examples, tokens = self.accelerator.reduce(counts, reduction="sum").tolist()
+        return int(examples), int(tokens)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = without_attention_mask(inputs)
@@ -287,24 +285,24 @@ class ProgressLog(TrainerCallback):
     Rates are over the interval since the previous line; the running totals
     `elapsed_s`, `tokens_seen` (real tokens) and `examples_seen`, all
     processes together, go on across a resume, so a reader can take any
-    interval. `examples_trained` and `tokens_trained` (this session's counts)
-    must be called on every process (they sum over them), so the counting is
-    done before rank 0 alone writes. The tokens seen are kept in the Trainer's
-    state at every step that logs, evaluates or saves, so a checkpoint holds
-    them and a resume goes on from them.
+    interval. `trained` (this session's examples and tokens) must be called on
+    every process (it sums over them), and reading it waits for the GPU, so it
+    is read, on every process, only at steps that log, evaluate or save, before
+    rank 0 alone writes. The tokens seen are then kept in the Trainer's state,
+    so a checkpoint holds them and a resume goes on from them.
     """
 
-    def __init__(self, path: Path, examples_trained: Callable[[], int], tokens_trained: Callable[[], int]):
-        self.path, self.examples_trained, self.tokens_trained = path, examples_trained, tokens_trained
+    def __init__(self, path: Path, trained: Callable[[], tuple[int, int]]):
+        self.path, self.trained = path, trained
         self.start = self.last_time = None
-        self.last_tokens = self.last_examples = self.tokens_before = 0
+        self.last_tokens = self.last_examples = self.tokens_before = self.examples = 0
         self.first_step = 0
         self.elapsed_before = self.examples_before = 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = self.last_time = time.perf_counter()
         self.tokens_before = state.num_input_tokens_seen  # from the checkpoint when resuming
-        self.last_tokens, self.last_examples = state.num_input_tokens_seen, self.examples_trained()
+        self.last_tokens = state.num_input_tokens_seen
         self.first_step = state.global_step
         if state.global_step:
             if totals := last_totals(read_history(self.path)):
@@ -313,12 +311,13 @@ class ProgressLog(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if control.should_log or control.should_evaluate or control.should_save or control.should_training_stop:
-            state.num_input_tokens_seen = self.tokens_before + self.tokens_trained()
+            self.examples, tokens = self.trained()
+            state.num_input_tokens_seen = self.tokens_before + tokens
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs:
             return
-        examples = self.examples_trained() if "loss" in logs or "train_runtime" in logs else 0
+        examples = self.examples
         if not state.is_world_process_zero:
             return
         now = time.perf_counter()
@@ -410,7 +409,7 @@ def training_arguments(settings: dict, checkpoint_dir: str, deepspeed_config: st
         greater_is_better=True if settings["select_best"] else None,
         seed=settings["seed"],
         data_seed=settings["seed"],
-        # No step waits for the GPU: ProgressLog counts tokens (AnswerOnlyTrainer.tokens_trained), batches are
+        # No step waits for the GPU: ProgressLog counts tokens (AnswerOnlyTrainer.trained_all), batches are
         # copied to the GPU without waiting (from pinned memory), and a loss that is not a number is logged as
         # it is, which stops the training (TrainingDiverged), instead of being checked on the host every step.
         include_num_input_tokens_seen="no",
