@@ -61,6 +61,11 @@ def run_settings(run, point=None):
             f"config runs.{run}: fp8 {settings['fp8']} runs a bf16 or fp16 base's products in FP8, but load_in "
             f"{settings['load_in']} quantises the base already; set fp8: none or load_in: none"
         )
+    if settings["fp8"] != "none" and settings["use_dora"]:
+        raise WorkflowError(
+            f"config runs.{run}: fp8 {settings['fp8']} keeps the frozen weights only in FP8, but use_dora reads "
+            "them in full precision at every step; set fp8: none or use_dora: false"
+        )
     if settings["early_stopping_patience"] and not settings["select_best"]:
         raise WorkflowError(f"config runs.{run}: early_stopping_patience needs select_best: true")
     if embedding := [m for m in settings["target_modules"] if m.split(".")[-1] in EMBEDDING_MODULES]:

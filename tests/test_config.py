@@ -28,6 +28,7 @@ def dry_run(workdir, *args):
         ({"runs": {"r8": {"epochs": "two"}}}, "runs.r8"),
         ({"sweep": {"lora_rank": [8, 16]}}, "config sweep: lora_rank is not a training setting"),
         ({"training": {"fp8": "rowwise", "load_in": "8bit"}}, "fp8 rowwise runs a bf16 or fp16 base's products in FP8"),
+        ({"training": {"fp8": "tensorwise", "use_dora": True}}, "use_dora reads them in full precision"),
     ],
 )
 def test_bad_config_fails_before_any_job_naming_the_key(tmp_path, overrides, needle):

@@ -86,8 +86,6 @@ def lora_model(args: argparse.Namespace, settings: dict, precision: str):
         if refused := tied_modules_refused(args.base_model, settings["modules_to_save"]):
             print(f"ERROR {refused}", file=sys.stderr)
             return None
-    compiled = settings["compile"] and torch.cuda.is_available() and settings["load_in"] == "none"
-    say(f"fp8: {float8_base(model, settings['fp8'], settings['target_modules'], settings['load_in'], compiled)}")
     if settings["load_in"] != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings["gradient_checkpointing"])
     model = get_peft_model(model, LoraConfig(
@@ -96,10 +94,11 @@ def lora_model(args: argparse.Namespace, settings: dict, precision: str):
         use_rslora=settings["use_rslora"], use_dora=settings["use_dora"],
         revision=args.revision,  # recorded in adapter_config.json
         task_type="CAUSAL_LM"))
+    trainable, total = model.get_nb_trainable_parameters()  # before FP8 turns frozen weights into buffers
+    say(f"LoRA: {trainable:,} trainable of {total:,} parameters")
+    say(f"fp8: {float8_base(model, settings['fp8'], settings['load_in'])}")
     if settings["compile"]:
         say(f"torch.compile: {compile_layers(model, settings['load_in'], args.compile_cache)}")
-    trainable, total = model.get_nb_trainable_parameters()
-    say(f"LoRA: {trainable:,} trainable of {total:,} parameters")
     return model
 
 

@@ -202,45 +202,23 @@ def compile_layers(model: torch.nn.Module, load_in: str, cache: str) -> str:
             "the first step waits for it")
 
 
-def float8_base(model: torch.nn.Module, recipe: str, target_modules: list[str], load_in: str, compiled: bool,
-                emulate: bool = False) -> str:
-    """Swap the base's linear layers named in `target_modules` for torchao's Float8Linear (the `recipe`'s
-    scaling: tensorwise or rowwise), before peft wraps them in LoRA layers (wrapped first, they would be
-    skipped: every layer that matters). Says what was done, or why not, for the log.
-
-    The products of those layers then run in FP8: forward, and backward to the activations. torchao's
-    backward also forms the weight gradient, which a frozen base never needs; compiled, it is never computed,
-    so FP8 is applied only with compile. `emulate` runs FP8's arithmetic in higher precision (a CPU test).
-    """
+def float8_base(model: torch.nn.Module, recipe: str, load_in: str, on_any_device: bool = False) -> str:
+    """Run the products of the frozen layers under the LoRA layers of `model` (a peft model) in FP8 with the
+    `recipe`'s scaling (tensorwise or rowwise), their weights cast once (mcqa.float8). Says what was done, or
+    why not, for the log. `on_any_device` applies it on a CPU too (a test: torch has FP8 products there)."""
     if recipe == "none":
         return "off (fp8: none)"
     if load_in != "none":
         return f"off with a {load_in} base (its weights are quantised already)"
-    if not emulate:
+    if not on_any_device:
         if not torch.cuda.is_available():
             return "off on a CPU (FP8 products need a CUDA GPU)"
         if torch.cuda.get_device_capability() < (8, 9):
             name = torch.cuda.get_device_name()
             return f"off on {name} (FP8 products need compute capability 8.9: Ada, Hopper or newer)"
-        if not compiled:
-            return "off without compile (uncompiled, torchao would also compute the frozen weights' gradients)"
-    import dataclasses
+    from .float8 import float8_frozen_base
 
-    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
-
-    # pad_inner_dim: FP8 products need inner dimensions divisible by 16, and a packed micro-batch's token count
-    # (the inner dimension of the weight-gradient product, which compile traces before dropping it) is any
-    # number; unpadded, compiling failed on an H200 ("Expected self.size(1) to be divisible by 16").
-    config = dataclasses.replace(Float8LinearConfig.from_recipe_name(recipe), emulate=emulate, pad_inner_dim=True)
-
-    def adapted(module: torch.nn.Module, name: str) -> bool:
-        # FP8 products need both dimensions divisible by 16 (every 7B projection's are).
-        return (name.split(".")[-1] in target_modules and isinstance(module, torch.nn.Linear)
-                and module.in_features % 16 == 0 and module.out_features % 16 == 0)
-
-    swapped = [name for name, module in model.named_modules() if adapted(module, name)]
-    convert_to_float8_training(model, module_filter_fn=adapted, config=config)
-    return f"{len(swapped)} linear layers of the base in FP8 ({recipe} scaling{', emulated' if emulate else ''})"
+    return f"{float8_frozen_base(model, recipe)} linear layers of the base in FP8 ({recipe} scaling, weights cast once)"
 
 
 def answer_accuracy(records: list[dict], tokenizer, frame: PromptFrame, max_seq_length: int, batch_tokens: int,
