@@ -444,3 +444,23 @@ def test_fp8_products_follow_the_exact_product_within_fp8_precision():
         errors[recipe] = ((y - exact).flatten(0, 1).norm(dim=0) / exact.flatten(0, 1).norm(dim=0))
     assert errors["rowwise"].max() < 0.1, errors["rowwise"]
     assert errors["tensorwise"][-30:].max() < 0.1 and errors["tensorwise"][:5].min() > 0.5, errors["tensorwise"]
+
+
+def test_fp8_layers_compile_as_training_compiles_them():
+    """Two FP8 layers reading the same input (as q, k and v do) compile with dynamic shapes, as the decoder
+    layers are compiled, and give what they give uncompiled (a module-level float in the casts once broke
+    dynamo on the second layer)."""
+    from mcqa.float8 import FrozenFloat8Linear
+
+    torch.manual_seed(0)
+    for recipe in ("tensorwise", "rowwise"):
+        q, k = (FrozenFloat8Linear(torch.nn.Linear(64, 48, bias=False), recipe) for _ in range(2))
+        compiled = torch.compile(lambda x: q(x) * k(x), dynamic=True)
+        results = []
+        for product in (compiled, lambda x: q(x) * k(x)):
+            x = torch.randn(2, 11, 64, generator=torch.Generator().manual_seed(1)).requires_grad_()
+            y = product(x)
+            y.sum().backward()
+            results.append((y, x.grad))
+        for got, want in zip(*results):
+            torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 
 FLOAT8 = torch.float8_e4m3fn
-FLOAT8_MAX = torch.finfo(FLOAT8).max
 RECIPES = ("tensorwise", "rowwise")
 
 
@@ -20,9 +19,12 @@ def to_float8(x: torch.Tensor, rowwise: bool) -> tuple[torch.Tensor, torch.Tenso
     """A 2-D tensor in FP8 (e4m3) and the float32 factor that restores its scale: one a row (rowwise, each row
     over the dimension a product sums) or one for the tensor. The factors are powers of two, so scaling adds
     no rounding of its own and survives a cast to bf16 unchanged."""
+    # Read here, not from a module-level float: compiled with dynamic shapes, a global float becomes an input
+    # of the graph, which dynamo (torch 2.11-2.13) fails to lift into the second FP8 product of a layer.
+    largest = torch.finfo(FLOAT8).max
     amax = x.abs().amax(dim=-1, keepdim=True) if rowwise else x.abs().amax()
-    scale = torch.exp2(torch.floor(torch.log2(FLOAT8_MAX / amax.float().clamp(min=1e-12))))
-    return (x.float() * scale).clamp(-FLOAT8_MAX, FLOAT8_MAX).to(FLOAT8), scale.reciprocal()
+    scale = torch.exp2(torch.floor(torch.log2(largest / amax.float().clamp(min=1e-12))))
+    return (x.float() * scale).clamp(-largest, largest).to(FLOAT8), scale.reciprocal()
 
 
 def float8_product(a: torch.Tensor, b_rows: torch.Tensor, b_scale: torch.Tensor, rowwise: bool,
