@@ -99,9 +99,9 @@ def test_the_fused_kernels_hint_names_the_pinned_liger():
     assert env_pins(REPO / "envs/answer.yaml")[name] == version
 
 
-# Packages an env lists for CUDA machines only (8-bit loading, several GPUs, fused kernels, FP8), imported by
+# Packages an env lists for CUDA machines only (8-bit loading, several GPUs, fused kernels), imported by
 # the stages only on a GPU: the fresh environments of this CPU-only machine leave them out.
-CUDA_ONLY = {"bitsandbytes", "deepspeed", "liger-kernel", "torchao"}
+CUDA_ONLY = {"bitsandbytes", "deepspeed", "liger-kernel"}
 
 
 def rules_by_env() -> dict[str, list[str]]:
