@@ -3,9 +3,9 @@
 # for testing the Slurm profile against a real scheduler, not a mock.
 # The node offers 16 CPUs whatever the machine has (config_overrides: the
 # profile's cpus_per_gpu then schedule as they would on a GPU node), 80% of its
-# memory and one GPU (a gres backed by /dev/null, so jobs that ask for
-# --gpus=1 schedule), in the two partitions that profiles/slurm names: gpu
-# (the default) and cpu.
+# memory and two GPUs (gres backed by /dev/null and /dev/zero, so jobs that ask for
+# --gpus=1 schedule, two at once), in the two partitions that profiles/slurm
+# names: gpu (the default) and cpu.
 # Usage (as root): bash tests/slurm/start_local_cluster.sh [--install]
 set -euo pipefail
 
@@ -47,15 +47,17 @@ ReturnToService=2
 MinJobAge=86400
 SlurmctldLogFile=/var/log/slurm/slurmctld.log
 SlurmdLogFile=/var/log/slurm/slurmd.log
-NodeName=localnode NodeAddr=127.0.0.1 NodeHostname=localhost CPUs=16 RealMemory=$memory Gres=gpu:1 State=UNKNOWN
+NodeName=localnode NodeAddr=127.0.0.1 NodeHostname=localhost CPUs=16 RealMemory=$memory Gres=gpu:2 State=UNKNOWN
 PartitionName=gpu Nodes=localnode Default=YES MaxTime=INFINITE State=UP
 PartitionName=cpu Nodes=localnode MaxTime=INFINITE State=UP
 CONF
-echo "Name=gpu File=/dev/null AutoDetect=off" > /etc/slurm/gres.conf
+printf "Name=gpu File=/dev/null AutoDetect=off\nName=gpu File=/dev/zero AutoDetect=off\n" > /etc/slurm/gres.conf
 
 pgrep -x slurmctld >/dev/null || slurmctld
 pgrep -x slurmd >/dev/null || slurmd -N localnode
 for _ in $(seq 30); do
+  # A node drained under an earlier configuration (e.g. fewer GPUs) stays drained across restarts.
+  sinfo -h -o "%T" 2>/dev/null | grep -q "^drain" && scontrol update nodename=localnode state=resume
   if sinfo -h -o "%T" 2>/dev/null | grep -qE "^idle|^mix|^alloc"; then
     sinfo
     exit 0
@@ -63,5 +65,5 @@ for _ in $(seq 30); do
   sleep 1
 done
 echo "Slurm did not come up; logs in /var/log/slurm" >&2
-tail -20 /var/log/slurm/slurmctld.log /var/log/slurm/slurmd.log >&2 || true
+tail -n 20 /var/log/slurm/slurmctld.log /var/log/slurm/slurmd.log >&2 || true
 exit 1
