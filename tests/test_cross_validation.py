@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
 
 import pytest
 import yaml
@@ -247,23 +248,21 @@ def test_a_new_seed_reruns_only_its_own_jobs_and_changing_folds_retrains_only_th
     assert not {"prepare_train_data", "build_demo_model"} & set(scheduled(snakemake(copy, "-n")))
 
 
-def test_tensorboard_tracking_writes_one_run_a_fold_model(tmp_path):
+def test_tensorboard_tracking_writes_one_run_a_fold_model(cross_validated, tmp_path):
     """tracking: tensorboard hands each training's metrics to TensorBoard as local files, one folder a
-    fold model, named by run and fold so that they line up side by side."""
-    workdir = sample_workdir(tmp_path, data={"folds": 2}, tracking="tensorboard",
-                             training={"epochs": 0.5, "logging_steps": 1},
-                             resources={"train": {"threads": 1}})
-    snakemake(workdir, "results/default/fold0/adapter", "results/default/fold1/adapter")
-    for fold in ("fold0", "fold1"):
-        events = list((workdir / f"results/tensorboard/default/{fold}").glob("events.out.tfevents.*"))
-        assert events and events[0].stat().st_size > 0, fold
+    fold model (and refit), named by run and fold so that they line up side by side."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    scalars = EventAccumulator(str(workdir / "results/tensorboard/default/fold0")).Reload().Tags()["scalars"]
+    folders = sorted(str(p.parent.relative_to(cross_validated / "results/tensorboard"))
+                     for p in (cross_validated / "results/tensorboard").glob("*/*/events.out.tfevents.*"))
+    assert folders == ["a/fold0", "a/fold1", "a/refit", "b_seed1/fold0", "b_seed1/fold1"], folders
+    scalars = EventAccumulator(str(cross_validated / "results/tensorboard/a/fold0")).Reload().Tags()["scalars"]
     assert "train/loss" in scalars
     # Trained again from scratch: the folder starts afresh, not with a second set of the same steps.
-    snakemake(workdir, "results/default/fold0/adapter", "--forcerun", "train_lora")
-    assert len(list((workdir / "results/tensorboard/default/fold0").glob("events.out.tfevents.*"))) == 1
+    workdir = tmp_path / "work"
+    shutil.copytree(cross_validated, workdir, symlinks=True)
+    snakemake(workdir, "results/a/fold0/adapter", "--force")
+    assert len(list((workdir / "results/tensorboard/a/fold0").glob("events.out.tfevents.*"))) == 1
 
 
 def test_folds_that_cannot_be_made_or_come_out_uneven_say_so(tmp_path):
