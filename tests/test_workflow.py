@@ -98,6 +98,8 @@ def test_labels_flow_from_xlsx_to_csv(demo_run, cross_validated):
 
 
 WEIGHT_NEUTRAL_CHANGES = {"gradient_checkpointing": True, "checkpoint_steps": 50, "compile": False}
+# Half the interruptible training (288 steps): killed after its checkpoint at step 80, with 208 steps to spare.
+KILLED_TRAINING = {**INTERRUPTIBLE_TRAINING, "epochs": 2}
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +109,7 @@ def killed_training(tmp_path_factory):
     Returns the workdir, the complete checkpoints' steps at the kill, and
     the training log of the rerun.
     """
-    workdir = sample_workdir(tmp_path_factory.mktemp("killed"), training=INTERRUPTIBLE_TRAINING, tracking="tensorboard")
+    workdir = sample_workdir(tmp_path_factory.mktemp("killed"), training=KILLED_TRAINING, tracking="tensorboard")
     process = snakemake(workdir, "results/default/adapter", background=True)
     done = wait_for_checkpoint(workdir, process, timeout=300, count=2)
     assert done and process.poll() is None, "training finished before it could be killed"
@@ -122,7 +124,7 @@ def killed_training(tmp_path_factory):
     snakemake(workdir, "--unlock")  # a killed Snakemake leaves its lock, as after a power loss
     # What a user changes after an out-of-memory error or a preemption, none of which changes the weights
     # trained: the rerun must still resume.
-    sample_workdir(workdir, training={**INTERRUPTIBLE_TRAINING, **WEIGHT_NEUTRAL_CHANGES}, tracking="tensorboard")
+    sample_workdir(workdir, training={**KILLED_TRAINING, **WEIGHT_NEUTRAL_CHANGES}, tracking="tensorboard")
     snakemake(workdir, "results/default/adapter")
     return workdir, done, (workdir / "logs/default/train_lora.log").read_text()
 
