@@ -210,7 +210,7 @@ def two_runs(tmp_path_factory):
     """The demo workflow with two runs and their ensemble, executed on 4 cores with one GPU slot:
     the workdir and Snakemake's output."""
     workdir = sample_workdir(tmp_path_factory.mktemp("two_runs"), runs=TWO_RUNS, resources=ONE_THREAD,
-                             training={"lora_r": 48, "lora_alpha": 64, "warmup_ratio": 0.03, "epochs": 2})
+                             training={"lora_r": 48, "lora_alpha": 64, "warmup_ratio": 0.03, "epochs": 1})
     result = snakemake(workdir, "--cores", "4")
     return workdir, result.stdout + result.stderr
 
