@@ -79,6 +79,10 @@ def test_every_file_the_docs_cite_is_committed():
         for cited in set(re.findall(r"\b(\d{4}-\d{2}-\d{2}_[\w.-]+\.(?:jsonl|json|log|tsv|png))\b", text)):
             if cited not in names:
                 missing.append(f"{doc}: {cited}")
+        if doc.startswith(("BENCHMARKS", "benchmarks/")):  # a result file named short (`_before.json`) is lost too
+            for cited in set(re.findall(r"`([\w.-]+\.(?:jsonl|json|log|tsv|png))`", text)):
+                if cited not in names:
+                    missing.append(f"{doc}: {cited}")
         # A command that reproduces a figure writes the committed file the figure comes from.
         for out in set(re.findall(r"--out (\S+\.json)\b", text)):
             if "<" not in out and out.rsplit("/", 1)[-1] not in names:
