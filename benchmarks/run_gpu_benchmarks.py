@@ -33,6 +33,7 @@ SCRIPTS = REPO / "workflow" / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
 from mcqa.demo_model import build_model, train_tokenizer  # noqa: E402
+from mcqa.float8 import RECIPES  # noqa: E402
 from mcqa.history import logging_steps, read_history  # noqa: E402
 from mcqa.modeling import load_tokenizer  # noqa: E402
 from mcqa.prompt import prompt_text  # noqa: E402
@@ -370,7 +371,7 @@ def fp8_check(args, work: Path, examples: int = 8) -> dict:
     del model
     result = {"examples": examples, "tokens": sum(len(f["input_ids"]) for f in features),
               "loss_fp32": round(reference_loss, 5)}
-    for recipe in ("none", "tensorwise", "rowwise"):
+    for recipe in ("none", *RECIPES):
         torch.cuda.empty_cache() if cuda() else None
         model = load_model(str(work / "base"), "bf16" if cuda() else "fp32")
         model = with_lora(model)
@@ -403,7 +404,7 @@ def fp8_learning(args, work: Path) -> dict:
     run([sys.executable, SCRIPTS / "build_demo_model.py", "--train", out / "train.json", "--out", out / "base",
          "--settings", json.dumps(shape)], out / "build.log")
     result = {"validation_questions": len(read_records(out / "val.json", "labelled"))}
-    for recipe in ("none", "tensorwise", "rowwise"):
+    for recipe in ("none", *RECIPES):
         name = f"fp8_{recipe}"
         settings = {**DEFAULTS, **demo_training, "precision": "bf16" if cuda() else "fp32", "fp8": recipe}
         run([sys.executable, SCRIPTS / "train_lora.py", "--train", out / "train.json", "--base-model", out / "base",
