@@ -24,7 +24,7 @@ run: $(VENV)/.runtime
 	snakemake --cores 8 --resources gpu=1 $(ARGS)
 
 test: $(VENV)/.test
-	python -m pytest -q tests $(ARGS)
+	python -m pytest -q -n auto --dist loadgroup tests $(ARGS)
 
 lint: $(VENV)/.test
 	snakemake --lint

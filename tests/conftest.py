@@ -21,6 +21,12 @@ BIN = Path(sys.executable).parent
 
 sys.path.insert(0, str(SCRIPTS))
 
+# A test worker's share of the machine's cores (`make test` runs pytest-xdist workers side by side): the
+# workflows it runs get that many, and so does torch in it and in the scripts it runs, as torch otherwise
+# starts a thread per core in every process and processes side by side wait on each other's threads.
+WORKER_CORES = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+os.environ.setdefault("OMP_NUM_THREADS", str(WORKER_CORES))
+
 # Training on the sample that lasts long enough (576 steps) to be interrupted after a checkpoint.
 INTERRUPTIBLE_TRAINING = {"micro_batch_size": 1, "epochs": 4, "checkpoint_steps": 40, "logging_steps": 20,
                           "eval_steps": 1000}
@@ -129,12 +135,12 @@ def snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 900,
               snakefile: Path = REPO / "Snakefile", configfiles: tuple[str, ...] = ("config.yaml",)):
     """Run the workflow (the repo's unless `snakefile` says) in workdir with workdir's `configfiles`.
 
-    Two cores and one GPU slot unless args name --cores or --resources. With
+    The worker's cores and one GPU slot unless args name --cores or --resources. With
     background, return the running process (in its own process group).
     """
     defaults = []
     if "--cores" not in args:
-        defaults += ["--cores", "2"]
+        defaults += ["--cores", str(WORKER_CORES)]
     if "--resources" not in args:
         defaults += ["--resources", "gpu=1"]
     cmd = [
@@ -240,3 +246,32 @@ def cross_validated(tmp_path_factory) -> Path:
                              ensemble={"method": "greedy"}, resources=ONE_THREAD, tracking="tensorboard")
     snakemake(workdir)
     return workdir
+
+
+def shared_fixtures(item: pytest.Item) -> set[str]:
+    """The fixtures of tests/ that `item` uses, directly or through others, and that are built once per
+    session or module (keyed by where they are defined, as two modules may use one name)."""
+    return {f"{fixturedefs[-1].baseid}::{name}" for name, fixturedefs in item._fixtureinfo.name2fixturedefs.items()
+            if fixturedefs and fixturedefs[-1].baseid and fixturedefs[-1].scope in ("session", "module")}
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`make test` runs the tests on pytest-xdist's workers with --dist loadgroup: the tests that share a
+    fixture built once per session or module get one group, so each workflow fixture runs once in the whole
+    test run. A group holds every such fixture that tests using several connect."""
+    parent: dict[str, str] = {}
+
+    def root(key: str) -> str:
+        while parent.setdefault(key, key) != key:
+            key = parent[key]
+        return key
+
+    used = {item: shared_fixtures(item) for item in items}
+    for keys in used.values():
+        for key in keys:
+            parent[root(key)] = root(min(keys))
+    for item, keys in used.items():
+        if keys:
+            group = sorted(key.rsplit("::", 1)[1] for key in parent if root(key) == root(min(keys)))
+            item.add_marker(pytest.mark.xdist_group("+".join(group)))

@@ -107,6 +107,13 @@ def test_baseline_scores_the_base_without_training_or_merging(cross_validated):
     assert not (cross_validated / "results/base/adapter").exists()
     metrics = json.loads((cross_validated / "results/base/metrics.json").read_text())
     assert metrics["questions"] == len(read_records(cross_validated / "results/data/train.json", "labelled"))
+    # The sample's cue is learnt in training (test_labels_flow_from_xlsx_to_csv): the base alone is near chance.
+    with open(cross_validated / "data/test_answers.csv", encoding="utf-8") as fh:
+        truth = {row["ID"]: row["Answer"] for row in csv.DictReader(fh)}
+    with open(cross_validated / "results/base/answers.csv", encoding="utf-8") as fh:
+        answers = list(csv.DictReader(fh))
+    assert sorted(row["ID"] for row in answers) == sorted(truth)
+    assert sum(truth[row["ID"]] == row["Answer"] for row in answers) / len(answers) <= 0.45
 
 
 def test_experiments_table_shows_folds_seeds_and_the_baseline(cross_validated):

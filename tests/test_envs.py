@@ -67,6 +67,20 @@ def test_lint_is_clean():
     assert "Congratulations, your workflow is in a good condition!" in result.stdout + result.stderr, result.stdout
 
 
+@pytest.fixture(scope="module")
+def built_once() -> None:
+    """A fixture built once per module, as the workflow fixtures are once per session."""
+
+
+def test_tests_that_share_a_fixture_run_on_one_worker(built_once, request):
+    """`make test` groups the tests that share such a fixture (conftest.py) for pytest-xdist's loadgroup,
+    which sends a group to one worker only where pytest keeps the group in the test's id: pytest 9.2 drops
+    it (pytest-dev/pytest-xdist#1386), and every worker then runs every workflow fixture again."""
+    if not request.config.getoption("loadgroup", False):
+        pytest.skip("the tests run without pytest-xdist's loadgroup (make test runs them with it)")
+    assert request.node.nodeid.endswith("@built_once"), request.node.nodeid
+
+
 def test_every_file_the_docs_cite_is_committed():
     """The documents cite result files and repository paths; each must be in git
     (benchmarks/results/ was once git-ignored, and every cited result was lost)."""

@@ -31,10 +31,12 @@ def local_cluster_ready() -> bool:
     return result.returncode == 0 and {"gpu*", "cpu"} <= set(result.stdout.split())
 
 
-pytestmark = pytest.mark.skipif(
-    not local_cluster_ready(),
-    reason="no sbatch or no local test cluster; start one with tests/slurm/start_local_cluster.sh --install",
-)
+@pytest.fixture(scope="module")
+def local_cluster() -> None:
+    """The local test cluster, for this module's tests one after the other (the fold trainings' test needs
+    the node's two GPUs to itself): under `make test` one worker runs every test that uses it."""
+    if not local_cluster_ready():
+        pytest.skip("no sbatch or no local test cluster; start one with tests/slurm/start_local_cluster.sh --install")
 
 
 def slurm_snakemake(workdir, *args, background=False, check=True, snakefile=REPO / "Snakefile"):
@@ -61,7 +63,7 @@ def jobs_of(workdir) -> list[dict]:
     return jobs
 
 
-def test_workflow_through_slurm_matches_local_run(demo_run, tmp_path):
+def test_workflow_through_slurm_matches_local_run(local_cluster, demo_run, tmp_path):
     """Only the jobs that need a node are submitted: scoring to the GPU partition, the merge to the CPU
     partition, with the resources config.yaml gives; plots and tables run where Snakemake runs. The local
     demo run's adapter merged and scored again through Slurm gives the same answers. (Training through
@@ -82,7 +84,8 @@ def test_workflow_through_slurm_matches_local_run(demo_run, tmp_path):
     assert (workdir / "results/default/answers.csv").read_text() == (demo_run / "results/default/answers.csv").read_text()
 
 
-def test_fold_trainings_run_at_once_one_killed_resumes_on_retry_and_a_failing_job_is_not_retried(tmp_path):
+def test_fold_trainings_run_at_once_one_killed_resumes_on_retry_and_a_failing_job_is_not_retried(local_cluster,
+                                                                                                    tmp_path):
     """Each fold's training is its own Slurm job, with a GPU and config.yaml's memory and time, and they run
     side by side (the test node has two GPUs), as on a cluster of many nodes; one cancelled as a preemption
     or time-out would resumes on the retry. Only training is retried: scoring a base with 8-bit loading on a

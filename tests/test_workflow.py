@@ -87,14 +87,12 @@ def accuracy(answers_csv, truth_csv) -> float:
     return sum(truth[a["ID"]] == a["Answer"] for a in answers) / len(answers)
 
 
-def test_labels_flow_from_xlsx_to_csv(demo_run, cross_validated):
-    """The bundled sample's questions carry a cue that names the answer: the
-    demo model learns it and answers held-out questions right, while the
-    untrained base (the cross-validated run's baseline, train: false) is near chance."""
+def test_labels_flow_from_xlsx_to_csv(demo_run):
+    """The bundled sample's questions carry a cue that names the answer: the demo model learns it and
+    answers held-out questions right (the untrained base is near chance: test_cross_validation's baseline)."""
     truth = demo_run / "data/test_answers.csv"
     assert accuracy(demo_run / "results/default/answers.csv", truth) >= 0.9
     assert json.loads((demo_run / "results/default/metrics.json").read_text())["accuracy"] >= 0.9
-    assert accuracy(cross_validated / "results/base/answers.csv", truth) <= 0.45
 
 
 WEIGHT_NEUTRAL_CHANGES = {"gradient_checkpointing": True, "checkpoint_steps": 50, "compile": False}
