@@ -124,10 +124,13 @@ def remote_code_flag():
 
 
 def train_launcher(wildcards, resources, threads):
-    """python, or torchrun with one rank per GPU, each rank given its share of the job's CPU threads."""
-    ranks = max(1, resources.gpu)
-    launcher = f"torchrun --standalone --nproc_per_node={ranks}" if ranks > 1 else "python"
-    return f"OMP_NUM_THREADS={max(1, threads // ranks)} {launcher}"
+    """torchrun with one rank per GPU (and the CPU threads shared out), else plain python."""
+    if resources.gpu > 1:
+        return (
+            f"OMP_NUM_THREADS={max(1, threads // resources.gpu)} "
+            f"torchrun --standalone --nproc_per_node={resources.gpu}"
+        )
+    return "python"
 
 
 def teacher_oof(run):

@@ -1,6 +1,3 @@
-# Jobs that run torch set OMP_NUM_THREADS to their `threads`: torch otherwise starts a thread per core of
-# the machine in every job, and jobs side by side on a CPU then wait on each other's threads far longer
-# than they compute.
 TRAIN_RES = config["resources"]["train"]
 MERGE_RES = config["resources"]["merge"]
 ANSWER_RES = config["resources"]["answer"]
@@ -140,7 +137,7 @@ rule answer_questions:
         revision=lambda wildcards: "" if wildcards.model in TRAINED else revision_flag(),
         remote_code=remote_code_flag(),
     shell:
-        "OMP_NUM_THREADS={threads} python {input.script:q} --model {params.model:q} {params.revision} --test {input.test:q} "
+        "python {input.script:q} --model {params.model:q} {params.revision} --test {input.test:q} "
         "--answers {output.answers:q} --answer-probs {output.probs:q} --max-seq-length {params.max_seq_length} "
         "--settings {params.settings:q} {params.remote_code} > {log:q} 2>&1"
 
@@ -181,7 +178,7 @@ rule evaluate_answers:
         revision=lambda wildcards: "" if wildcards.model in TRAINED else revision_flag(),
         remote_code=remote_code_flag(),
     shell:
-        "OMP_NUM_THREADS={threads} python {input.script:q} --model {params.model:q} {params.revision} --val {input.val:q} "
+        "python {input.script:q} --model {params.model:q} {params.revision} --val {input.val:q} "
         "--metrics {output.metrics:q} --val-probs {output.probs:q} --max-seq-length {params.max_seq_length} "
         "--settings {params.settings:q} {params.selected_step} {params.remote_code} > {log:q} 2>&1"
 
@@ -219,7 +216,7 @@ rule score_fold_model:
         selected_step=lambda wildcards: "--selected-step" if RUNS[run_of(wildcards)]["select_best"] else "",
         remote_code=remote_code_flag(),
     shell:
-        "OMP_NUM_THREADS={threads} python {input.script:q} --model {params.base_model:q} --adapter {input.adapter:q} {params.revision} "
+        "python {input.script:q} --model {params.base_model:q} --adapter {input.adapter:q} {params.revision} "
         "--val {input.val:q} --metrics {output.metrics:q} --val-probs {output.val_probs:q} "
         "--test {input.test:q} --answer-probs {output.answer_probs:q} --max-seq-length {params.max_seq_length} "
         "--settings {params.settings:q} {params.selected_step} {params.remote_code} > {log:q} 2>&1"

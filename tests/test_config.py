@@ -196,20 +196,6 @@ def test_overriding_one_resource_key_keeps_the_stage_defaults(tmp_path):
     assert threads == 4 and (answer["gpu"], answer["mem_mb"]) == ("1", "32000")
 
 
-def test_jobs_that_run_torch_use_their_threads_and_no_more(tmp_path):
-    """Torch starts a thread per core of the machine unless told: two jobs side by side on a CPU then wait on
-    each other's threads (a 36 s demo training took over 8 minutes beside another). Each job that runs torch
-    gets its `threads`, as Snakemake caps them at --cores."""
-    workdir = sample_workdir(tmp_path, resources={"train": {"threads": 6}, "answer": {"threads": 3}})
-    for cores, train, answer in ((8, 6, 3), (2, 2, 2)):
-        commands = [line for line in dry_run(workdir, "-p", "--cores", str(cores)).stdout.splitlines()
-                    if "train_lora.py --train" in line or "score_questions.py --model" in line]
-        assert len(commands) == 3  # training, answering, evaluation
-        for command in commands:
-            expected = train if "train_lora.py" in command else answer
-            assert command.removeprefix("Shell command: ").startswith(f"OMP_NUM_THREADS={expected} python "), command
-
-
 def test_more_training_gpus_than_resources_allow_is_refused_before_any_job(tmp_path):
     """Snakemake caps a job at --resources gpu=N silently: two GPUs asked for would train as one process."""
     workdir = sample_workdir(tmp_path, resources={"train": {"gpu": 2}})
