@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 import subprocess
@@ -95,6 +96,20 @@ def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(SCRIPTS / name), *map(str, args)], capture_output=True, text=True, env=env()
     )
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def accuracy(answers_csv: Path, truth_csv: Path) -> float:
+    """The share of an answers file's questions answered as the truth file says (both ID,Answer files
+    of the same questions)."""
+    truth = {r["ID"]: r["Answer"] for r in read_csv(truth_csv)}
+    answers = read_csv(answers_csv)
+    assert sorted(a["ID"] for a in answers) == sorted(truth)
+    return sum(truth[a["ID"]] == a["Answer"] for a in answers) / len(answers)
 
 
 def training_defaults() -> dict:
@@ -271,7 +286,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for keys in used.values():
         for key in keys:
             parent[root(key)] = root(min(keys))
+    names: dict[str, list[str]] = {}
+    for key in sorted(parent):
+        names.setdefault(root(key), []).append(key.rsplit("::", 1)[1])
     for item, keys in used.items():
         if keys:
-            group = sorted(key.rsplit("::", 1)[1] for key in parent if root(key) == root(min(keys)))
-            item.add_marker(pytest.mark.xdist_group("+".join(group)))
+            item.add_marker(pytest.mark.xdist_group("+".join(sorted(names[root(min(keys))]))))

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_script, sample_workdir, snakemake
+from conftest import read_csv, run_script, sample_workdir, snakemake
 from transformers import AutoModelForCausalLM
 
 from mcqa.metrics import CHOSEN, metrics, wilson_interval
@@ -15,11 +15,6 @@ from mcqa.modeling import load_tokenizer
 from mcqa.prompt import answer_token_ids, build_input, rotate_input
 from mcqa.records import read_records
 from mcqa.scoring import combine_rotations, score_rotations
-
-
-def read_csv(path):
-    with open(path, encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
 
 
 def test_rotated_input_moves_only_the_options():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shlex
@@ -12,17 +11,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import INTERRUPTIBLE_TRAINING, logged_steps, resumed_steps, sample_workdir, snakemake, wait_for_checkpoint
+from conftest import (INTERRUPTIBLE_TRAINING, accuracy, logged_steps, read_csv, resumed_steps, sample_workdir, snakemake,
+                      wait_for_checkpoint)
 
 from mcqa.modeling import load_tokenizer
 from mcqa.records import read_records
 from mcqa.batching import micro_batches
 from mcqa.training import tokenize
-
-
-def read_csv(path):
-    with open(path, encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
 
 
 def test_default_workflow_writes_every_output(demo_run):
@@ -78,13 +73,6 @@ def test_a_failed_run_names_the_failed_jobs_logs(tmp_path):
     assert result.returncode != 0
     assert "Failed jobs and their logs (shown above):\n  prepare_train_data: logs/prepare_train_data.log" in out, out[-3000:]
     assert "is not an answer 1-4" in (workdir / "logs/prepare_train_data.log").read_text()
-
-
-def accuracy(answers_csv, truth_csv) -> float:
-    truth = {r["ID"]: r["Answer"] for r in read_csv(truth_csv)}
-    answers = read_csv(answers_csv)
-    assert sorted(a["ID"] for a in answers) == sorted(truth)
-    return sum(truth[a["ID"]] == a["Answer"] for a in answers) / len(answers)
 
 
 def test_labels_flow_from_xlsx_to_csv(demo_run):
