@@ -1,15 +1,18 @@
-"""Disk and wall time of a cross-validated run through Snakemake, as a user runs it on one GPU machine.
+"""Disk and wall time of a run through Snakemake (cross-validated or one split), as a user runs it on one GPU
+machine.
 
     python benchmarks/fold_disk.py --workflow REPO --base BASE_DIR --train-xlsx AI.xlsx --test-xlsx AI1000.xlsx \
-        --work DIR --out result.json [--folds 2] [--epochs 0.1] [--cores 16]
+        --work DIR --out result.json [--folds 2] [--epochs 0.1] [--training '{"fp8": "rowwise"}'] [--cores 16]
 
-Writes a config (the given folds and epochs, every other key the schema's
-default) into DIR and runs `snakemake --cores N --resources gpu=1` there with
-REPO's Snakefile (so an older checkout can be measured the same way). While it
-runs, `du` of DIR (results, logs, checkpoints, caches: everything the run
-writes; the base lives elsewhere and is reported on its own) is sampled every
-two seconds. Reports the wall time, the largest and final sizes, what the
-results hold at the end, and each job's time from Snakemake's benchmark files.
+Writes a config (the given folds, epochs and training keys, every other key the
+schema's default; --folds 0 is one train/validation split) into DIR and runs
+`snakemake --cores N --resources gpu=1` there with REPO's Snakefile (so an
+older checkout can be measured the same way). While it runs, `du` of DIR
+(results, logs, checkpoints, caches: everything the run writes; the base lives
+elsewhere and is reported on its own) is sampled every two seconds. Reports the
+wall time, the largest and final sizes, what the results hold at the end, the
+accuracy in metrics.json (out of fold, or on validation) and each job's time
+from Snakemake's benchmark files.
 """
 
 from __future__ import annotations
@@ -58,13 +61,14 @@ def main() -> int:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--folds", type=int, default=2)
     parser.add_argument("--epochs", type=float, default=0.1)
+    parser.add_argument("--training", type=json.loads, default={}, help="more training keys, as JSON")
     parser.add_argument("--cores", type=int, default=16)
     args = parser.parse_args()
 
     args.work.mkdir(parents=True, exist_ok=True)
     config = {"data": {"train": str(args.train_xlsx.absolute()), "test": str(args.test_xlsx.absolute()),
                        "folds": args.folds},
-              "base_model": str(args.base.absolute()), "training": {"epochs": args.epochs}}
+              "base_model": str(args.base.absolute()), "training": {**args.training, "epochs": args.epochs}}
     (args.work / "config.yaml").write_text(yaml.safe_dump(config))
     samples: list[tuple[float, int]] = []
     stop = threading.Event()
@@ -87,13 +91,13 @@ def main() -> int:
     metrics = results / "default" / "metrics.json"
     peak = max(samples, key=lambda s: s[1])
     report = {
-        "workflow": str(args.workflow), "folds": args.folds, "epochs": args.epochs, "returncode": code,
+        "workflow": str(args.workflow), "folds": args.folds, "epochs": args.epochs, "training": args.training, "returncode": code,
         "wall_s": round(wall, 1), "base_gb": round(size_of(args.base) / 1e9, 2),
         "peak_work_gb": round(peak[1] / 1e9, 2), "peak_at_s": peak[0],
         "final_work_gb": round(samples[-1][1] / 1e9, 2),
         "results_gb": {p.name: round(size_of(p) / 1e9, 3) for p in sorted(results.glob("*")) if p.is_dir()},
         "merged_folders": merged,
-        "oof_accuracy": json.loads(metrics.read_text()).get("accuracy") if metrics.exists() else None,
+        "accuracy": json.loads(metrics.read_text()).get("accuracy") if metrics.exists() else None,
         "job_seconds": job_seconds(args.work),
         "samples": samples,
     }
