@@ -61,10 +61,11 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def run(command: list, log_file: Path) -> None:
-    log(" ".join(map(str, command))[:300])
+def run(command: list, log_file: Path, environment: dict | None = None) -> None:
+    log(" ".join(map(str, command))[:300] + (f" with {environment}" if environment else ""))
     with open(log_file, "w") as fh:
-        code = subprocess.call([str(c) for c in command], stdout=fh, stderr=subprocess.STDOUT)
+        code = subprocess.call([str(c) for c in command], stdout=fh, stderr=subprocess.STDOUT,
+                               env={**os.environ, **(environment or {})})
     if code:
         raise SystemExit(f"failed ({code}): see {log_file}\n" + log_file.read_text()[-3000:])
 
@@ -198,10 +199,10 @@ def flops_per_token(shape: dict, linear_params: int, mean_context: float, settin
 
 
 def train_once(work: Path, name: str, settings: dict, steps: int, skip: int, gpus: int = 1,
-               profile: int = 0, log_every: int = 1) -> dict:
+               profile: int = 0, log_every: int = 1, environment: dict | None = None) -> dict:
     """Train `steps` optimizer steps (a fraction of an epoch) with the given settings, logging every
-    `log_every` steps (a logged step waits for the GPU); with `profile`, the last that many steps run under
-    torch.profiler (profile.json) and are not timed."""
+    `log_every` steps (a logged step waits for the GPU), the process given `environment`'s variables too;
+    with `profile`, the last that many steps run under torch.profiler (profile.json) and are not timed."""
     settings = {**LORA, **settings, "logging_steps": log_every}
     lengths, batches = epoch_batches(work, settings)
     settings["epochs"] = steps * settings["gradient_accumulation_steps"] * gpus / len(batches)
@@ -213,7 +214,7 @@ def train_once(work: Path, name: str, settings: dict, steps: int, skip: int, gpu
     if profile:
         command = [sys.executable, REPO / "benchmarks/profile_training.py", "--out", out / "profile.json",
                    "--first-step", steps - profile + 1, "--steps", profile, "--", *command[2:]]
-    run(command, out / "train.log")
+    run(command, out / "train.log", environment)
     result = train_rate(out / "train_log.jsonl", skip=skip, leave=profile)
     if profile:
         result["profile"] = json.loads((out / "profile.json").read_text())
@@ -222,6 +223,8 @@ def train_once(work: Path, name: str, settings: dict, steps: int, skip: int, gpu
                   micro_batches=len(batches), settings={k: settings[k] for k in (
                       "micro_batch_size", "micro_batch_tokens", "gradient_accumulation_steps", "precision", "load_in",
                       "gradient_checkpointing", "packing", "compile")})
+    if environment:
+        result["environment"] = environment
     result["epoch_minutes"] = round(result["epoch_tokens"] / result["tokens_per_s"] / 60, 2)
     result["mean_context"] = round(sum(n * (n + 1) / 2 for n in lengths) / sum(lengths), 1)  # what a token attends to
     result["losses"] = [e["loss"] for e in logging_steps(read_history(out / "train_log.jsonl"))]
@@ -236,10 +239,12 @@ def train(args, work: Path, results: dict) -> dict:
     peak = results["setup"]["matmul_peak_tflops"] * 1e12
 
     def ours(name: str, overrides: dict, gpus: int = 1) -> dict:
+        overrides = dict(overrides)
+        environment = overrides.pop("environment", None)  # not a setting: variables for the training's process
         result = train_once(work, name, {"precision": precision, **overrides}, steps=args.train_steps,
                             # the first steps warm up (allocator, kernels, compilation)
                             skip=10, gpus=gpus, profile=args.profile_steps if gpus == 1 else 0,
-                            log_every=args.logging_steps)
+                            log_every=args.logging_steps, environment=environment)
         rate = result["tokens_per_s"] / gpus
         result["flops_per_token"] = flops_per_token(SHAPES[args.shape], results["setup"]["linear_params"],
                                                     result["mean_context"], {**LORA, **overrides})
@@ -641,7 +646,9 @@ def main() -> int:
     parser.add_argument("--profile-steps", type=int, default=0,
                         help="profile the last N steps of each one-GPU training of ours (benchmarks/profile_training.py)")
     parser.add_argument("--variants", type=json.loads, default={},
-                        help='JSON of named setting overrides also trained, e.g. \'{"padded": {"packing": false}}\'')
+                        help='JSON of named setting overrides also trained, e.g. \'{"padded": {"packing": false}}\'; '
+                             'a variant\'s "environment" holds variables for its process, e.g. '
+                             '\'{"cpp_wrapper": {"environment": {"TORCHINDUCTOR_CPP_WRAPPER": "1"}}}\'')
     parser.add_argument("--recipe-steps", type=int, default=10, help="0 skips the recipe's training")
     parser.add_argument("--answer-batch-tokens", type=lambda s: [int(x) for x in s.split(",")], default=[16384],
                         help="answering.batch_tokens to try (the fastest is reported, and used with 4 orders)")
