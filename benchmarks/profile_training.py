@@ -4,7 +4,8 @@ steps after warm-up, summed by kind of kernel.
     python benchmarks/profile_training.py --out profile.json -- <train_lora.py arguments>
 
 The kinds: FP8 matrix products, bf16/fp32 matrix products, attention, fused (Triton) elementwise kernels of
-compiled code, the optimizer, everything else; and the share of the steps' wall time the GPU was busy (the
+compiled code (and how much of that is in kernels that apply LoRA's dropout), the optimizer, everything
+else; and the share of the steps' wall time the GPU was busy (the
 rest is launch gaps and host work). The profiler is added to the trainer from outside: train_lora itself
 is unchanged.
 """
@@ -65,11 +66,13 @@ class StepProfiler(TrainerCallback):
         torch.cuda.synchronize() if torch.cuda.is_available() else None
         wall = time.perf_counter() - self.started
         self.profiler.__exit__(None, None, None)
-        by_kind, top = defaultdict(float), []
+        by_kind, top, with_dropout = defaultdict(float), [], 0.0
         for event in self.profiler.key_averages():
             gpu_us = event.self_device_time_total
             if gpu_us > 0 and event.device_type == torch.autograd.DeviceType.CUDA:
                 by_kind[kind_of(event.key)] += gpu_us
+                # LoRA's dropout draws a random number an element; compiled code fuses it into these kernels
+                with_dropout += gpu_us if kind_of(event.key) == "fused_elementwise" and "dropout" in event.key else 0
                 top.append((gpu_us, event.count, event.key[:160]))
         busy = sum(by_kind.values()) / 1e6
         steps = self.last - self.first + 1
@@ -78,6 +81,7 @@ class StepProfiler(TrainerCallback):
             "gpu_busy_ms_per_step": round(busy / steps * 1e3, 2), "gpu_busy_fraction": round(busy / wall, 3),
             "ms_per_step_by_kind": {k: round(v / 1e3 / steps, 2) for k, v in sorted(by_kind.items(),
                                                                                       key=lambda kv: -kv[1])},
+            "fused_elementwise_with_dropout_ms_per_step": round(with_dropout / 1e3 / steps, 2),
             "top_kernels": [{"ms_per_step": round(us / 1e3 / steps, 3), "calls_per_step": count / steps, "kernel": k}
                             for us, count, k in sorted(top, reverse=True)[:40]]}, indent=1))
         self.profiler = None
