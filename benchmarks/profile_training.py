@@ -5,8 +5,8 @@ steps after warm-up, summed by kind of kernel.
 
 The kinds: FP8 matrix products, bf16/fp32 matrix products, attention, fused (Triton) elementwise kernels of
 compiled code (and how much of that is in kernels that apply LoRA's dropout), the optimizer, everything
-else; and the share of the steps' wall time the GPU was busy (the rest is launch gaps and host work). The profiler is added to the trainer from outside: train_lora itself
-is unchanged.
+else; and the share of the steps' wall time the GPU was busy (the rest is launch gaps and host work). The
+profiler is added to the trainer from outside: train_lora itself is unchanged.
 """
 
 from __future__ import annotations
