@@ -63,13 +63,23 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+class CommandFailed(SystemExit):
+    """A stage's command exited non-zero; `last_line` is the last line of its log (the error, as a rule)."""
+
+    def __init__(self, message: str, last_line: str) -> None:
+        super().__init__(message)
+        self.last_line = last_line
+
+
 def run(command: list, log_file: Path, environment: dict | None = None) -> None:
     log(" ".join(map(str, command))[:300] + (f" with {environment}" if environment else ""))
     with open(log_file, "w") as fh:
         code = subprocess.call([str(c) for c in command], stdout=fh, stderr=subprocess.STDOUT,
                                env={**os.environ, **(environment or {})})
     if code:
-        raise SystemExit(f"failed ({code}): see {log_file}\n" + log_file.read_text()[-3000:])
+        text = log_file.read_text()
+        raise CommandFailed(f"failed ({code}): see {log_file}\n" + text[-3000:],
+                            next((line for line in reversed(text.splitlines()) if line.strip()), "")[:400])
 
 
 def cuda() -> bool:
@@ -236,7 +246,8 @@ def train_once(work: Path, name: str, settings: dict, steps: int, skip: int, gpu
 
 def train(args, work: Path, results: dict) -> dict:
     """Our training at the default settings (for each --micro-batch-tokens), each --variants entry, several
-    GPUs (--gpus), and the recipe, all in one run."""
+    GPUs (--gpus), and the recipe, all in one run. A variant whose training fails (out of memory, say) is
+    recorded with its log's last line, and the rest still run."""
     precision = "bf16" if cuda() else "fp32"
     peak = results["setup"]["matmul_peak_tflops"] * 1e12
 
@@ -268,7 +279,12 @@ def train(args, work: Path, results: dict) -> dict:
     if args.variants:
         result["variants"] = {}
         for name, overrides in args.variants.items():
-            variant = ours(f"train_variant_{name}", {"micro_batch_tokens": best, **overrides})
+            try:
+                variant = ours(f"train_variant_{name}", {"micro_batch_tokens": best, **overrides})
+            except CommandFailed as failure:  # e.g. out of GPU memory: the other variants and the recipe still run
+                log(f"train_variant_{name} failed: {failure.last_line}")
+                result["variants"][name] = {"failed": failure.last_line}
+                continue
             variant["tokens_per_s_vs_default"] = round(variant["tokens_per_s"] / default["tokens_per_s"], 3)
             variant["loss_vs_default"] = loss_difference(default["losses"], variant["losses"])
             result["variants"][name] = variant
