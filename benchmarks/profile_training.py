@@ -69,9 +69,11 @@ class StepProfiler(TrainerCallback):
         for event in self.profiler.key_averages():
             gpu_us = event.self_device_time_total
             if gpu_us > 0 and event.device_type == torch.autograd.DeviceType.CUDA:
-                by_kind[kind_of(event.key)] += gpu_us
+                kind = kind_of(event.key)
+                by_kind[kind] += gpu_us
                 # LoRA's dropout draws a random number an element; compiled code fuses it into these kernels
-                with_dropout += gpu_us if kind_of(event.key) == "fused_elementwise" and "dropout" in event.key else 0
+                if kind == "fused_elementwise" and "dropout" in event.key:
+                    with_dropout += gpu_us
                 top.append((gpu_us, event.count, event.key[:160]))
         busy = sum(by_kind.values()) / 1e6
         steps = self.last - self.first + 1
