@@ -101,17 +101,18 @@ def as_json(settings):
 
 
 def base_model_path():
-    return DEMO_MODEL if IS_DEMO else config["base_model"]
+    return BASE_FOLDER
 
 
 def base_model_input(wildcards):
-    """The demo model is built by the workflow; another base is a path or hub id the user owns."""
-    return DEMO_MODEL if IS_DEMO else []
+    """The demo model and a converted GGUF are built by the workflow; another base is a path or hub id the
+    user owns."""
+    return BASE_FOLDER if BUILT_BASE else []
 
 
 def revision_flag():
     revision = config["base_model_revision"]
-    return f"--revision {shlex.quote(revision)}" if revision and not IS_DEMO else ""
+    return f"--revision {shlex.quote(revision)}" if revision and not BUILT_BASE else ""
 
 
 def files_flag(flag, files):

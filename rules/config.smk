@@ -79,6 +79,15 @@ from mcqa.bases import (
 
 DEMO_MODEL = "resources/models/demo"
 IS_DEMO = config["base_model"] == "demo"
+IS_GGUF = config["base_model"].lower().endswith(".gguf")
+# The folder every stage reads the base from: one the workflow builds (the demo, or a GGUF file converted
+# once) or the folder or hub id that base_model names.
+BASE_FOLDER = (
+    DEMO_MODEL
+    if IS_DEMO
+    else f"resources/models/gguf/{Path(config['base_model']).stem}" if IS_GGUF else config["base_model"]
+)
+BUILT_BASE = IS_DEMO or IS_GGUF
 FOLDS = config["data"]["folds"]
 if FOLDS and USER_DATA.get("val_fraction"):
     raise WorkflowError(
@@ -140,17 +149,47 @@ def check_base_model(name):
             raise WorkflowError(f"config base_model: {install_hint(name, missing)}")
 
 
-check_base_model(config["base_model"])
+def check_gguf_base(name):
+    """A GGUF base must be a GGUF file of an architecture and tensor types that the conversion reads; say so
+    before any job runs. Returns what the file holds, or None where its converted folder is already up to
+    date (then that folder is checked as any base is; reading a 262,144-token vocabulary takes 10 s)."""
+    from mcqa.gguf_base import read_summary, refusal
+
+    path, folder = Path(name).expanduser(), Path(BASE_FOLDER)
+    if not path.is_file():
+        raise WorkflowError(
+            f"config base_model: {name} does not exist. Point it at a GGUF file (llama.cpp's format, e.g. "
+            "model.Q4_K_M.gguf), or at a Hugging Face folder or hub id."
+        )
+    if (folder / "config.json").is_file() and folder.stat().st_mtime >= path.stat().st_mtime:
+        return None
+    try:
+        summary = read_summary(path)
+    except (ValueError, OSError) as exc:
+        raise WorkflowError(f"config base_model: {name} cannot be read as a GGUF file ({exc})") from None
+    if reason := refusal(summary, name):
+        raise WorkflowError(f"config base_model: {reason}")
+    return summary
 
 
-def check_chat_template(name):
-    """prompt_format: chat needs a chat template; a local base or the demo is checked before any job runs
-    (a hub id is checked when training loads its tokenizer)."""
+GGUF_SUMMARY = check_gguf_base(config["base_model"]) if IS_GGUF else None
+if not IS_GGUF or GGUF_SUMMARY is None:  # a GGUF converted already: its folder is checked as any base's
+    check_base_model(BASE_FOLDER if IS_GGUF else config["base_model"])
+
+
+def check_chat_template():
+    """prompt_format: chat needs a chat template; a local base, a GGUF file or the demo is checked before any
+    job runs (a hub id is checked when training loads its tokenizer)."""
     if config["prompt_format"] != "chat":
         return
-    if name == "demo":
+    if IS_DEMO:
         raise WorkflowError("config prompt_format: chat, but the demo model has no chat template; use plain")
-    path = Path(name).expanduser()
+    if GGUF_SUMMARY is not None and not GGUF_SUMMARY.chat_template:
+        raise WorkflowError(
+            f"config prompt_format: chat, but base_model {config['base_model']} has no chat template in its "
+            "metadata (tokenizer.chat_template); use prompt_format: plain or an instruction-tuned base"
+        )
+    path = Path(BASE_FOLDER).expanduser()
     if path.is_dir():
         tokenizer_config = path / "tokenizer_config.json"
         has_template = (
@@ -160,12 +199,12 @@ def check_chat_template(name):
         )
         if not has_template:
             raise WorkflowError(
-                f"config prompt_format: chat, but base_model {name} has no chat template (no chat_template in "
+                f"config prompt_format: chat, but base_model {config['base_model']} has no chat template (no chat_template in "
                 "tokenizer_config.json, no chat_template.jinja); use prompt_format: plain or an instruction-tuned base"
             )
 
 
-check_chat_template(config["base_model"])
+check_chat_template()
 # What answering and evaluation score with.
 ANSWERING = {**config["answering"], "prompt_format": config["prompt_format"]}
 

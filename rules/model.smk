@@ -21,6 +21,27 @@ rule build_demo_model:
         "--settings {params.settings:q} > {log:q} 2>&1"
 
 
+if IS_GGUF:
+
+    rule convert_gguf_base:
+        input:
+            gguf=config["base_model"],
+            script=SCRIPTS / "convert_gguf_base.py",
+            lib=library_of("convert_gguf_base.py"),
+        output:
+            directory(BASE_FOLDER),
+        log:
+            "logs/convert_gguf_base.log",
+        conda:
+            "../envs/train.yaml"
+        # A 7B dequantized in bf16 is held whole before it is written: the merge's memory and time.
+        resources:
+            mem_mb=MERGE_RES["mem_mb"],
+            runtime=MERGE_RES["runtime"],
+        shell:
+            "python {input.script:q} --gguf {input.gguf:q} --out {output:q} > {log:q} 2>&1"
+
+
 rule train_lora:
     input:
         unpack(get_training_data),

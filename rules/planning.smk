@@ -74,8 +74,9 @@ def run_settings(run, point=None):
             "cannot be merged into the base (the merge adds B @ A to linear projections). Leave it out of "
             "target_modules, or train it in full with modules_to_save (on a base whose embeddings are not tied)"
         )
-    base = Path(config["base_model"]).expanduser()
-    if settings["modules_to_save"] and (base / "config.json").is_file() and tied_embeddings(base):
+    base = Path(BASE_FOLDER).expanduser()
+    tied = GGUF_SUMMARY.tied_embeddings if GGUF_SUMMARY else (base / "config.json").is_file() and tied_embeddings(base)
+    if settings["modules_to_save"] and tied:
         raise WorkflowError(
             f"config runs.{run}: {tied_modules_refused(config['base_model'], settings['modules_to_save'])}"
         )

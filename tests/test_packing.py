@@ -145,3 +145,47 @@ def test_bitsandbytes_cast_message_is_logged_once(caplog):
         logger.warning("another message")
     assert [r.getMessage() for r in caplog.records] == [
         "MatMul8bitLt: inputs will be cast from torch.float32 to float16 during quantization", "another message"]
+
+
+def gemma3_model(sliding_window: int) -> torch.nn.Module:
+    """A tiny Gemma 3 whose first layer sees only the last `sliding_window` tokens, the second all (Gemma 3's
+    local and global layers)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=1, head_dim=8, pad_token_id=2,
+                              sliding_window=sliding_window, layer_types=["sliding_attention", "full_attention"])
+    torch.manual_seed(2)
+    return Gemma3ForCausalLM(config).eval()
+
+
+def test_packed_training_and_scoring_keep_a_sliding_window():
+    """Gemma's local layers see only the last `sliding_window` tokens: packed training logits and packed
+    scoring (prompts longer than the window are scored whole, shorter ones share their prefixes) equal
+    transformers' own unpacked passes with its sliding-window masks."""
+    from mcqa.scoring import shared_prefix_log_probs
+
+    model = gemma3_model(sliding_window=6)
+    features = examples([9, 23, 5, 17])
+
+    def unpacked(prompts: list[list[int]], of: torch.nn.Module = model) -> torch.Tensor:
+        of.set_attn_implementation("sdpa")
+        with torch.no_grad():
+            return torch.cat([of(torch.tensor([ids])).logits[0] for ids in prompts])
+
+    whole = unpacked([f["input_ids"] for f in features])
+    # The same weights with a window longer than every example give other logits: the window matters here.
+    assert not torch.allclose(unpacked([f["input_ids"] for f in features], gemma3_model(64)), whole, atol=1e-3)
+    batch = without_attention_mask(AnswerOnlyCollator(pad_token_id=2, packed=True)(features))
+    model.set_attn_implementation(PACKED_ATTENTION)
+    with torch.no_grad():
+        packed = model(**{k: v for k, v in batch.items() if k not in ("labels", "shift_labels", "logits_to_keep")})
+    torch.testing.assert_close(packed.logits[0], whole, rtol=1e-4, atol=1e-5)
+    answers = [3, 4, 5, 6]
+    for lengths in ([7, 19, 3, 12], [2, 3, 1, 2]):  # beyond the window, and all within it
+        tails = [f["input_ids"] for f in examples(lengths, seed=3)]
+        prompts = [[5, 6, 7] + tail for tail in tails]  # a prefix shared by the two questions of each group
+        scores = shared_prefix_log_probs(model, {0: prompts}, answers, 64, groups=[0, 0, 1, 1])[0]
+        ends = torch.tensor(list(map(len, prompts))).cumsum(0) - 1
+        expected = torch.log_softmax(unpacked(prompts)[ends], -1)[:, answers]
+        torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-5)

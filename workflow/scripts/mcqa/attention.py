@@ -82,16 +82,19 @@ def continuation(prefixes: Sequence[Sequence[tuple[int, range]]], lengths: Seque
 def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                      cu_seq_lens_q: torch.Tensor | None = None, max_length_q: int | None = None,
-                     prefix_cache: PrefixCache | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+                     prefix_cache: PrefixCache | None = None, sliding_window: int | None = None,
+                     **kwargs) -> tuple[torch.Tensor, None]:
     """Causal attention within each sequence of a packed row (an AttentionInterface function).
 
     Sequences lie end to end in one row (query, key, value of shape (1,
     heads, tokens, dim)); `cu_seq_lens_q` holds where each starts, with the
-    total last. With a `prefix_cache` whose levels are set, each sequence
-    also attends to the whole of the prefixes it continues, and the parts
-    are merged by their log-sum-exp (merge_attention): the attention over
-    its prefixes' keys followed by its own, causal within its own.
-    Returns (1, tokens, heads, dim).
+    total last. A layer with a `sliding_window` (Gemma's local layers) lets
+    a token see only the keys less than that many places back, as
+    transformers' own masks do. With a `prefix_cache` whose levels are set,
+    each sequence also attends to the whole of the prefixes it continues,
+    and the parts are merged by their log-sum-exp (merge_attention): the
+    attention over its prefixes' keys followed by its own, causal within
+    its own. Returns (1, tokens, heads, dim).
     """
     if cu_seq_lens_q is None or query.shape[0] != 1:
         raise ValueError(f"{PACKED_ATTENTION} attention needs one packed row and cu_seq_lens_q (a packed training "
@@ -105,8 +108,13 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         q, k, v = (t.to(torch.get_autocast_dtype("cuda")) for t in (q, k, v))
     earlier = prefix_cache.keep(module, k, v) if prefix_cache is not None else []
     levels = prefix_cache.levels if prefix_cache is not None else []
+    # A window no shorter than the longest sequence hides nothing.
+    window = sliding_window if sliding_window is not None and sliding_window < max_length_q else None
+    if window is not None and levels:
+        raise ValueError(f"{PACKED_ATTENTION} attention does not continue prefixes across a sliding window of "
+                         f"{sliding_window} tokens; score prompts this long whole (mcqa.scoring does)")
     out, lse = varlen_attention(q, k, v, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, scaling,
-                                causal=True, with_lse=bool(levels))
+                                causal=True, with_lse=bool(levels), window=window)
     for level in levels:
         keys, values = (t[: level["key_tokens"]] if level["keys"] is None else t[level["keys"]]
                         for t in earlier[level["pass"]])
@@ -120,10 +128,11 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
                      max_q: int, max_k: int, scaling: float | None, causal: bool,
-                     with_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     with_lse: bool, window: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of each block of queries (cu_q) over its block of keys (cu_k), causal aligned at the end
     of the keys or full, (tokens, heads, dim) in and out; with `with_lse` also the log-sum-exp of each
-    query's scores, (tokens, heads) in fp32.
+    query's scores, (tokens, heads) in fp32. A causal `window` (no log-sum-exp) lets each query see the
+    keys fewer than `window` places back.
 
     On a GPU in half precision, torch's variable-length flash-attention kernel does all blocks in one call;
     elsewhere (a CPU, or fp32) they are laid out as right-padded rows (what the tests compare against
@@ -133,10 +142,10 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: to
     if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)):
         if with_lse:
             return padded_rows_attention_with_lse(q, k, v, cu_q, cu_k, max_q, max_k, scaling, causal)
-        return padded_rows_attention(q, k, v, cu_q, max_q, scaling, gqa), None
+        return padded_rows_attention(q, k, v, cu_q, max_q, scaling, gqa, window), None
     from torch.nn.attention.varlen import AuxRequest, varlen_attn
 
-    options = {"window_size": (-1, 0) if causal else (-1, -1)}
+    options = {"window_size": (-1 if window is None else window - 1, 0) if causal else (-1, -1)}
     if gqa and varlen_takes_gqa():
         options["enable_gqa"] = True
     elif gqa:  # torch before 2.13 has no grouped-query flag: each key-value head serves its group
@@ -185,13 +194,18 @@ def padded_rows(t: torch.Tensor, cu: torch.Tensor, width: int) -> tuple[torch.Te
 
 
 def padded_rows_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_length: int,
-                          scaling: float | None, gqa: bool) -> torch.Tensor:
+                          scaling: float | None, gqa: bool, window: int | None = None) -> torch.Tensor:
     """Causal attention within each packed sequence without a varlen kernel: each sequence as a
     right-padded row, one SDPA call. The padding needs no mask (pad_right's reasoning: causal attention
-    never reads a row's padding)."""
+    never reads a row's padding); a `window` masks the keys `window` or more places back."""
     rows_q, slot = padded_rows(q, cu, max_length)
     rows_k, rows_v = (padded_rows(t, cu, max_length)[0] for t in (k, v))
-    out = F.scaled_dot_product_attention(rows_q, rows_k, rows_v, is_causal=True, scale=scaling, enable_gqa=gqa)
+    mask = None
+    if window is not None:
+        back = torch.arange(max_length, device=q.device)[:, None] - torch.arange(max_length, device=q.device)
+        mask = (back >= 0) & (back < window)
+    out = F.scaled_dot_product_attention(rows_q, rows_k, rows_v, attn_mask=mask, is_causal=mask is None, scale=scaling,
+                                         enable_gqa=gqa)
     return out.transpose(1, 2).reshape(-1, *q.shape[1:])[slot]
 
 

@@ -115,7 +115,8 @@ def answer_token_ids(tokenizer, cue: str = ANSWER_CUE) -> tuple[int, ...]:
 class PromptFrame(NamedTuple):
     """How a record becomes token ids for one tokenizer and prompt format.
 
-    The prompt is `bos_ids` and then the one-pass encoding of `before` +
+    The prompt is `bos_ids` (in plain format the special tokens the tokenizer
+    adds before a text) and then the one-pass encoding of `before` +
     instruction + blank line + input + `after` (`after` ends with the answer
     cue); the user's part is stripped when the chat template strips it. A
     training example adds the answer digit's token (`answer_ids`) and `end_id`:
@@ -141,8 +142,8 @@ def prompt_frame(tokenizer, prompt_format: str) -> PromptFrame:
     `chat`: the conversation [user: instruction and input, assistant: 答案：N] exactly as the tokenizer's
     chat template renders it."""
     if prompt_format == "plain":
-        bos = (tokenizer.bos_token_id,) if tokenizer.bos_token_id is not None else ()
-        return PromptFrame("", ANSWER_CUE, bos, tokenizer.eos_token_id, answer_token_ids(tokenizer))
+        return PromptFrame("", ANSWER_CUE, leading_special_ids(tokenizer), tokenizer.eos_token_id,
+                           answer_token_ids(tokenizer))
     if prompt_format != "chat":
         raise ValueError(f"prompt_format {prompt_format!r} is not one of {PROMPT_FORMATS}")
     if not getattr(tokenizer, "chat_template", None):
@@ -167,6 +168,14 @@ def prompt_frame(tokenizer, prompt_format: str) -> PromptFrame:
     after = opening + CHAT_ANSWER_CUE
     return PromptFrame(before, after, (), end_of_turn(tokenizer, closing), answer_token_ids(tokenizer, after),
                        strip_user=f" {user} " not in render(f" {user} "))
+
+
+def leading_special_ids(tokenizer) -> tuple[int, ...]:
+    """The special tokens the tokenizer itself puts before a text (BOS for Llama 2 and 3, Gemma; none for
+    Qwen2.5 or SmolLM2, whose BOS is a chat token they never add on their own)."""
+    text, full = _encode(tokenizer, ANSWER_CUE), list(tokenizer(ANSWER_CUE)["input_ids"])
+    start = next((k for k in range(len(full) - len(text) + 1) if full[k: k + len(text)] == text), 0)
+    return tuple(full[:start])
 
 
 def end_of_turn(tokenizer, closing: str) -> int:
