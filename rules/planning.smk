@@ -243,8 +243,9 @@ def ensemble_members():
     """The runs the ensemble combines ([] when it is off or would have fewer than two); every seed
     replica is a member of its own."""
     settings = config["ensemble"]
-    # A run that learns from the ensemble cannot be one of its members.
-    members = settings["runs"] or [run for run in RUNS if not learns_from(run, "ensemble")]
+    # A baseline is a reference, not a member, unless ensemble.runs names it; a run that learns from the
+    # ensemble cannot be one of its members.
+    members = settings["runs"] or [run for run in RUNS if RUNS[run]["train"] and not learns_from(run, "ensemble")]
     unknown = [run for run in members if run not in RUNS]
     if unknown:
         raise WorkflowError(f"config ensemble.runs: {', '.join(unknown)} not among runs ({', '.join(RUNS)})")

@@ -28,14 +28,13 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 import statistics
 import sys
-import unicodedata
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable
 
+from mcqa.articles import article_key
 from mcqa.prompt import ARTICLE_MARKER, INSTRUCTION, build_input, split_input
 from mcqa.records import write_json_atomic
 from mcqa.spreadsheet import InputError, ReadResult, Row, duplicate_rows, read_questions
@@ -120,14 +119,24 @@ def grouped(items: list, key: Callable, seed: int) -> tuple[list, dict]:
 
 
 def row_key(split_by: str) -> Callable[[Row], object]:
-    """What must stay on one side of a split: an article's questions (split_by=article) or identical rows
-    (same article, question and options; split_by=row), so validation never scores a question trained on."""
-    return (lambda r: r.article) if split_by == "article" else (lambda r: (r.article, r.question, tuple(r.options)))
+    """What must stay on one side of a split: an article's questions (split_by=article: the article's key,
+    so its spellings that differ in whitespace or punctuation count as one) or identical rows (same article,
+    question and options; split_by=row), so validation never scores a question trained on."""
+    if split_by == "article":
+        return lambda r: article_key(r.article)
+    return lambda r: (article_key(r.article), r.question, tuple(r.options))
 
 
 def record_key(split_by: str) -> Callable[[dict], object]:
     """row_key for the records of train.json, whose `input` is the article, question and options."""
-    return (lambda r: split_input(r["input"])[0]) if split_by == "article" else (lambda r: r["input"])
+    if split_by == "article":
+        return lambda r: article_key(record_article(r))
+    return lambda r: (article_key(record_article(r)), split_input(r["input"])[1])
+
+
+def record_article(record: dict) -> str:
+    """The article of a record's `input`."""
+    return split_input(record["input"])[0].removeprefix(ARTICLE_MARKER)
 
 
 def split_rows(rows: list[Row], val_fraction: float, seed: int, split_by: str) -> tuple[list[Row], list[Row]]:
@@ -224,9 +233,9 @@ def prepare_train(args: argparse.Namespace) -> None:
         "seed": args.split_seed,
         "train_records": len(train),
         "val_records": len(val),
-        "train_articles": len({r.article for r in train}),
-        "val_articles": len({r.article for r in val}),
-        "articles_on_both_sides": len({r.article for r in train} & {r.article for r in val}),
+        "train_articles": len({article_key(r.article) for r in train}),
+        "val_articles": len({article_key(r.article) for r in val}),
+        "articles_on_both_sides": len({article_key(r.article) for r in train} & {article_key(r.article) for r in val}),
     }
     write_json_atomic(args.train_out, [labelled_record(r) for r in train])
     write_json_atomic(args.val_out, [labelled_record(r) for r in val])
@@ -237,11 +246,6 @@ def prepare_train(args: argparse.Namespace) -> None:
         + sheets_note(result),
         file=sys.stderr,
     )
-
-
-def article_key(article: str) -> str:
-    """An article as compared across files: Unicode NFKC (full-width forms folded), without whitespace."""
-    return re.sub(r"\s+", "", unicodedata.normalize("NFKC", article))
 
 
 def converted(rows: list[Row], config: str) -> int:
@@ -272,7 +276,7 @@ def prepare_extra(args: argparse.Namespace) -> None:
     seen = {}
     for path in args.against:
         for r in json.loads(Path(path).read_text(encoding="utf-8")):
-            seen.setdefault(article_key(split_input(r["input"])[0].removeprefix(ARTICLE_MARKER)), path)
+            seen.setdefault(article_key(record_article(r)), path)
     kept, left_out = [], []
     for r in result.rows:
         if (also_in := seen.get(article_key(r.article))) is not None:
