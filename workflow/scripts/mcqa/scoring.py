@@ -67,16 +67,18 @@ def sliding_window(model) -> int | None:
 
 
 def packed_passes(prompts: dict[int, list[list[int]]], members: dict[Hashable, list[int]], batch_tokens: int,
-                  share: bool = True) -> Iterator[tuple[list[tuple[dict, list[dict]]], list[tuple[int, int]]]]:
+                  window: int | None = None) -> Iterator[tuple[list[tuple[dict, list[dict]]], list[tuple[int, int]]]]:
     """Each group of groups that fits `batch_tokens` as its packed rows (pinned CPU tensors, each with how
     it continues the rows before it: continuation's levels, see shared_prefix_log_probs) and the (shift,
-    question) of each sequence of its last row; without `share`, one row of whole prompts. A generator: the
-    host lays out the next groups while the GPU runs these."""
+    question) of each sequence of its last row. A group with a prompt longer than a sliding `window` shares
+    nothing: its prompts are scored whole. A generator: the host lays out the next groups while the GPU
+    runs these."""
     shifts, keys = list(prompts), list(members)
-    article = [shared_prefix([prompts[k][i] for i in members[g] for k in shifts]) * share for g in keys]
+    share = [window is None or max(len(prompts[k][i]) for i in members[g] for k in shifts) <= window for g in keys]
+    article = [shared_prefix([prompts[k][i] for i in members[g] for k in shifts]) * share[n] for n, g in enumerate(keys)]
     question = {}  # question -> the end of the part its orders share (after its group's)
     for n, g in enumerate(keys):
-        question.update({i: max(article[n], shared_prefix([prompts[k][i] for k in shifts]) * share)
+        question.update({i: max(article[n], shared_prefix([prompts[k][i] for k in shifts]) * share[n])
                          for i in members[g]})
     cost = [article[n] + sum(question[i] - article[n] + sum(len(prompts[k][i]) - question[i] for k in shifts)
                              for i in members[g]) for n, g in enumerate(keys)]
@@ -119,19 +121,18 @@ def shared_prefix_log_probs(model, prompts: dict[int, list[list[int]]], answer_i
     three packed rows: the groups' shared parts, then the questions' shared parts, then every prompt's
     rest, each row attending to the keys and values of the parts before it (PrefixCache: each part's keys
     read once for all the sequences that continue it) and causally to itself, with positions continuing
-    them. The result is that of one full pass per prompt, up to rounding. A model with a sliding window
-    shorter than the longest prompt scores whole prompts (a prefix's keys would be seen past the window).
+    them. The result is that of one full pass per prompt, up to rounding. With a model's sliding window,
+    the groups with a prompt longer than it are scored as whole prompts (a prefix's keys would be seen past
+    the window).
     """
     decoder, device = model.get_decoder(), model.get_output_embeddings().weight.device
     answers = torch.tensor(answer_ids, device=device)
     members: dict[Hashable, list[int]] = {}
     for i, key in enumerate(groups if groups is not None else range(len(next(iter(prompts.values()))))):
         members.setdefault(key, []).append(i)
-    window = sliding_window(model)
-    share = window is None or max(len(p) for orders in prompts.values() for p in orders) <= window
     scores, where = [], []
     with attention_implementation(model, PACKED_ATTENTION):
-        for rows, order in packed_passes(prompts, members, batch_tokens, share):
+        for rows, order in packed_passes(prompts, members, batch_tokens, sliding_window(model)):
             cache = PrefixCache()
             for ids, levels in rows:
                 batch, cache.levels = to_device(ids, device), [to_device(level, device) for level in levels]
