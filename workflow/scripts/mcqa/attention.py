@@ -94,7 +94,9 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     each sequence also attends to the whole of the prefixes it continues,
     and the parts are merged by their log-sum-exp (merge_attention): the
     attention over its prefixes' keys followed by its own, causal within
-    its own. Returns (1, tokens, heads, dim).
+    its own. A prefix is read whole, past any window: only sequences that
+    fit the window with their prefixes may continue one (mcqa.scoring
+    scores longer prompts whole). Returns (1, tokens, heads, dim).
     """
     if cu_seq_lens_q is None or query.shape[0] != 1:
         raise ValueError(f"{PACKED_ATTENTION} attention needs one packed row and cu_seq_lens_q (a packed training "
@@ -110,9 +112,6 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     levels = prefix_cache.levels if prefix_cache is not None else []
     # A window no shorter than the longest sequence hides nothing.
     window = sliding_window if sliding_window is not None and sliding_window < max_length_q else None
-    if window is not None and levels:
-        raise ValueError(f"{PACKED_ATTENTION} attention does not continue prefixes across a sliding window of "
-                         f"{sliding_window} tokens; score prompts this long whole (mcqa.scoring does)")
     out, lse = varlen_attention(q, k, v, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, scaling,
                                 causal=True, with_lse=bool(levels), window=window)
     for level in levels:
