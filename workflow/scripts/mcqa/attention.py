@@ -140,7 +140,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: to
     gqa = k.shape[1] != q.shape[1]
     if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)):
         if with_lse:
-            return padded_rows_attention_with_lse(q, k, v, cu_q, cu_k, max_q, max_k, scaling, causal)
+            return padded_rows_attention_with_lse(q, k, v, cu_q, cu_k, max_q, max_k, scaling, causal, window)
         return padded_rows_attention(q, k, v, cu_q, max_q, scaling, gqa, window), None
     from torch.nn.attention.varlen import AuxRequest, varlen_attn
 
@@ -210,7 +210,7 @@ def padded_rows_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu:
 
 def padded_rows_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor,
                                    cu_k: torch.Tensor, max_q: int, max_k: int, scaling: float | None,
-                                   causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                                   causal: bool, window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """varlen_attention's result and log-sum-exp without a varlen kernel, written out (SDPA does not
     return the log-sum-exp): each block as a right-padded row, the padded keys masked."""
     rows_q, slot = padded_rows(q, cu_q, max_q)
@@ -221,7 +221,8 @@ def padded_rows_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     visible = key[None, None, :] < cu_k.diff()[:, None, None]  # (rows, 1, keys)
     if causal:  # query i sees the keys up to its own place counted from the end of its block's keys
         shift = (cu_k.diff() - cu_q.diff())[:, None, None]
-        visible = visible & (key[None, None, :] <= torch.arange(max_q, device=q.device)[None, :, None] + shift)
+        back = torch.arange(max_q, device=q.device)[None, :, None] + shift - key[None, None, :]
+        visible = visible & (back >= 0) & (back < (window or max_k))
     scores = scores.masked_fill(~visible[:, None], float("-inf"))
     lse = scores.float().logsumexp(-1)
     out = ((scores - lse[..., None]).exp().to(q.dtype) @ rows_v).transpose(1, 2).reshape(-1, *q.shape[1:])[slot]
