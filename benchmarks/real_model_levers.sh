@@ -21,7 +21,7 @@ phase() {  # name, folder to keep the runs' results in, extra snakemake argument
   for run in "$@"; do targets+=("results/$run/metrics.json"); done
   start=$(date +%s)
   # shellcheck disable=SC2086
-  "${smk[@]}" $extra "${targets[@]}" > "$work/snakemake_$name.log" 2>&1 || true
+  "${smk[@]}" "${targets[@]}" $extra > "$work/snakemake_$name.log" 2>&1 || true
   echo "$name: $(( $(date +%s) - start )) s" | tee -a "$work/times.txt"
   for run in "$@"; do
     if [ -d "$work/results/$run" ]; then cp -r "$work/results/$run" "$keep/"; else echo "$name: no results for $run"; fi
