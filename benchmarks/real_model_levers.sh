@@ -30,5 +30,6 @@ phase() {  # name, folder to keep the runs' results in, extra snakemake argument
 
 phase first "$work/r4" "" base lora_seed1 lora_seed2 dropout0 fp8 ensemble
 phase students "$work/r4" "" distilled pseudo
-phase rotations1 "$work/r1" "--config answering={rotations:1}" base lora_seed1 lora_seed2
+echo "answering: {rotations: 1}" > "$work/rotations1.yaml"
+phase rotations1 "$work/r1" "--configfile $work/config.yaml $work/rotations1.yaml" base lora_seed1 lora_seed2
 echo done >> "$work/times.txt"
