@@ -10,7 +10,7 @@ import torch
 from conftest import read_csv, run_script, sample_workdir, snakemake
 from transformers import AutoModelForCausalLM
 
-from mcqa.metrics import CHOSEN, metrics, wilson_interval
+from mcqa.metrics import CHOSEN, metrics, paired_difference, wilson_interval
 from mcqa.modeling import load_tokenizer
 from mcqa.prompt import answer_token_ids, build_input, rotate_input
 from mcqa.records import read_records
@@ -64,6 +64,27 @@ def test_rotations_undo_a_bias_toward_answer_1(demo_run):
     biased_1 = answers(1)
     assert (biased_1 == 1).float().mean() >= 0.9, "the bias must dominate without rotations"
     assert (answers(4) == labels).float().mean().item() >= plain[1] - 0.05
+
+
+def test_paired_difference_by_hand():
+    """Two runs on the same four questions: d = (0, 1, 0, 0), mean 0.25, sample variance 0.25, so the
+    interval is 0.25 +- 1.96 * sqrt(0.25 / 4) = 0.25 +- 0.49. With two seed replicas (1,1,0,0) and
+    (1,0,0,1), the per-question means (1, .5, 0, .5) give d = (0, .5, 0, .5): variance 1/12 over 4, plus
+    the replicas' accuracies (0.5, 0.5) that differ by nothing."""
+    one = paired_difference([[1, 1, 0, 0]], [[1, 0, 0, 0]])
+    assert one["difference"] == 0.25 and one["seeds"] == [1, 1]
+    assert one["ci95"] == pytest.approx([0.25 - 0.49, 0.25 + 0.49])
+    two = paired_difference([[1, 1, 0, 0], [1, 0, 0, 1]], [[1, 0, 0, 0]])
+    half = 1.96 * (1 / 12 / 4) ** 0.5
+    assert two["difference"] == 0.25 and two["ci95"] == pytest.approx([0.25 - half, 0.25 + half])
+    # Replicas that disagree (accuracies 0.75 and 0.25) add their spread, a variance of 0.125 over 2
+    # replicas = 0.0625, to the questions' part (d = (0, .5, .5, 0): variance 1/12 over 4).
+    spread = paired_difference([[1, 1, 1, 0], [1, 0, 0, 0]], [[1, 0, 0, 0]])
+    questions = (sum((d - 0.25) ** 2 for d in (0, 0.5, 0.5, 0)) / 3) / 4
+    assert spread["ci95"] == pytest.approx([0.25 - 1.96 * (questions + 0.0625) ** 0.5,
+                                            0.25 + 1.96 * (questions + 0.0625) ** 0.5])
+    with pytest.raises(ValueError, match="same questions"):
+        paired_difference([[1, 0]], [[1, 0, 1]])
 
 
 def test_wilson_interval_and_metrics_by_hand():

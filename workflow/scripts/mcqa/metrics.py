@@ -71,3 +71,30 @@ def write_answers(path: str | os.PathLike, ids: Sequence[str], answers: Sequence
         writer.writerow(["ID", "Answer"])
         writer.writerows(zip(ids, answers))
     os.replace(tmp, path)
+
+
+def paired_difference(run: Sequence[Sequence[int]], reference: Sequence[Sequence[int]], z: float = 1.96) -> dict:
+    """A run's accuracy minus a reference's on the same questions, with a 95% interval.
+
+    Each side is one correctness vector (1 or 0 a question, the questions in the same order) per seed
+    replica. The difference is of the replicas' mean accuracies; its interval is normal, with the variance
+    of the per-question paired differences (of each side's mean correctness over its replicas) over the
+    number of questions, plus, for a side with two or more replicas, the variance of its replicas'
+    accuracies over their number (the spread between seeds; counted on top of the questions' part, so the
+    interval errs wide). A side of one replica adds no seed spread: `seeds` says how many each side had.
+    """
+    if len({len(r) for r in [*run, *reference]}) != 1:
+        raise ValueError("the two sides are not scored on the same questions")
+    ours = [sum(column) / len(run) for column in zip(*run)]
+    theirs = [sum(column) / len(reference) for column in zip(*reference)]
+    differences = [a - b for a, b in zip(ours, theirs)]
+    n = len(differences)
+    mean = sum(differences) / n
+    variance = sum((d - mean) ** 2 for d in differences) / (n - 1) / n if n > 1 else 0.0
+    for side in (run, reference):
+        if len(side) > 1:
+            accuracies = [sum(r) / n for r in side]
+            centre = sum(accuracies) / len(side)
+            variance += sum((a - centre) ** 2 for a in accuracies) / (len(side) - 1) / len(side)
+    half = z * math.sqrt(variance)
+    return {"difference": mean, "ci95": [mean - half, mean + half], "seeds": [len(run), len(reference)]}
