@@ -90,11 +90,6 @@ def scoring_model_path(wildcards):
     return f"results/{wildcards.model}/merged" if wildcards.model in TRAINED else base_model_path()
 
 
-def validation_probs(run):
-    """The file of a run's validation probabilities: out-of-fold with folds, else the validation split's."""
-    return f"results/{run}/oof_probs.csv" if run in FOLDED else f"results/{run}/val_probs.csv"
-
-
 def as_json(settings):
     """Settings as one string with sorted keys: reordering config keys changes nothing."""
     return json.dumps(settings, sort_keys=True, ensure_ascii=False)
@@ -160,8 +155,10 @@ def get_experiment_inputs(wildcards):
     files = {"train_logs": [log for entry in EXPERIMENTS.values() for log in entry["train_logs"]]}
     if HAS_VAL:
         files["metrics"] = expand("results/{run}/metrics.json", run=RUNS)
+        files["probs"] = [validation_probs(run) for run in RUNS]
         if ENSEMBLE:
             files["ensemble"] = "results/ensemble/metrics.json"
+            files["ensemble_probs"] = "results/ensemble/val_probs.csv"
     return files
 
 

@@ -15,12 +15,31 @@ WORKFLOW_KEYS = ("seeds", "train", "refit", "extra", "pseudo_labels")
 BASELINE_CLEARED = {"seeds": [], "refit": False, "select_best": False, "early_stopping_patience": 0}
 
 
+def layered(*layers):
+    """Settings layered in order, later ones winning; a nested block (distill, pseudo_labels) is merged key by
+    key, so a run's `distill: {teacher: a}` keeps the weight that `training` set."""
+    settings = {}
+    for layer in layers:
+        for key, value in layer.items():
+            nested = isinstance(value, dict) and isinstance(settings.get(key), dict)
+            settings[key] = {**settings[key], **value} if nested else value
+    return settings
+
+
 def requested_settings(run, point=None):
     """The run's training settings as the config asks for them, validated: schema defaults, then the demo's
     sizes (base_model: demo only), then the config's `training` keys, then the run's own, then a sweep point's."""
     demo = config["demo_model"]["training"] if IS_DEMO else {}
-    settings = {**config["training"], **demo, **USER_TRAINING, **(config["runs"][run] or {}), **(point or {})}
+    settings = layered(config["training"], demo, USER_TRAINING, config["runs"][run] or {}, point or {})
     return validated(settings, "training.schema.yaml", f"config runs.{run}")
+
+
+# What a run without a teacher trains with: the schema's defaults, whatever `training` says of a teacher's
+# weight or threshold, so changing those retrains only the runs that learn from a teacher.
+NO_TEACHER = {
+    key: read_schema(SCHEMAS / "training.schema.yaml")["properties"][key]["default"]
+    for key in ("distill", "pseudo_labels")
+}
 
 
 def run_settings(run, point=None):
@@ -28,13 +47,8 @@ def run_settings(run, point=None):
     only shape a training (BASELINE_CLEARED)."""
     settings = requested_settings(run, point)
     if not settings["train"]:
-        return {
-            **settings,
-            **BASELINE_CLEARED,
-            "extra": [],
-            "pseudo_labels": {**settings["pseudo_labels"], "teacher": None},
-            "distill": {**settings["distill"], "teacher": None},
-        }
+        return {**settings, **BASELINE_CLEARED, **NO_TEACHER, "extra": []}
+    settings.update({key: NO_TEACHER[key] for key in NO_TEACHER if not settings[key]["teacher"]})
     settings["extra"] = list(EXTRA) if settings["extra"] is None else settings["extra"]
     if unknown := [name for name in settings["extra"] if name not in EXTRA]:
         raise WorkflowError(
@@ -176,6 +190,11 @@ for run, settings in RUNS.items():
 BASELINES = [run for run, settings in RUNS.items() if not settings["train"]]
 SCORED = {**TRAINED, **{run: run for run in BASELINES}}  # what answers and evaluates: model -> its run
 FOLDED = [run for run in RUNS if FOLDS and RUNS[run]["train"]]  # runs whose results combine fold models
+
+
+def validation_probs(run):
+    """The file of a run's validation probabilities: out-of-fold with folds, else the validation split's."""
+    return f"results/{run}/oof_probs.csv" if run in FOLDED else f"results/{run}/val_probs.csv"
 
 
 def teachers_of(run):
@@ -321,6 +340,7 @@ def experiments_manifest():
             "settings": {k: v for k, v in settings.items() if k not in ("seeds", "extra", "pseudo_labels", "distill")},
             "train_logs": [f"results/{model}/train_log.jsonl" for model in models],
             "metrics": f"results/{run}/metrics.json" if HAS_VAL else None,
+            "probs": validation_probs(run) if HAS_VAL else None,
             "replica_of": REPLICAS.get(run),
             "folds": FOLDS,
             "trained_on": trained_on(run),
@@ -329,3 +349,14 @@ def experiments_manifest():
 
 
 EXPERIMENTS = experiments_manifest()
+
+
+def check_reference():
+    """experiments.reference names a run, a run with seeds (the mean of its replicas) or the ensemble."""
+    reference = config["experiments"]["reference"]
+    known = [*RUNS, *sorted(set(REPLICAS.values())), *(["ensemble"] if ENSEMBLE else [])]
+    if reference is not None and reference not in known:
+        raise WorkflowError(f"config experiments.reference: {reference} is none of the runs ({', '.join(known)})")
+
+
+check_reference()

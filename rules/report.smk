@@ -25,9 +25,16 @@ rule summarize_experiments:
         "../envs/data.yaml"
     params:
         manifest=as_json(EXPERIMENTS),
-        ensemble=lambda wildcards, input: ["--ensemble-metrics", input.ensemble] if HAS_VAL and ENSEMBLE else [],
+        ensemble=lambda wildcards, input: (
+            ["--ensemble-metrics", input.ensemble, "--ensemble-probs", input.ensemble_probs]
+            if HAS_VAL and ENSEMBLE
+            else []
+        ),
+        reference=lambda wildcards: (
+            ["--reference", config["experiments"]["reference"]] if config["experiments"]["reference"] else []
+        ),
     shell:
-        "python {input.script:q} --manifest {params.manifest:q} {params.ensemble:q} --tsv {output.tsv:q} "
+        "python {input.script:q} --manifest {params.manifest:q} {params.ensemble:q} {params.reference:q} --tsv {output.tsv:q} "
         "--html {output.html:q} --png {output.png:q} > {log:q} 2>&1"
 
 

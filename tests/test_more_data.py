@@ -250,6 +250,27 @@ def test_the_distilled_loss_mixes_label_and_teacher_at_the_answer_digit_only():
         distilled_loss_sum(logits[:, :4], targets[:, :4], teacher, Distillation(answer_ids, w, t))
 
 
+@pytest.mark.parametrize("temperature", [0.1, 0.25, 1.0])
+@pytest.mark.parametrize("weight", [0.0, 0.5])
+def test_the_distilled_loss_stays_finite_where_the_teacher_wrote_zero(temperature, weight):
+    """A teacher probability written as 0.000000 and sharpened by a low temperature underflows to 0: the loss
+    and its gradient stay finite (it was NaN at T <= 0.25, even at weight 0), and the zero adds nothing to
+    the divergence, which is the one over the teacher's other answers."""
+    from mcqa.training import Distillation, distilled_loss_sum
+
+    answer_ids, end = [5, 6, 7, 8], 9
+    targets = torch.tensor([[6, end]])
+    logits = torch.randn(1, 2, 12, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    teacher = torch.tensor([[0.0, 1.0, 0.0, 0.0]])
+    loss = distilled_loss_sum(logits, targets, teacher, Distillation(answer_ids, weight, temperature))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+    ce = torch.nn.functional.cross_entropy(logits[0].detach(), targets[0], reduction="none")
+    kl = -torch.log_softmax(logits[0, 0, answer_ids].detach() / temperature, -1)[1]  # all mass on answer 2
+    expected = ce[1] + (1 - weight) * ce[0] + weight * temperature ** 2 * kl
+    assert torch.allclose(loss.detach(), expected, atol=1e-5)
+
+
 def test_the_collator_carries_each_examples_teacher_in_order():
     from mcqa.batching import AnswerOnlyCollator
 

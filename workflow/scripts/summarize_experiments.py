@@ -35,7 +35,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from mcqa.history import best_entry, last_totals, logging_steps, read_history  # noqa: E402
-from mcqa.metrics import CHOSEN  # noqa: E402
+from mcqa.metrics import CHOSEN, paired_difference, predicted_answers  # noqa: E402
+from mcqa.probabilities import read_probs  # noqa: E402
 
 
 def differing_settings(settings: dict[str, dict]) -> list[str]:
@@ -109,6 +110,45 @@ def seed_rows(rows: list[dict], manifest: dict) -> list[dict]:
     return means
 
 
+def correctness(path: str) -> list[int]:
+    """1 or 0 for each validation question of a probability file: whether its most probable answer is right."""
+    _, _, probs, labels = read_probs(path)
+    return [int(answer == label) for answer, label in zip(predicted_answers(probs), labels)]
+
+
+def compared(frame: pd.DataFrame, manifest: dict, ensemble_probs: str | None, reference: str | None) -> pd.DataFrame:
+    """The frame with each row's accuracy minus the reference row's on the same questions, and its paired
+    95% interval (mcqa.metrics.paired_difference: over questions and, where a side has seed replicas, their
+    spread), in points; the reference is the named run, else the most accurate row with nothing chosen on
+    its validation questions."""
+    sides = {run: [correctness(entry["probs"])] for run, entry in manifest.items() if entry.get("probs")}
+    for run, entry in manifest.items():
+        if entry.get("replica_of") and run in sides:
+            sides.setdefault(entry["replica_of"], []).extend(sides[run])
+    if ensemble_probs:
+        sides["ensemble"] = [correctness(ensemble_probs)]
+    # A seed mean's row is named "run (mean of k seeds)".
+    names = {row: row.split(" (mean of ")[0] for row in frame["run"]}
+    candidates = [row for row in frame["run"] if names[row] in sides
+                  and not str(frame.loc[frame["run"] == row, "chosen on these questions"].iloc[0] or "")]
+    if reference is None:
+        if not candidates:
+            return frame
+        reference = names[candidates[0]]  # the frame is sorted, best first
+    theirs = sides[reference]
+    column = f"vs {reference}, points (paired 95%)"
+    cells = []
+    for row in frame["run"]:
+        if names[row] == reference or names[row] not in sides:
+            cells.append("reference" if names[row] == reference else "")
+            continue
+        d = paired_difference(sides[names[row]], theirs)
+        low, high = (100 * x for x in d["ci95"])
+        seeds = "" if min(d["seeds"]) > 1 else f"; seeds {d['seeds'][0]} vs {d['seeds'][1]}: seed spread not in it"
+        cells.append(f"{100 * d['difference']:+.2f} ({low:+.2f} to {high:+.2f}){seeds}")
+    return frame.assign(**{column: cells})
+
+
 def table(manifest: dict, differ: list[str], ensemble: str | None) -> pd.DataFrame:
     """One row a run (its `differ` settings, validation and training summaries), the seed means, the
     ensemble; best validation accuracy first."""
@@ -164,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--manifest", required=True,
                         help="JSON: run -> its settings, train_logs, metrics, replica_of and folds")
     parser.add_argument("--ensemble-metrics", default="")
+    parser.add_argument("--ensemble-probs", default="", help="the ensemble's validation probabilities")
+    parser.add_argument("--reference", default=None, help="the run every other is compared with (default: the best)")
     parser.add_argument("--tsv", required=True)
     parser.add_argument("--html", required=True)
     parser.add_argument("--png", required=True)
@@ -171,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     manifest = json.loads(args.manifest)
     differ = differing_settings({run: entry["settings"] for run, entry in manifest.items()})
     frame = table(manifest, differ, args.ensemble_metrics or None)
+    if "val accuracy" in frame:
+        frame = compared(frame, manifest, args.ensemble_probs or None, args.reference)
     shown = frame.drop(columns=[c for c in ("ci_low", "ci_high") if c in frame])
     shown.to_csv(args.tsv, sep="\t", index=False)
     body = shown.to_html(index=False, na_rep="", border=0, classes="experiments")

@@ -119,9 +119,11 @@ def distilled_loss_sum(logits: torch.Tensor, targets: torch.Tensor, teacher: tor
         raise ValueError(f"{int(is_answer.sum())} answer positions for {len(teacher)} teacher rows")
     has_teacher = ~teacher.isnan().any(dim=1)
     t = distill.temperature
-    teacher_soft = torch.softmax(teacher.nan_to_num(0.25).clamp_min(1e-12).log() / t, dim=-1)
+    # In log space: a low temperature sharpens a small teacher probability to exactly 0, whose log would be
+    # -inf and 0 * -inf NaN; its log-softmax stays finite, and its share of the divergence is 0.
+    teacher_log = torch.log_softmax(teacher.nan_to_num(0.25).clamp_min(1e-12).log() / t, dim=-1)
     student_log = torch.log_softmax(flat_logits[is_answer][:, answer_ids] / t, dim=-1)
-    kl = (teacher_soft * (teacher_soft.log() - student_log)).sum(dim=-1)
+    kl = (teacher_log.exp() * (teacher_log - student_log)).sum(dim=-1)
     weight = distill.weight * has_teacher.float()
     answer_loss = (1 - weight) * cross_entropy[is_answer] + weight * t * t * kl
     return cross_entropy[~is_answer].sum() + answer_loss.sum()
@@ -305,10 +307,10 @@ class ProgressLog(TrainerCallback):
                   "examples_seen": self.examples_before + examples}
         if "loss" in logs:
             if not all(math.isfinite(logs.get(k, 0.0)) for k in ("loss", "grad_norm")):
-                raise TrainingDiverged(
-                    f"training diverged at step {state.global_step} (loss {logs['loss']}, gradient norm "
-                    f"{logs.get('grad_norm')}); lower learning_rate, or try precision fp32 to see if half precision overflows"
-                )
+                advice = ("lower learning_rate, or try precision fp32 to see if half precision overflows"
+                          if args.bf16 or args.fp16 else "lower learning_rate (this training is in fp32 already)")
+                raise TrainingDiverged(f"training diverged at step {state.global_step} (loss {logs['loss']}, gradient "
+                                       f"norm {logs.get('grad_norm')}); {advice}")
             elapsed = max(now - self.last_time, 1e-9)
             done = state.global_step - self.first_step
             eta = (now - self.start) / max(done, 1) * (state.max_steps - state.global_step)
