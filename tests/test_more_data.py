@@ -29,7 +29,17 @@ def c3_rows() -> list[dict]:
         # The test file's article once converted: a leak of the test.
         {"context": "测试文章", "question": "什么？", "a": "甲", "b": "乙", "c": "丙", "d": "丁", "answer": 3},
         {"context": "", "question": "空的？", "a": "甲", "b": "乙", "c": "丙", "d": "丁", "answer": 4},
+        # The training file's third article in Simplified with other quotes: s2twp writes 台 where it has 臺
+        # and “” where it has 「」; the article key folds both.
+        {"context": SIMPLIFIED_COPY.replace("对象", "对手"), "question": "哪里？", "a": "甲", "b": "乙", "c": "丙",
+         "d": "丁", "answer": 1},
+        # The same in Simplified with 对象, which s2twp turns into 物件: a near-copy, not the same key.
+        {"context": SIMPLIFIED_COPY, "question": "什么？", "a": "甲", "b": "乙", "c": "丙", "d": "丁", "answer": 2},
     ]
+
+
+TRADITIONAL = "小明住在臺北，他說：「我每天在公司裡面對電腦。」他的對象很重要，所以他認真工作了十年，從來沒有休假。"
+SIMPLIFIED_COPY = "小明住在台北，他说：“我每天在公司里面对电脑。”他的对象很重要，所以他认真工作了十年，从来没有休假。"
 
 
 def records(path, articles: list[str], with_ids: bool = False) -> str:
@@ -43,7 +53,7 @@ def records(path, articles: list[str], with_ids: bool = False) -> str:
 def prepare_extra(tmp_path, *args: str):
     table = tmp_path / "c3.csv"
     pd.DataFrame(c3_rows()).to_csv(table, index=False)
-    train = records(tmp_path / "train.json", ["訓練文章 ABC", "另一篇"])
+    train = records(tmp_path / "train.json", ["訓練文章 ABC", "另一篇", TRADITIONAL.replace("對象", "對手")])
     test = records(tmp_path / "test.json", ["測試文章"], with_ids=True)
     out = tmp_path / "out"
     result = run_script("prepare_data.py", "extra", "--input", table, "--name", "c3", "--columns", json.dumps(COLUMNS),
@@ -60,10 +70,12 @@ def test_an_extra_source_is_mapped_converted_and_leaves_out_what_the_training_an
     # Simplified became Taiwan's Traditional with its phrases (软件 -> 軟體, 内存 -> 記憶體).
     assert len(kept) == 1 and kept[0]["options"][0] == "記憶體" and "軟體" in kept[0]["input"]
     assert kept[0]["output"] == "1"
-    assert (report["name"], report["rows_read"], report["rows_kept"], report["rows_skipped"]) == ("c3", 4, 1, 1)
-    assert report["rows_converted"] == 3 and report["convert"] == "s2twp"
-    assert report["left_out_by_reason"] == {f"its article is also in {train}": 1, f"its article is also in {test}": 1}
-    assert [e["row"] for e in report["left_out"]] == [3, 4]
+    assert (report["name"], report["rows_read"], report["rows_kept"], report["rows_skipped"]) == ("c3", 6, 1, 1)
+    assert report["rows_converted"] == 5 and report["convert"] == "s2twp"
+    assert report["left_out_by_reason"] == {f"copy of an article in {train}": 2, f"copy of an article in {test}": 1,
+                                            f"near-copy of an article in {train}": 1}
+    assert [e["row"] for e in report["left_out"]] == [3, 4, 6, 7]
+    assert "near-copy of one in" in report["left_out"][-1]["reason"]
     assert "context: is empty" in report["skipped"][0]["reasons"][0]  # the file's own column name
     assert report["lengths_chars"]["article"]["count"] == 1
 

@@ -30,11 +30,11 @@ import json
 import random
 import statistics
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Callable
 
-from mcqa.articles import article_key
+from mcqa.articles import NEAR_COPY_JACCARD, SHINGLE_CHARACTERS, NearCopies, article_key
 from mcqa.prompt import ARTICLE_MARKER, INSTRUCTION, build_input, split_input
 from mcqa.records import write_json_atomic
 from mcqa.spreadsheet import InputError, ReadResult, Row, duplicate_rows, read_questions
@@ -268,6 +268,13 @@ def converted(rows: list[Row], config: str) -> int:
     return changed
 
 
+def left_out_counts(left_out: list[dict]) -> dict[str, int]:
+    """How many rows were left out as copies, and as near-copies, of each file's articles."""
+    kinds = Counter(f"{'near-copy' if 'near-copy' in e['reason'] else 'copy'} of an article in {e['also_in']}"
+                    for e in left_out)
+    return dict(sorted(kinds.items()))
+
+
 def prepare_extra(args: argparse.Namespace) -> None:
     """An extra labelled source: every usable row whose article is in neither the training nor the test file."""
     result = read_questions(args.input, labelled=True, columns=json.loads(args.columns))
@@ -277,18 +284,25 @@ def prepare_extra(args: argparse.Namespace) -> None:
     for path in args.against:
         for r in json.loads(Path(path).read_text(encoding="utf-8")):
             seen.setdefault(article_key(record_article(r)), path)
+    near = NearCopies(list(seen))
     kept, left_out = [], []
     for r in result.rows:
-        if (also_in := seen.get(article_key(r.article))) is not None:
-            left_out.append({"row": r.row, **({"sheet": r.sheet} if r.sheet else {}), "id": r.row_id,
-                             "reason": f"its article is also in {also_in}"})
+        key = article_key(r.article)
+        if (also_in := seen.get(key)) is not None:
+            reason = f"its article is also in {also_in}"
+        elif found := near.nearest(key):
+            also_in = seen[near.keys[found[0]]]
+            reason = (f"its article is a near-copy of one in {also_in} (sharing {found[1]:.0%} of their "
+                      f"{SHINGLE_CHARACTERS}-character pieces, at least {NEAR_COPY_JACCARD:.0%} counts)")
         else:
             kept.append(r)
+            continue
+        left_out.append({"row": r.row, **({"sheet": r.sheet} if r.sheet else {}), "id": r.row_id, "reason": reason,
+                         "also_in": also_in})
     report = base_report(result, args.input, skipped)
     report.update(name=args.name, convert=args.convert, rows_converted=changed, rows_kept=len(kept),
                   rows_left_out=len(left_out), left_out=left_out,
-                  left_out_by_reason={reason: sum(e["reason"] == reason for e in left_out)
-                                      for reason in sorted({e["reason"] for e in left_out})})
+                  left_out_by_reason=left_out_counts(left_out))
     report["lengths_chars"] = text_lengths(kept)
     write_json_atomic(args.out, [labelled_record(r) for r in kept])
     write_json_atomic(args.report_out, report)
