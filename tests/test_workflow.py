@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import psutil
 import pytest
 from conftest import (INTERRUPTIBLE_TRAINING, accuracy, logged_steps, read_csv, resumed_steps, sample_workdir, snakemake,
                       wait_for_checkpoint)
@@ -88,6 +89,12 @@ WEIGHT_NEUTRAL_CHANGES = {"gradient_checkpointing": True, "checkpoint_steps": 50
 KILLED_TRAINING = {**INTERRUPTIBLE_TRAINING, "epochs": 2}
 
 
+def training_processes(workdir: Path) -> list[psutil.Process]:
+    """The processes running train_lora in `workdir`: its job's shell and the training itself."""
+    return [p for p in psutil.process_iter(["cmdline", "cwd"])
+            if p.info["cwd"] == str(workdir) and "train_lora.py" in " ".join(p.info["cmdline"] or [])]
+
+
 @pytest.fixture(scope="module")
 def killed_training(tmp_path_factory):
     """A training killed after two checkpoints, its newest checkpoint truncated, then rerun.
@@ -99,8 +106,14 @@ def killed_training(tmp_path_factory):
     process = snakemake(workdir, "results/default/adapter", background=True)
     done = wait_for_checkpoint(workdir, process, timeout=300, count=2)
     assert done and process.poll() is None, "training finished before it could be killed"
-    os.killpg(process.pid, signal.SIGKILL)  # as a lost node or a Slurm preemption would
+    training = training_processes(workdir)
+    assert training
+    # Snakemake alone killed outright, as `kill -9` or a closed terminal would: its job's shell and the
+    # training it runs are left behind, and the training must end on its own.
+    os.kill(process.pid, signal.SIGKILL)
     process.wait()
+    gone, alive = psutil.wait_procs(training, timeout=20)
+    assert not alive, "the training went on after its Snakemake was killed"
     assert not (workdir / "results/default/adapter").exists()
     checkpoints = workdir / "results/default/checkpoints"
     done = sorted(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*") if (p / "trainer_state.json").exists())

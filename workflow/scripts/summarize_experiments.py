@@ -144,7 +144,8 @@ def compared(frame: pd.DataFrame, manifest: dict, ensemble_probs: str | None, re
             continue
         d = paired_difference(sides[names[row]], theirs)
         low, high = (100 * x for x in d["ci95"])
-        seeds = "" if min(d["seeds"]) > 1 else f"; {d['seeds'][0]} vs {d['seeds'][1]} seeds: a single seed's spread is not counted"
+        ours, their = d["seeds"]
+        seeds = "" if min(ours, their) > 1 else f"; {ours} vs {their} seeds: a single seed's spread is not counted"
         cells.append(f"{100 * d['difference']:+.2f} ({low:+.2f} to {high:+.2f}){seeds}")
     return frame.assign(**{column: cells})
 

@@ -32,7 +32,8 @@ from transformers import PrinterCallback, set_seed
 
 from mcqa.bases import tied_modules_refused
 from mcqa.batching import AnswerOnlyCollator, MicroBatchDataset, divisible, micro_batches
-from mcqa.checkpoints import checkpoint_step, clear_owned, fingerprint, prepare_checkpoint_dir
+from mcqa.checkpoints import (CheckpointsInUse, checkpoint_step, clear_owned, fingerprint, hold,
+                              prepare_checkpoint_dir, release)
 from mcqa.history import NAME as HISTORY
 from mcqa.history import append_entry
 from mcqa.attention import PACKED_ATTENTION
@@ -43,8 +44,8 @@ from mcqa.records import read_records
 from mcqa.scoring import ROTATIONS
 from mcqa.storage import disk_full_message
 from mcqa.training import (AnswerOnlyTrainer, Distillation, EarlyStopping, ProgressLog, TrainingDiverged,
-                           answer_accuracy, compile_layers, end_with_launcher, float8_base, teacher_targets,
-                           tensorboard_callback, tokenize, training_arguments)
+                           answer_accuracy, compile_layers, end_with_launcher, end_with_workflow, float8_base,
+                           teacher_targets, tensorboard_callback, tokenize, training_arguments)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -111,6 +112,14 @@ def main(argv: list[str] | None = None) -> int:
         # One process trains on one GPU. With more visible the Trainer would wrap the model in
         # DataParallel, which splits the answer-only batches wrongly; several GPUs go through torchrun.
         os.environ["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+    end_with_workflow()
+    checkpoint_dir = Path(args.checkpoint_dir)
+    if int(os.environ.get("RANK", "0")) == 0:  # one lock a training: rank 0 holds it for all its processes
+        try:
+            lock = hold(checkpoint_dir)
+        except CheckpointsInUse as exc:
+            print(f"ERROR {exc}", file=sys.stderr)
+            return 5
     # Micro-batch shapes change every step; expandable segments keep the CUDA
     # allocator from fragmenting (read at the first CUDA allocation, below).
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
@@ -176,7 +185,6 @@ def main(argv: list[str] | None = None) -> int:
     model = lora_model(args, settings, precision)
     if model is None:
         return 2
-    checkpoint_dir = Path(args.checkpoint_dir)
     history = checkpoint_dir / HISTORY
     trainer = AnswerOnlyTrainer(
         model=model,
@@ -238,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         model.save_pretrained(args.out)
         tokenizer.save_pretrained(args.out)
         shutil.copyfile(history, args.log_jsonl)
+        release(lock, checkpoint_dir)
         clear_owned(checkpoint_dir)
         print(f"adapter saved to {args.out}", file=sys.stderr)
     return 0

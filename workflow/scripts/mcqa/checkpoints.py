@@ -20,6 +20,44 @@ from .history import cut_back
 from .progress import say
 
 FINGERPRINT = "fingerprint.json"
+LOCK = "in-use.lock"  # held by the training that uses the folder, for its whole life
+
+
+class CheckpointsInUse(RuntimeError):
+    """Another training, still running, uses this checkpoint folder."""
+
+
+def hold(path: Path):
+    """Lock the checkpoint folder for this process's life, or raise CheckpointsInUse naming the process that
+    holds it. The lock is the kernel's (flock): it goes with the process however the process ends, so a
+    killed training never leaves the folder locked. Keep the returned file open while training."""
+    import fcntl
+    import os
+
+    path.mkdir(parents=True, exist_ok=True)
+    handle = open(path / LOCK, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "unknown"
+        handle.close()
+        raise CheckpointsInUse(
+            f"{path} is in use by another training that is still running (process {owner}), such as one that a "
+            f"killed Snakemake left behind: stop it (kill {owner}) or let it finish, then run snakemake again"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
+def release(handle, path: Path) -> None:
+    """Give up the lock of `hold` at the end of a training (its file removed first, so clear_owned can remove
+    the emptied folder)."""
+    (path / LOCK).unlink(missing_ok=True)
+    handle.close()
 
 
 # Settings that change nothing in the trained weights: a resume goes on when only these differ (turning

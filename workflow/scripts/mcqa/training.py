@@ -90,6 +90,39 @@ def end_with_launcher() -> None:
         os._exit(1)
 
 
+def end_with_workflow(every: float = 2.0) -> None:
+    """End this process when the Snakemake that started it is gone.
+
+    Killed outright (SIGKILL, a closed terminal), Snakemake leaves its job's
+    shell and this training running: the rerun would resume from checkpoints
+    this orphan still writes, and the orphan, on finishing, would remove them
+    under the rerun. A daemon thread watches the nearest ancestor process
+    whose command runs snakemake and ends this one (as a kill would: the
+    checkpoints stay for the rerun) once it is gone. Run by hand, nothing is
+    watched.
+    """
+    import os
+    import threading
+
+    import psutil
+
+    try:
+        launcher = next((p for p in psutil.Process().parents() if "snakemake" in " ".join(p.cmdline())), None)
+    except psutil.Error:  # an ancestor gone or not readable: nothing to watch
+        return
+    if launcher is None:
+        return
+
+    def watch() -> None:
+        while launcher.is_running() and launcher.status() != psutil.STATUS_ZOMBIE:
+            time.sleep(every)
+        say(f"the Snakemake that started this training (process {launcher.pid}) is gone: stopping; the "
+            "checkpoints stay for the rerun to resume")
+        os._exit(1)
+
+    threading.Thread(target=watch, name="end-with-workflow", daemon=True).start()
+
+
 @dataclass(frozen=True)
 class Distillation:
     """How a student learns from its teacher's four answer probabilities (training.distill)."""
