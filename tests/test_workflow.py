@@ -89,12 +89,6 @@ WEIGHT_NEUTRAL_CHANGES = {"gradient_checkpointing": True, "checkpoint_steps": 50
 KILLED_TRAINING = {**INTERRUPTIBLE_TRAINING, "epochs": 2}
 
 
-def training_processes(workdir: Path) -> list[psutil.Process]:
-    """The processes running train_lora in `workdir`: its job's shell and the training itself."""
-    return [p for p in psutil.process_iter(["cmdline", "cwd"])
-            if p.info["cwd"] == str(workdir) and "train_lora.py" in " ".join(p.info["cmdline"] or [])]
-
-
 @pytest.fixture(scope="module")
 def killed_training(tmp_path_factory):
     """A training killed after two checkpoints, its newest checkpoint truncated, then rerun.
@@ -106,7 +100,7 @@ def killed_training(tmp_path_factory):
     process = snakemake(workdir, "results/default/adapter", background=True)
     done = wait_for_checkpoint(workdir, process, timeout=300, count=2)
     assert done and process.poll() is None, "training finished before it could be killed"
-    training = training_processes(workdir)
+    training = [psutil.Process(int(pid)) for pid in rank_processes(workdir)]  # its job's shell and itself
     assert training
     # Snakemake alone killed outright, as `kill -9` or a closed terminal would: its job's shell and the
     # training it runs are left behind, and the training must end on its own.
@@ -224,6 +218,32 @@ def rank_processes(workdir) -> list[str]:
         except OSError:  # a process that ended while being looked at
             continue
     return found
+
+
+def test_a_checkpoint_folder_in_use_by_a_live_training_is_refused(tmp_path):
+    """A second training of a checkpoint folder stops at once, naming the process that holds it; once that
+    process is gone (however it ended), the folder is free."""
+    import subprocess
+    import sys
+
+    from conftest import SCRIPTS, run_script, training_defaults
+    from mcqa.checkpoints import hold, release
+
+    folder = tmp_path / "checkpoints"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
+                               "from mcqa.checkpoints import hold; lock = hold(__import__('pathlib').Path(sys.argv[2])); "
+                               "print('held', flush=True); time.sleep(60)", str(SCRIPTS), str(folder)],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    args = ["--train", tmp_path / "train.json", "--base-model", tmp_path / "base", "--out", tmp_path / "adapter",
+            "--log-jsonl", tmp_path / "log.jsonl", "--checkpoint-dir", folder, "--settings",
+            json.dumps(training_defaults())]
+    refused = run_script("train_lora.py", *args)
+    assert refused.returncode == 5
+    assert f"{folder} is in use by another training that is still running (process {holder.pid})" in refused.stderr
+    holder.kill()  # killed outright: the kernel drops its lock with it
+    holder.wait()
+    release(hold(folder), folder)
 
 
 def test_checkpoints_of_another_training_are_not_resumed_and_the_log_says_why(tmp_path, capsys):
