@@ -181,7 +181,8 @@ def get_final_output():
 
 def end_of_run_summary():
     """What a finished run made, in a few lines: each answers file with its validation accuracy (best
-    first) when there is validation, the experiments table and how to build the report. Only files that
+    first) when there is validation, marked where something was chosen on those questions, each refit's
+    answers (which no figure describes), the experiments table and how to build the report. Only files that
     exist are named: a run of some targets made only some."""
     lines = []
     for member in [*RUNS, *(["ensemble"] if ENSEMBLE else [])]:
@@ -191,9 +192,10 @@ def end_of_run_summary():
             continue
         accuracy = json.loads(metrics.read_text()) if HAS_VAL and metrics.exists() else None
         lines.append((-accuracy["accuracy"] if accuracy else 0, str(answers), accuracy))
-    if not lines:
+    refits = [path for model in TRAINED if is_refit(model) and (path := Path(f"results/{model}/answers.csv")).exists()]
+    if not lines and not refits:
         return ""
-    width = max(len(path) for _, path, _ in lines)
+    width = max(len(path) for path in [*(path for _, path, _ in lines), *map(str, refits)])
     validated_on = "out-of-fold" if FOLDS else "validation"
     summary = ["", "Answers, one row per test question" + (", best first:" if HAS_VAL else ":")]
     for _, path, accuracy in sorted(lines):
@@ -204,7 +206,14 @@ def end_of_run_summary():
                 f"  {validated_on} accuracy {accuracy['accuracy']:.3f} (95% {low:.3f}-{high:.3f}, "
                 f"{accuracy['questions']} questions)"
             )
+            if accuracy.get("chosen_on_these_questions") or accuracy.get("teacher_saw_these_questions"):
+                score += " optimistic: " + "; ".join(
+                    filter(
+                        None, [accuracy.get("chosen_on_these_questions"), accuracy.get("teacher_saw_these_questions")]
+                    )
+                )
         summary.append(f"  {path:<{width}}{score}")
+    summary += [f"  {str(path):<{width}}  a refit on every training row: no figure describes it" for path in refits]
     if Path("results/experiments.html").exists():
         summary.append("Experiments table: results/experiments.html (and experiments.tsv, experiments.png)")
     configfiles = "".join(f" --configfile {shlex.quote(str(f))}" for f in workflow.config_settings.configfiles)

@@ -42,6 +42,9 @@ rule evaluate_ensemble:
         members=ENSEMBLE,
         weights=config["ensemble"]["weights"],
         method=config["ensemble"]["method"],
+        step_chosen=[run for run in ENSEMBLE if RUNS[run]["select_best"]],
+        distilled=[run for run in ENSEMBLE if run in DISTILLED],
     shell:
         "python {input.script:q} --members {params.members:q} --weights {params.weights} --method {params.method} "
-        "--val-probs {input.probs:q} --metrics-out {output.metrics:q} --val-probs-out {output.probs:q} > {log:q} 2>&1"
+        "--val-probs {input.probs:q} --metrics-out {output.metrics:q} --val-probs-out {output.probs:q} "
+        "--step-chosen {params.step_chosen:q} --distilled {params.distilled:q} > {log:q} 2>&1"

@@ -99,6 +99,10 @@ def test_report_of_a_cross_validated_workflow_shows_folds_seeds_and_the_baseline
     assert "Cross-validated in 2 folds by article" in front and "held out for validation" not in front
     assert "Runs trained: a, b." in front and "Baselines, the base scored as it is without training: base." in front
     assert "greedy forward selection on out-of-fold accuracy" in front and "equal weights" not in front
+    assert "Extra sources, only ever trained on" in front and "c3 (data/c3.csv, converted: s2twp)" in front
+    assert "b also trains on the test questions that base answers confidently (pseudo-labels)" in front
+    assert "b learns a's out-of-fold probabilities (distillation" in front
+    assert "Its members: every trained run" in front and "baselines are references, not members" in front
     table = shown["Validation > all runs > show:experiments table"]
     assert "b (mean of 1 seeds)" in table and "baseline (no training)" in table and "2 (sd " in table
     weights = json.loads((cross_validated / "results/ensemble/metrics.json").read_text())["members"]

@@ -87,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics-out", help="the ensemble's metrics on --val-probs")
     parser.add_argument("--val-probs-out", help="with --metrics-out: the ensemble's validation (out-of-fold) "
                                                "probabilities, what distillation from the ensemble learns")
+    parser.add_argument("--step-chosen", nargs="*", default=[],
+                        help="members whose training step was chosen on the validation questions (select_best)")
+    parser.add_argument("--distilled", nargs="*", default=[],
+                        help="members distilled from a teacher whose fold models trained on these questions")
     args = parser.parse_args(argv)
     try:
         validation = read_aligned(args.val_probs) if args.val_probs else []
@@ -103,8 +107,13 @@ def main(argv: list[str] | None = None) -> int:
                 write_probs(args.val_probs_out, key, records, val_probs, labels)
             result = {**metrics(val_probs, labels), "members": dict(zip(args.members, weights)),
                       "weights": "times picked" if args.method == "greedy" else args.weights, "method": args.method}
+            # The ensemble is as optimistic as what went into it: its weights, or a member's step or teacher.
             if args.method == "greedy" or args.weights == "val_accuracy":
                 result["chosen_on_these_questions"] = CHOSEN["weights"]
+            elif args.step_chosen:
+                result["chosen_on_these_questions"] = CHOSEN["step"]
+            if args.distilled:
+                result["teacher_saw_these_questions"] = CHOSEN["teacher"]
             write_json_atomic(args.metrics_out, result)
             print(f"ensemble of {members}: validation accuracy {result['accuracy']:.4f} {result['accuracy_ci95']}",
                   file=sys.stderr)
