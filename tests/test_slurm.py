@@ -89,9 +89,12 @@ def test_fold_trainings_run_at_once_one_killed_resumes_on_retry_and_a_failing_jo
     """Each fold's training is its own Slurm job, with a GPU and config.yaml's memory and time, and they run
     side by side (the test node has two GPUs), as on a cluster of many nodes; one cancelled as a preemption
     or time-out would resumes on the retry. Only training is retried: scoring a base with 8-bit loading on a
-    machine without CUDA fails at once, every time, and is submitted once. (One call for both: the plugin's
-    status checks back off while jobs run, so every call waits a while for its last job.)"""
-    workdir = sample_workdir(tmp_path, data={"folds": 2}, training=INTERRUPTIBLE_TRAINING, resources=SMALL,
+    machine without CUDA fails at once, every time, and is submitted once; it asks for no GPU here, so the
+    two trainings have the node's two GPUs whatever the order of submission and the machine's load (it once
+    took one, and the second training started only after the first was cancelled). (One call for both: the
+    plugin's status checks back off while jobs run, so every call waits a while for its last job.)"""
+    resources = {**SMALL, "answer": {**SMALL["answer"], "gpu": 0}}
+    workdir = sample_workdir(tmp_path, data={"folds": 2}, training=INTERRUPTIBLE_TRAINING, resources=resources,
                              runs={"default": {}, "base": {"train": False}}, answering={"load_in": "8bit"})
     process = slurm_snakemake(workdir, "--keep-going", "results/default/fold0/adapter",
                               "results/default/fold1/adapter", "results/base/answers.csv", background=True)
