@@ -111,6 +111,11 @@ def sweep_points():
             f"config sweep: {', '.join(unknown)} is not a training setting; a sweep varies keys of `training` "
             "(workflow/schemas/training.schema.yaml lists them)"
         )
+    if nested := sorted(k for k, values in config["sweep"].items() if any(isinstance(v, (list, dict)) for v in values)):
+        raise WorkflowError(
+            f"config sweep: {', '.join(nested)} takes lists or blocks, which a sweep point cannot be named by; "
+            "write one run for each value instead (runs: {a: {extra: [c3]}, b: {extra: []}})"
+        )
     import itertools
 
     import pandas as pd
@@ -221,9 +226,16 @@ def check_teachers():
         for teacher in teachers_of(run):
             key = "pseudo_labels" if teacher == RUNS[run]["pseudo_labels"]["teacher"] else "distill"
             if teacher != "ensemble" and teacher not in RUNS:
+                made = [name for name in RUNS if REPLICAS.get(name) == teacher or name.startswith(f"{teacher}_")]
+                hint = (
+                    f"; {teacher} is trained as {', '.join(made)} (seed replicas or sweep points): name one of them, "
+                    "or `ensemble` to learn from them all"
+                    if made
+                    else ""
+                )
                 raise WorkflowError(
                     f"config runs.{run}: {key}.teacher {teacher} is not a run of this config "
-                    f"({', '.join(RUNS)}) nor `ensemble`"
+                    f"({', '.join(RUNS)}) nor `ensemble`{hint}"
                 )
             if teacher == run or (teacher in RUNS and learns_from(teacher, run)):
                 raise WorkflowError(

@@ -27,6 +27,7 @@ def dry_run(workdir, *args):
         ({"runs": {"r8": {"lora_rank": 8}}}, "lora_rank"),
         ({"runs": {"r8": {"epochs": "two"}}}, "runs.r8"),
         ({"sweep": {"lora_rank": [8, 16]}}, "config sweep: lora_rank is not a training setting"),
+        ({"sweep": {"extra": [["c3"], []]}}, "config sweep: extra takes lists or blocks"),
         ({"training": {"fp8": "rowwise", "load_in": "8bit"}}, "fp8 rowwise runs a bf16 or fp16 base's products in FP8"),
         ({"training": {"fp8": "tensorwise", "use_dora": True}}, "use_dora reads them in full precision"),
     ],
@@ -263,7 +264,8 @@ def test_lora_on_the_embedding_or_output_layer_is_refused_before_training(tmp_pa
 
 def test_a_baseline_is_scored_once_without_training_settings(tmp_path):
     """Seeds, a sweep, refit and select_best shape trainings: a baseline gets one scoring of the base, not one
-    a copy (every copy would join the ensemble), and is not flagged as chosen on its questions."""
+    a copy, is not flagged as chosen on its questions, and is a reference, not one of the default ensemble's
+    members (a zero-shot base at chance was averaged with the trained runs)."""
     workdir = sample_workdir(tmp_path, data={"folds": 2}, training={"seeds": [1, 2], "select_best": True},
                              runs={"a": {"select_best": False}, "base": {"train": False, "refit": True}},
                              sweep={"lora_r": [4, 8]})
@@ -278,7 +280,7 @@ def test_a_baseline_is_scored_once_without_training_settings(tmp_path):
                    "--metrics results/base/metrics.json" in line]
     assert "--selected-step" not in evaluate
     ensemble = re.search(r"--members (.*?) --weights", result.stdout)[1]
-    assert ensemble.count("base") == 1
+    assert ensemble.split() == ["a_lora_r-4_seed1", "a_lora_r-4_seed2", "a_lora_r-8_seed1", "a_lora_r-8_seed2"]
 
 
 def test_a_sweep_point_is_named_by_its_own_values(tmp_path):

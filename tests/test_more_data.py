@@ -138,6 +138,8 @@ def test_extra_sources_only_ever_train(tmp_path):
     ({"r": {"pseudo_labels": {"teacher": "s"}}, "s": {"pseudo_labels": {"teacher": "r"}}},
      "pseudo_labels.teacher s learns from r"),
     ({"r": {"pseudo_labels": {"teacher": "ensemble"}}, "s": {}}, "its teacher is the ensemble, but the ensemble is off"),
+    ({"r": {"pseudo_labels": {"teacher": "s"}}, "s": {"seeds": [1, 2]}},
+     "s is trained as s_seed1, s_seed2 (seed replicas or sweep points): name one of them, or `ensemble`"),
 ])
 def test_sources_and_teachers_that_cannot_work_are_refused_before_any_job(tmp_path, runs, needle):
     result = snakemake(with_c3(tmp_path, runs=runs), "-n", check=False)

@@ -113,13 +113,25 @@ def main(argv: list[str] | None = None) -> int:
         # DataParallel, which splits the answer-only batches wrongly; several GPUs go through torchrun.
         os.environ["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
     end_with_workflow()
+    if int(os.environ.get("RANK", "0")):
+        return train(args, settings)
+    # One lock a training, rank 0's, held until it ends however it ends.
     checkpoint_dir = Path(args.checkpoint_dir)
-    if int(os.environ.get("RANK", "0")) == 0:  # one lock a training: rank 0 holds it for all its processes
-        try:
-            lock = hold(checkpoint_dir)
-        except CheckpointsInUse as exc:
-            print(f"ERROR {exc}", file=sys.stderr)
-            return 5
+    try:
+        lock = hold(checkpoint_dir)
+    except CheckpointsInUse as exc:
+        print(f"ERROR {exc}", file=sys.stderr)
+        return 5
+    try:
+        return train(args, settings)
+    finally:
+        release(lock, checkpoint_dir)
+
+
+def train(args: argparse.Namespace, settings: dict) -> int:
+    """Train the run's adapter (rank 0 holding the checkpoint folder's lock); 0, or the exit status of an
+    ERROR line."""
+    checkpoint_dir = Path(args.checkpoint_dir)
     # Micro-batch shapes change every step; expandable segments keep the CUDA
     # allocator from fragmenting (read at the first CUDA allocation, below).
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
@@ -246,7 +258,6 @@ def main(argv: list[str] | None = None) -> int:
         model.save_pretrained(args.out)
         tokenizer.save_pretrained(args.out)
         shutil.copyfile(history, args.log_jsonl)
-        release(lock, checkpoint_dir)
         clear_owned(checkpoint_dir)
         print(f"adapter saved to {args.out}", file=sys.stderr)
     return 0

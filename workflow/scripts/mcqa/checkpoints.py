@@ -54,10 +54,12 @@ def hold(path: Path):
 
 
 def release(handle, path: Path) -> None:
-    """Give up the lock of `hold` at the end of a training (its file removed first, so clear_owned can remove
-    the emptied folder)."""
+    """Give up the lock of `hold` at the end of a training, and remove the folder if nothing else is left in
+    it (a training that finished, or one refused before it wrote anything)."""
     (path / LOCK).unlink(missing_ok=True)
     handle.close()
+    if path.is_dir() and not any(path.iterdir()):
+        path.rmdir()
 
 
 # Settings that change nothing in the trained weights: a resume goes on when only these differ (turning
@@ -133,7 +135,8 @@ def unloadable(checkpoint: Path) -> str | None:
 
 
 def clear_owned(path: Path) -> None:
-    """Remove what train_lora.py put in `path`, and `path` itself once empty; never anything else."""
+    """Remove what train_lora.py put in `path`, and `path` itself once empty; never anything else (the lock
+    of the training in progress stays: `release` removes it)."""
     if not path.is_dir():
         return
     for entry in path.iterdir():
