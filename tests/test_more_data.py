@@ -285,6 +285,23 @@ def test_the_distilled_loss_stays_finite_where_the_teacher_wrote_zero(temperatur
     assert torch.allclose(loss.detach(), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("body, needle", [("0,1,0.1,0.2\n", "line 2: 4 fields for the header's 6"),
+                                          ("0,1,0.1,0.2,0.3,x\n", "line 2: could not convert string to float"),
+                                          ("", "")])
+def test_a_damaged_probability_file_is_named_with_its_line(tmp_path, body, needle):
+    """A teacher's (or a member's) probability file cut short or edited by hand: an error naming the file and
+    line (it was an IndexError); a file with no rows at all is read as having none."""
+    from mcqa.probabilities import ProbabilityFileError, read_probs
+
+    path = tmp_path / "oof_probs.csv"
+    path.write_text("record,label,p1,p2,p3,p4\n" + body)
+    if not needle:
+        assert read_probs(str(path)) == ("record", [], [], [])
+        return
+    with pytest.raises(ProbabilityFileError, match=f"oof_probs.csv, {needle}"):
+        read_probs(str(path))
+
+
 def test_the_collator_carries_each_examples_teacher_in_order():
     from mcqa.batching import AnswerOnlyCollator
 

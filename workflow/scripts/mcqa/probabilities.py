@@ -37,11 +37,23 @@ def read_probs(path: str) -> ProbabilityFile:
     """A probability file: its key column's name, the keys, the probabilities and the labels (if any)."""
     with open(path, encoding="utf-8") as fh:
         rows = list(csv.reader(fh))
+    if not rows:
+        raise ProbabilityFileError(f"{path} is empty; rerun the job that writes it")
     header, body = rows[0], rows[1:]
     if header[-4:] != PROB_COLUMNS:
         raise ProbabilityFileError(f"{path}: expected the columns {', '.join(PROB_COLUMNS)} last, found {', '.join(header)}")
-    labels = [int(r[header.index("label")]) for r in body] if "label" in header else None
-    return header[0], [r[0] for r in body], [[float(p) for p in r[-4:]] for r in body], labels
+    label = header.index("label") if "label" in header else None
+    keys, probs, labels = [], [], []
+    for line, row in enumerate(body, start=2):
+        try:
+            if len(row) != len(header):
+                raise ValueError(f"{len(row)} fields for the header's {len(header)}")
+            probs.append([float(p) for p in row[-4:]])
+            labels.append(int(row[label]) if label is not None else None)
+        except ValueError as exc:  # a file cut short or edited by hand
+            raise ProbabilityFileError(f"{path}, line {line}: {exc}; rerun the job that writes it") from None
+        keys.append(row[0])
+    return header[0], keys, probs, labels if label is not None else None
 
 
 def read_aligned(paths: Sequence[str]) -> list[ProbabilityFile]:
