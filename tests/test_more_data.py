@@ -93,6 +93,7 @@ def test_a_missing_mapped_column_is_named_as_the_file_calls_it(tmp_path):
     result = run_script("prepare_data.py", "extra", "--input", table, "--name", "c3", "--columns", json.dumps(COLUMNS),
                         "--out", tmp_path / "c3.json", "--report-out", tmp_path / "r.json")
     assert result.returncode == 2 and "missing column(s) answer" in result.stderr
+    assert "fix the mapping" in result.stderr and "正確答案: answer" in result.stderr  # not only "edit the file"
 
 
 def planned_commands(workdir, *args: str) -> list[str]:

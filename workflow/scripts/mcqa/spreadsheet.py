@@ -312,7 +312,14 @@ def read_questions(path: str | Path, labelled: bool, columns: dict[str, str] | N
     result = ReadResult()
     names = {column: (columns or {}).get(column, column) for column in (TRAIN_ID, *TRAIN_COLUMNS, TEST_ID)}
     required = TRAIN_COLUMNS if labelled else TEST_COLUMNS
-    table = read_table(path, tuple(names[c] for c in required), result, label=names[LABEL])
+    try:
+        table = read_table(path, tuple(names[c] for c in required), result, label=names[LABEL])
+    except InputError as exc:
+        if not columns or "missing column" not in str(exc):
+            raise
+        mapped = ", ".join(f"{ours}: {theirs}" for ours, theirs in columns.items())
+        raise InputError(f"{exc} The names it looks for come from the source's `columns` mapping in data.extra "
+                         f"({mapped}): if the file is right, fix the mapping.") from None
     id_column = TRAIN_ID if labelled else TEST_ID
     result.rows_read = len(table)
 
