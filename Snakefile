@@ -27,6 +27,7 @@ localrules:
     split_folds,
     prepare_train_data,
     prepare_test_data,
+    check_extra_data,
     summarize_data,
     plot_training,
     combine_folds,

@@ -165,6 +165,7 @@ def get_experiment_inputs(wildcards):
 def get_final_output():
     """Everything `snakemake` with no target builds."""
     outputs = ["results/data/report.json", "results/data/report.html", "results/experiments.html"]
+    outputs += expand("results/data/extra/{source}_test_check.json", source=EXTRA)
     outputs += expand("results/{run}/answers.csv", run=RUNS)
     # The adapter is a product too (peft loads it): a training killed after a --forcerun is trained again.
     outputs += [f"results/{model}/{name}" for model in TRAINED for name in ("adapter", "train_curve.png")]

@@ -47,7 +47,9 @@ rule split_folds:
 rule prepare_extra_data:
     input:
         table=lambda wildcards: EXTRA[wildcards.source]["path"],
-        against=["results/data/train.json", "results/data/val.json", "results/data/test.json"],
+        # The test file as it was when the source was first screened: a new one does not screen it again,
+        # which would retrain every run that trains on it; check_extra_data holds it to the new one.
+        against=["results/data/train.json", "results/data/val.json", ancient("results/data/test.json")],
         script=SCRIPTS / "prepare_data.py",
         lib=library_of("prepare_data.py"),
     output:
@@ -65,6 +67,23 @@ rule prepare_extra_data:
         "python {input.script:q} extra --input {input.table:q} --name {wildcards.source} "
         "--convert {params.convert} --columns {params.columns:q} --against {input.against:q} "
         "--out {output.records:q} --report-out {output.report:q} --on-invalid {params.on_invalid} > {log:q} 2>&1"
+
+
+rule check_extra_data:
+    input:
+        records="results/data/extra/{source}.json",
+        test="results/data/test.json",
+        script=SCRIPTS / "prepare_data.py",
+        lib=library_of("prepare_data.py"),
+    output:
+        "results/data/extra/{source}_test_check.json",
+    log:
+        "logs/check_extra_data/{source}.log",
+    conda:
+        "../envs/data.yaml"
+    shell:
+        "python {input.script:q} extra-check --records {input.records:q} --against {input.test:q} --out {output:q} "
+        "> {log:q} 2>&1"
 
 
 rule prepare_test_data:

@@ -245,6 +245,23 @@ def test_a_new_seed_reruns_only_its_own_jobs_and_changing_folds_retrains_only_th
     assert not {"prepare_train_data", "build_demo_model"} & set(scheduled(snakemake(copy, "-n")))
 
 
+def test_a_new_test_file_retrains_nothing_that_trains_on_an_extra_source(cross_validated, tmp_path):
+    """The extra source was screened against the test file; a new test file checks it again (a small job)
+    instead of screening it again, which would retrain every run that trains on it."""
+    import shutil
+
+    import pandas as pd
+
+    copy = tmp_path / "cv"
+    shutil.copytree(cross_validated, copy, symlinks=True)
+    frame = pd.read_excel(copy / "data/test.xlsx", dtype=object)
+    frame.at[0, "問題"] = str(frame.at[0, "問題"]) + "（修訂）"
+    frame.to_excel(copy / "data/test.xlsx", index=False)
+    jobs = scheduled(snakemake(copy, "-n"))
+    assert {"prepare_test_data", "check_extra_data", "score_fold_model"} <= set(jobs), jobs
+    assert not {"prepare_extra_data", "train_lora"} & set(jobs), jobs
+
+
 def test_tensorboard_tracking_writes_one_run_a_fold_model(cross_validated, tmp_path):
     """tracking: tensorboard hands each training's metrics to TensorBoard as local files, one folder a
     fold model (and refit), named by run and fold so that they line up side by side."""

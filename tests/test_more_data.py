@@ -80,6 +80,22 @@ def test_an_extra_source_is_mapped_converted_and_leaves_out_what_the_training_an
     assert report["lengths_chars"]["article"]["count"] == 1
 
 
+def test_an_extra_source_is_checked_against_a_new_test_file(tmp_path):
+    """A test file that gains an article of an extra source (or a near-copy) stops the run, saying how to
+    screen the source again; one that does not passes."""
+    result, out, table, train, test = prepare_extra(tmp_path, "--on-invalid", "skip")
+    assert result.returncode == 0, result.stderr
+    kept = json.loads((out / "c3.json").read_text())
+    article = kept[0]["input"].split("\n\n")[0].removeprefix("文章：")
+    for name, articles, code in (("same", ["測試文章"], 0), ("gained", ["測試文章", article + "。"], 2)):
+        checked = run_script("prepare_data.py", "extra-check", "--records", out / "c3.json", "--against",
+                             records(tmp_path / f"{name}.json", articles, with_ids=True), "--out",
+                             tmp_path / f"{name}_check.json")
+        assert checked.returncode == code, checked.stderr
+    assert "1 of its records (the first: record 0) have an article of" in checked.stderr
+    assert "snakemake --forcerun prepare_extra_data" in checked.stderr
+
+
 def test_a_bad_row_of_an_extra_source_stops_the_run_naming_its_file_row_and_column(tmp_path):
     result, out, table, *_ = prepare_extra(tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr

@@ -4,6 +4,7 @@
     prepare_data.py test  --input AI1000.xlsx --out test.json --report-out r.json ...
     prepare_data.py folds --train train.json --folds 5 --out-dir results/data ...
     prepare_data.py extra --input c3.csv --name c3 --against train.json val.json test.json --out c3.json ...
+    prepare_data.py extra-check --records c3.json --against test.json --out c3_test_check.json
 
 An extra source (data.extra) is another labelled file, only ever trained on:
 read with its own column names, converted to Traditional Chinese with OpenCC
@@ -275,30 +276,41 @@ def left_out_counts(left_out: list[dict]) -> dict[str, int]:
     return dict(sorted(kinds.items()))
 
 
+class ArticleIndex:
+    """The articles of record files, by key (mcqa.articles) and as near-copies, each with the file it is in."""
+
+    def __init__(self, paths: list[str]):
+        self.files = {}
+        for path in paths:
+            for r in json.loads(Path(path).read_text(encoding="utf-8")):
+                self.files.setdefault(article_key(record_article(r)), path)
+        self.near = NearCopies(list(self.files))
+
+    def leak(self, article: str) -> tuple[str, str] | None:
+        """(why, the file) when an article is in one of the files or a near-copy of one there, else None."""
+        key = article_key(article)
+        if (also_in := self.files.get(key)) is not None:
+            return f"its article is also in {also_in}", also_in
+        if found := self.near.nearest(key):
+            also_in = self.files[self.near.keys[found[0]]]
+            return (f"its article is a near-copy of one in {also_in} (sharing {found[1]:.0%} of their "
+                    f"{SHINGLE_CHARACTERS}-character pieces, at least {NEAR_COPY_JACCARD:.0%} counts)"), also_in
+        return None
+
+
 def prepare_extra(args: argparse.Namespace) -> None:
     """An extra labelled source: every usable row whose article is in neither the training nor the test file."""
     result = read_questions(args.input, labelled=True, columns=json.loads(args.columns))
     skipped = check(result, args.input, args.on_invalid)
     changed = converted(result.rows, args.convert) if args.convert != "none" else 0
-    seen = {}
-    for path in args.against:
-        for r in json.loads(Path(path).read_text(encoding="utf-8")):
-            seen.setdefault(article_key(record_article(r)), path)
-    near = NearCopies(list(seen))
+    index = ArticleIndex(args.against)
     kept, left_out = [], []
     for r in result.rows:
-        key = article_key(r.article)
-        if (also_in := seen.get(key)) is not None:
-            reason = f"its article is also in {also_in}"
-        elif found := near.nearest(key):
-            also_in = seen[near.keys[found[0]]]
-            reason = (f"its article is a near-copy of one in {also_in} (sharing {found[1]:.0%} of their "
-                      f"{SHINGLE_CHARACTERS}-character pieces, at least {NEAR_COPY_JACCARD:.0%} counts)")
-        else:
+        if (leak := index.leak(r.article)) is None:
             kept.append(r)
             continue
-        left_out.append({"row": r.row, **({"sheet": r.sheet} if r.sheet else {}), "id": r.row_id, "reason": reason,
-                         "also_in": also_in})
+        left_out.append({"row": r.row, **({"sheet": r.sheet} if r.sheet else {}), "id": r.row_id, "reason": leak[0],
+                         "also_in": leak[1]})
     report = base_report(result, args.input, skipped)
     report.update(name=args.name, convert=args.convert, rows_converted=changed, rows_kept=len(kept),
                   rows_left_out=len(left_out), left_out=left_out,
@@ -311,6 +323,22 @@ def prepare_extra(args: argparse.Namespace) -> None:
           "to train on" + sheets_note(result), file=sys.stderr)
     if not kept:
         print(f"WARNING {args.input}: extra source {args.name} keeps no rows to train on", file=sys.stderr)
+
+
+def check_extra(args: argparse.Namespace) -> None:
+    """An extra source's kept records against the test file as it is now: the source was screened against
+    the test file of its own run, and a new test file does not screen it again (that would retrain every run
+    that trains on it); a test article found in it stops the run, saying how to screen it again."""
+    index = ArticleIndex([args.against])
+    records = json.loads(Path(args.records).read_text(encoding="utf-8"))
+    leaks = [n for n, r in enumerate(records) if index.leak(record_article(r))]
+    write_json_atomic(args.out, {"records": args.records, "against": args.against, "leaks": leaks})
+    if leaks:
+        raise InputError(f"{args.records}: {len(leaks)} of its records (the first: record {leaks[0]}) have an article of "
+                         f"{args.against}, or a near-copy of one: the test file changed since the source was "
+                         f"screened. Screen it again (snakemake --forcerun prepare_extra_data), which retrains "
+                         "the runs that train on it.")
+    print(f"{args.records}: none of its {len(records)} records has an article of {args.against}", file=sys.stderr)
 
 
 def prepare_test(args: argparse.Namespace) -> None:
@@ -360,6 +388,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     extra.add_argument("--out", required=True)
     extra.add_argument("--report-out", required=True)
     extra.add_argument("--on-invalid", choices=["error", "skip"], default="error")
+    check_ = sub.add_parser("extra-check", help="an extra source's records against the current test file")
+    check_.add_argument("--records", required=True)
+    check_.add_argument("--against", required=True, help="test.json")
+    check_.add_argument("--out", required=True)
     test = sub.add_parser("test", help="unlabelled file -> test.json")
     test.add_argument("--input", required=True)
     test.add_argument("--out", required=True)
@@ -370,7 +402,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        {"train": prepare_train, "folds": write_folds, "extra": prepare_extra, "test": prepare_test}[args.stage](args)
+        {"train": prepare_train, "folds": write_folds, "extra": prepare_extra, "extra-check": check_extra,
+         "test": prepare_test}[args.stage](args)
     except InputError as exc:
         print(f"ERROR {exc}", file=sys.stderr)
         return 2
