@@ -297,8 +297,10 @@ rule combine_folds:
     params:
         selected_step=lambda wildcards: "--selected-step" if RUNS[wildcards.run]["select_best"] else "",
         distilled=lambda wildcards: "--distilled" if wildcards.run in DISTILLED else "",
+        pseudo_labelled=lambda wildcards: "--pseudo-labelled" if learns_from_held_out(wildcards.run) else "",
     shell:
         "python {input.script:q} --folds {input.folds:q} --val-probs {input.val_probs:q} "
         "--answer-probs {input.answer_probs:q} --oof {output.oof:q} --metrics {output.metrics:q} "
         "--answers {output.answers:q} --probs {output.answer_probs:q} {params.selected_step} {params.distilled} "
+        "{params.pseudo_labelled} "
         "> {log:q} 2>&1"

@@ -250,6 +250,14 @@ check_teachers()
 PSEUDO_LABELLED = [run for run in RUNS if RUNS[run]["pseudo_labels"]["teacher"]]
 
 
+def learns_from_held_out(run):
+    """Whether a cross-validated run trains on pseudo-labels of a teacher with fold models (a trained run, or
+    an ensemble of them), whose fold models trained on the run's held-out questions: its out-of-fold figure
+    is then slightly optimistic."""
+    teacher = RUNS[run]["pseudo_labels"]["teacher"]
+    return bool(FOLDS) and teacher is not None and (teacher == "ensemble" or RUNS[teacher]["train"])
+
+
 def is_refit(model):
     """Whether a model is a run's refit on every training row."""
     run, _, unit = model.rpartition("/")

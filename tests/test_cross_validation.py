@@ -245,6 +245,22 @@ def test_a_new_seed_reruns_only_its_own_jobs_and_changing_folds_retrains_only_th
     assert not {"prepare_train_data", "build_demo_model"} & set(scheduled(snakemake(copy, "-n")))
 
 
+def test_the_end_of_a_run_marks_optimistic_figures_and_names_the_refit(cross_validated, tmp_path):
+    """The summary ranks answers files by their figures: the greedy ensemble's weights, and the distilled
+    run's teacher, saw the questions they are scored on, which it says; the refit's answers have no figure
+    and are named too."""
+    import shutil
+
+    copy = tmp_path / "cv"
+    shutil.copytree(cross_validated, copy, symlinks=True)
+    result = snakemake(copy)
+    lines = {line.split()[0]: line for line in result.stdout.splitlines() if line.startswith("  results/")}
+    assert "optimistic: the members' weights" in lines["results/ensemble/answers.csv"]
+    assert "optimistic: the teacher distilled" in lines["results/b_seed1/answers.csv"]
+    assert "optimistic" not in lines["results/a/answers.csv"] + lines["results/base/answers.csv"]
+    assert "a refit on every training row: no figure describes it" in lines["results/a/refit/answers.csv"]
+
+
 def test_a_new_test_file_retrains_nothing_that_trains_on_an_extra_source(cross_validated, tmp_path):
     """The extra source was screened against the test file; a new test file checks it again (a small job)
     instead of screening it again, which would retrain every run that trains on it."""

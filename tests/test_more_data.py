@@ -4,6 +4,7 @@ distillation of a cross-validated teacher (distill)."""
 from __future__ import annotations
 
 import json
+import shlex
 import re
 
 import math
@@ -332,6 +333,35 @@ def test_the_collator_carries_each_examples_teacher_in_order():
     assert "teacher_probs" not in AnswerOnlyCollator(0, packed=True)([[features[1]]])
 
 
+def test_teacher_settings_merge_key_by_key_and_reach_only_students(tmp_path):
+    """`training: {distill: {weight: 0.9}}` holds for a run whose own distill names only its teacher (it used
+    to train at the schema's 0.5), and a run without a teacher trains with the schema's teacher settings,
+    so changing the weight reruns the students alone."""
+    def settings_of(weight: float) -> dict[str, dict]:
+        workdir = sample_workdir(tmp_path / str(weight), data={"folds": 2},
+                                 training={"distill": {"weight": weight, "temperature": 3.0}},
+                                 runs={"a": {}, "student": {"distill": {"teacher": "a"}}})
+        trainings = commands_of(planned_commands(workdir), "train_lora.py")
+        return {re.search(r"--out results/([^/]+)/", c)[1]: json.loads(shlex.split(c.split("--settings ")[1])[0])
+                for c in trainings}
+
+    first, second = settings_of(0.9), settings_of(0.7)
+    assert first["student"]["distill"] == {"teacher": "a", "weight": 0.9, "temperature": 3.0}
+    assert first["a"]["distill"] == {"teacher": None, "weight": 0.5, "temperature": 2.0}
+    assert first["a"] == second["a"] and first["student"] != second["student"]
+
+
+def test_a_student_of_a_cross_validated_teachers_pseudo_labels_is_marked_optimistic(tmp_path):
+    """Its fold models train on test answers of a teacher whose fold models trained on their held-out
+    questions; a baseline teacher trained on nothing."""
+    workdir = sample_workdir(tmp_path, data={"folds": 2}, runs={
+        "a": {}, "base": {"train": False}, "of_a": {"pseudo_labels": {"teacher": "a"}},
+        "of_base": {"pseudo_labels": {"teacher": "base"}}})
+    combines = commands_of(planned_commands(workdir), "combine_folds.py")
+    marked = sorted(re.search(r"--oof results/([^/]+)/", c)[1] for c in combines if "--pseudo-labelled" in c)
+    assert marked == ["of_a"] and len(combines) == 3
+
+
 def test_distillation_learns_from_out_of_fold_probabilities_only(tmp_path):
     """A distilled student's fold models read the teacher's out-of-fold probabilities (an ensemble's are the
     weighted mean of its members'); its own figure says the teacher saw its held-out questions; a teacher
@@ -396,7 +426,8 @@ def test_the_data_report_and_the_experiments_table_show_what_each_run_trained_on
 
     manifest = {run: {"settings": {"lora_r": 8}, "train_logs": [], "metrics": None, "replica_of": None, "folds": 0,
                       "trained_on": trained_on} for run, trained_on in
-                (("plain", ""), ("student", "training file + extra c3 + pseudo-labels of ensemble (p >= 0.9)"))}
+                (("plain", ""), ("student", "training file + extra c3 + pseudo-labels of ensemble (p >= 0.9) + "
+                                            "distilled from a"))}
     manifest["student"]["metrics"] = str(tmp_path / "metrics.json")
     manifest["plain"]["metrics"] = str(tmp_path / "metrics_plain.json")
     from mcqa.metrics import CHOSEN, metrics
@@ -407,7 +438,9 @@ def test_the_data_report_and_the_experiments_table_show_what_each_run_trained_on
     assert result.returncode == 0, result.stderr
     table = pd.read_csv(tmp_path / "e.tsv", sep="\t", keep_default_na=False)
     assert dict(zip(table["run"], table["trained on"])) == {
-        "plain": "", "student": "training file + extra c3 + pseudo-labels of ensemble (p >= 0.9)"}
+        "plain": "", "student": "training file + extra c3 + pseudo-labels of ensemble (p >= 0.9) + distilled from a"}
     assert dict(zip(table["run"], table["chosen on these questions"])) == {"plain": "", "student": "teacher"}
-    assert "a distilled run learnt from a teacher" in (tmp_path / "e.html").read_text()
+    page = (tmp_path / "e.html").read_text()
+    assert "a distilled run learnt from a teacher" in page
+    assert "a distilled run&#x27;s includes its weighted divergence from the teacher" in page
 

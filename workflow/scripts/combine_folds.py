@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="each fold model's step was chosen on its held-out fold (select_best): say so")
     parser.add_argument("--distilled", action="store_true",
                         help="the fold models learnt from a teacher whose fold models saw their held-out folds: say so")
+    parser.add_argument("--pseudo-labelled", action="store_true",
+                        help="the fold models trained on pseudo-labels of a teacher whose fold models saw their "
+                             "held-out folds: say so")
     args = parser.parse_args(argv)
     folds = json.loads(Path(args.folds).read_text())
     try:
@@ -75,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         result["chosen_on_these_questions"] = CHOSEN["step"]
     if args.distilled:
         result["teacher_saw_these_questions"] = CHOSEN["teacher"]
+    elif args.pseudo_labelled:
+        result["teacher_saw_these_questions"] = CHOSEN["pseudo_teacher"]
     write_json_atomic(args.metrics, result)
     write_answers(args.answers, ids, predicted_answers(test_probs))
     write_probs(args.probs, "ID", ids, test_probs)

@@ -176,7 +176,10 @@ CHOSEN_NOTE = ("'chosen on these questions': the run's training step (select_bes
                "(val_accuracy) were picked on the same validation questions it is scored on, so its accuracy is "
                "optimistic (the best of several) and it is favoured beside runs that chose nothing. 'teacher': a "
                "distilled run learnt from a teacher whose fold models trained on its held-out questions, so its "
-               "out-of-fold accuracy is slightly optimistic too.")
+               "out-of-fold accuracy is slightly optimistic too; 'pseudo_teacher': the same for a run trained on "
+               "such a teacher's pseudo-labels.")
+DISTILLED_NOTE = ("'final training loss': a distilled run's includes its weighted divergence from the teacher, so it "
+                  "does not compare with the plain cross-entropy of the other runs.")
 
 
 def plot(frame: pd.DataFrame, out: str) -> None:
@@ -225,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f0f0f0}</style></head><body>"
         f"<h2>{html.escape('Experiments, best validation accuracy first')}</h2>{body}"
         + (f"<p>{html.escape(CHOSEN_NOTE)}</p>" if shown.get("chosen on these questions", pd.Series()).fillna("").any()
+           else "")
+        + (f"<p>{html.escape(DISTILLED_NOTE)}</p>" if any("distilled from" in e["trained_on"] for e in manifest.values())
            else "") + "</body></html>\n",
         encoding="utf-8")
     plot(frame, args.png)

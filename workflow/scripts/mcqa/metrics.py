@@ -16,7 +16,9 @@ CHOSEN = {"step": "the training step kept (select_best), the best of several on 
           "weights": "the members' weights (ensemble.weights: val_accuracy or method: greedy), taken from these "
                      "questions",
           "teacher": "the teacher distilled into each fold model (distill), whose fold models trained on these "
-                     "questions"}
+                     "questions",
+          "pseudo_teacher": "the teacher whose pseudo-labels each fold model trained on (pseudo_labels), whose fold "
+                            "models trained on these questions"}
 
 
 def wilson_interval(correct: int, n: int, z: float = 1.96) -> list[float]:
