@@ -112,7 +112,7 @@ def test_experiments_table_shows_folds_seeds_and_the_baseline(cross_validated):
     assert set(rows) == {"a", "b_seed1", "b (mean of 1 seeds)", "base", "ensemble"}
     assert rows["a"]["folds"].startswith("2 (sd ") and rows["base"]["kind"] == "baseline (no training)"
     assert float(rows["b (mean of 1 seeds)"]["val accuracy"]) == float(rows["b_seed1"]["val accuracy"])
-    assert rows["ensemble"]["chosen on these questions"] == "weights"
+    assert rows["ensemble"]["chosen on these questions"] == "weights, teacher"  # b_seed1 is distilled
     # A run's training figures are its fold models', what its out-of-fold accuracy describes; not its refit's.
     from mcqa.history import last_totals, read_history
 

@@ -145,7 +145,7 @@ def test_extra_sources_only_ever_train(tmp_path):
     assert any(" extra " in c and "--convert s2twp" in c for c in extra)
     for command in commands:
         if "extra/c3.json" in command:
-            assert "train_lora.py" in command or " extra " in command, command
+            assert "train_lora.py" in command or " extra " in command or " extra-check " in command, command
     assert any("--extra results/data/extra/c3_report.json" in c for c in commands_of(commands, "summarize_data.py"))
 
 
