@@ -152,7 +152,12 @@ def get_ensemble_validation_input(wildcards):
 
 def get_experiment_inputs(wildcards):
     """What the experiments table reads: each run's training logs, metrics and the ensemble's metrics."""
-    files = {"train_logs": [log for entry in EXPERIMENTS.values() for log in entry["train_logs"]]}
+    files = {
+        "train_logs": [log for entry in EXPERIMENTS.values() for log in entry["train_logs"]],
+        "pseudo_labels": [
+            entry["pseudo_labels_report"] for entry in EXPERIMENTS.values() if entry["pseudo_labels_report"]
+        ],
+    }
     if HAS_VAL:
         files["metrics"] = expand("results/{run}/metrics.json", run=RUNS)
         files["probs"] = [validation_probs(run) for run in RUNS]

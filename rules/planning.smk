@@ -301,6 +301,15 @@ def ensemble_members():
             f"config ensemble.{chooser} needs validation accuracies, but data.val_fraction is 0; set weights: equal "
             "and method: mean_probability, hold out a validation share, or cross-validate with data.folds"
         )
+    left_out = [run for run in RUNS if run not in members]
+    if settings["activate"] and not settings["runs"] and len(members) >= 2 and left_out:
+        why = {run: "a baseline" if not RUNS[run]["train"] else "learns from the ensemble" for run in left_out}
+        print(
+            f"ensemble: members {', '.join(sorted(members))}; left out: "
+            + "; ".join(f"{run} ({reason})" for run, reason in why.items())
+            + " (ensemble.runs names the members instead)",
+            file=sys.stderr,
+        )
     # Sorted: the order of members changes no mean, so reordering runs in the config reruns nothing.
     return sorted(members) if settings["activate"] and len(members) >= 2 else []
 
@@ -364,6 +373,8 @@ def experiments_manifest():
             "replica_of": REPLICAS.get(run),
             "folds": FOLDS,
             "trained_on": trained_on(run),
+            # How many pseudo-labels were kept is known only once they are chosen.
+            "pseudo_labels_report": f"results/{run}/pseudo_labels_report.json" if run in PSEUDO_LABELLED else None,
         }
     return manifest
 

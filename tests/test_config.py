@@ -281,6 +281,7 @@ def test_a_baseline_is_scored_once_without_training_settings(tmp_path):
     assert "--selected-step" not in evaluate
     ensemble = re.search(r"--members (.*?) --weights", result.stdout)[1]
     assert ensemble.split() == ["a_lora_r-4_seed1", "a_lora_r-4_seed2", "a_lora_r-8_seed1", "a_lora_r-8_seed2"]
+    assert "left out: base (a baseline) (ensemble.runs names the members instead)" in result.stderr
 
 
 def test_a_sweep_point_is_named_by_its_own_values(tmp_path):

@@ -97,6 +97,16 @@ def test_an_extra_source_is_checked_against_a_new_test_file(tmp_path):
     assert "snakemake --forcerun prepare_extra_data" in checked.stderr
 
 
+def test_repeated_rows_of_an_extra_source_are_counted(tmp_path):
+    table = tmp_path / "c3.csv"
+    pd.DataFrame([c3_rows()[0]] * 3).to_csv(table, index=False)
+    result = run_script("prepare_data.py", "extra", "--input", table, "--name", "c3", "--columns", json.dumps(COLUMNS),
+                        "--out", tmp_path / "c3.json", "--report-out", tmp_path / "r.json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["duplicates"]["rows"] == 2
+    assert "kept 3 to train on, 2 of them repeating an earlier row" in result.stderr
+
+
 def test_a_bad_row_of_an_extra_source_stops_the_run_naming_its_file_row_and_column(tmp_path):
     result, out, table, *_ = prepare_extra(tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -429,6 +439,8 @@ def test_the_data_report_and_the_experiments_table_show_what_each_run_trained_on
                 (("plain", ""), ("student", "training file + extra c3 + pseudo-labels of ensemble (p >= 0.9) + "
                                             "distilled from a"))}
     manifest["student"]["metrics"] = str(tmp_path / "metrics.json")
+    manifest["student"]["pseudo_labels_report"] = str(tmp_path / "pseudo_labels_report.json")
+    (tmp_path / "pseudo_labels_report.json").write_text(json.dumps({"kept": 0}))  # none sure enough
     manifest["plain"]["metrics"] = str(tmp_path / "metrics_plain.json")
     from mcqa.metrics import CHOSEN, metrics
     for path, extra in (("metrics.json", {"teacher_saw_these_questions": CHOSEN["teacher"]}), ("metrics_plain.json", {})):
@@ -438,7 +450,8 @@ def test_the_data_report_and_the_experiments_table_show_what_each_run_trained_on
     assert result.returncode == 0, result.stderr
     table = pd.read_csv(tmp_path / "e.tsv", sep="\t", keep_default_na=False)
     assert dict(zip(table["run"], table["trained on"])) == {
-        "plain": "", "student": "training file + extra c3 + pseudo-labels of ensemble (p >= 0.9) + distilled from a"}
+        "plain": "", "student": "training file + extra c3 + pseudo-labels of ensemble (p >= 0.9): none kept + "
+                                "distilled from a"}
     assert dict(zip(table["run"], table["chosen on these questions"])) == {"plain": "", "student": "teacher"}
     page = (tmp_path / "e.html").read_text()
     assert "a distilled run learnt from a teacher" in page

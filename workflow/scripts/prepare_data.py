@@ -312,6 +312,7 @@ def prepare_extra(args: argparse.Namespace) -> None:
         left_out.append({"row": r.row, **({"sheet": r.sheet} if r.sheet else {}), "id": r.row_id, "reason": leak[0],
                          "also_in": leak[1]})
     report = base_report(result, args.input, skipped)
+    report["duplicates"] = duplicate_rows(kept)  # kept and trained on twice, as in the training file
     report.update(name=args.name, convert=args.convert, rows_converted=changed, rows_kept=len(kept),
                   rows_left_out=len(left_out), left_out=left_out,
                   left_out_by_reason=left_out_counts(left_out))
@@ -320,7 +321,8 @@ def prepare_extra(args: argparse.Namespace) -> None:
     write_json_atomic(args.report_out, report)
     print(f"{args.input} (extra source {args.name}): read {result.rows_read}, skipped {len(skipped)}, converted "
           f"{changed} ({args.convert}), left out {len(left_out)} {report['left_out_by_reason']}; kept {len(kept)} "
-          "to train on" + sheets_note(result), file=sys.stderr)
+          f"to train on, {report['duplicates']['rows']} of them repeating an earlier row" + sheets_note(result),
+          file=sys.stderr)
     if not kept:
         print(f"WARNING {args.input}: extra source {args.name} keeps no rows to train on", file=sys.stderr)
 

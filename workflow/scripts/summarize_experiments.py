@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -150,6 +151,15 @@ def compared(frame: pd.DataFrame, manifest: dict, ensemble_probs: str | None, re
     return frame.assign(**{column: cells})
 
 
+def trained_on(entry: dict) -> str:
+    """What a run trained on beyond the training file, with how many pseudo-labels were kept."""
+    text, report = entry["trained_on"], entry.get("pseudo_labels_report")
+    if report and Path(report).exists():
+        kept = json.loads(Path(report).read_text(encoding="utf-8"))["kept"]
+        text = re.sub(r"(pseudo-labels of \S+ \(p >= [\d.]+\))", rf"\1: {kept or 'none'} kept", text)
+    return text
+
+
 def table(manifest: dict, differ: list[str], ensemble: str | None) -> pd.DataFrame:
     """One row a run (its `differ` settings, validation and training summaries), the seed means, the
     ensemble; best validation accuracy first."""
@@ -157,7 +167,7 @@ def table(manifest: dict, differ: list[str], ensemble: str | None) -> pd.DataFra
     rows = []
     for run, entry in manifest.items():
         # What a run trained on beyond the training file (extra sources, pseudo-labels), shown whenever any run has it.
-        sources = {"trained on": entry["trained_on"]} if any(e.get("trained_on") for e in manifest.values()) else {}
+        sources = {"trained on": trained_on(entry)} if any(e.get("trained_on") for e in manifest.values()) else {}
         rows.append({"run": run, **sources, **{k: json.dumps(settings[run].get(k)) for k in differ},
                      **validation_summary(entry["metrics"]), **training_summary(entry["train_logs"])})
     rows += seed_rows(rows, manifest)
