@@ -153,7 +153,7 @@ def compared(frame: pd.DataFrame, manifest: dict, ensemble_probs: str | None, re
 
 def trained_on(entry: dict) -> str:
     """What a run trained on beyond the training file, with how many pseudo-labels were kept."""
-    text, report = entry["trained_on"], entry.get("pseudo_labels_report")
+    text, report = entry.get("trained_on", ""), entry.get("pseudo_labels_report")
     if report and Path(report).exists():
         kept = json.loads(Path(report).read_text(encoding="utf-8"))["kept"]
         text = re.sub(r"(pseudo-labels of \S+ \(p >= [\d.]+\))", rf"\1: {kept or 'none'} kept", text)
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         f"<h2>{html.escape('Experiments, best validation accuracy first')}</h2>{body}"
         + (f"<p>{html.escape(CHOSEN_NOTE)}</p>" if shown.get("chosen on these questions", pd.Series()).fillna("").any()
            else "")
-        + (f"<p>{html.escape(DISTILLED_NOTE)}</p>" if any("distilled from" in e["trained_on"] for e in manifest.values())
+        + (f"<p>{html.escape(DISTILLED_NOTE)}</p>" if any("distilled from" in e.get("trained_on", "") for e in manifest.values())
            else "") + "</body></html>\n",
         encoding="utf-8")
     plot(frame, args.png)
