@@ -464,3 +464,25 @@ def test_fp8_layers_compile_as_training_compiles_them():
             results.append((y, x.grad))
         for got, want in zip(*results):
             torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+
+
+def test_liger_kernels_note_on_its_optional_backend_stays_out_of_the_log(tmp_path):
+    """What an import prints about liger-kernel's optional CuTe DSL backend (to stderr, through a logger or
+    C code, all on file descriptor 2) is left out of the scoring log; anything else it prints is kept."""
+    import subprocess
+    import sys
+
+    from conftest import SCRIPTS
+
+    for name, text in (("noisy", "ImportError: cannot import the CuTe DSL backend"), ("plain", "a real warning")):
+        (tmp_path / f"{name}.py").write_text(f"import os\nos.write(2, b'{text}\\n')\n")
+    code = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]\n"
+            "from mcqa.modeling import optional_backends_quiet\n"
+            "with optional_backends_quiet():\n    import noisy, plain\n"
+            "print('after', file=sys.stderr)\n")
+    result = subprocess.run([sys.executable, "-c", code, str(SCRIPTS), str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "CuTe" not in result.stderr and result.stderr.endswith("after\n")
+    plain = code.replace("import noisy, plain", "import plain")
+    result = subprocess.run([sys.executable, "-c", plain, str(SCRIPTS), str(tmp_path)], capture_output=True, text=True)
+    assert result.stderr == "a real warning\nafter\n"

@@ -3,10 +3,13 @@ model stage."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import sys
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -118,6 +121,34 @@ def load_model(path: str, precision: str, load_in: str = "none", trust_remote_co
 LIGER = "liger-kernel==0.8.5"  # as pinned in requirements-gpu.txt and envs/answer.yaml
 
 
+@contextlib.contextmanager
+def optional_backends_quiet(about: str = "cute") -> Iterator[None]:
+    """Keep what the block writes to the process's stdout and stderr (file descriptors 1 and 2, so also what a
+    logger or C code writes there), and pass it on to stderr unless it mentions `about`: liger-kernel says,
+    at every import on a GPU machine, that its optional CuTe DSL backend cannot be imported (with the
+    ImportError), which is neither an error nor anything to act on."""
+    import tempfile
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    with tempfile.TemporaryFile() as caught:
+        try:
+            for fd in saved:
+                os.dup2(caught.fileno(), fd)
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd, original in saved.items():
+                os.dup2(original, fd)
+                os.close(original)
+            caught.seek(0)
+            text = caught.read().decode(errors="replace")
+            if about not in text.lower():
+                sys.stderr.write(text)
+
+
 def fuse_kernels(model: torch.nn.Module) -> str:
     """Put Liger's fused Triton kernels for RMSNorm, RoPE and SwiGLU into a loaded model for scoring, where
     they apply: a CUDA GPU, half precision, no 8-bit or 4-bit weights, an architecture Liger covers.
@@ -134,8 +165,9 @@ def fuse_kernels(model: torch.nn.Module) -> str:
     if model.dtype not in (torch.float16, torch.bfloat16):
         return f"off: the model is in {model.dtype}, not bf16 or fp16"
     try:
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance  # exported by the package
-        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+        with optional_backends_quiet():
+            from liger_kernel.transformers import _apply_liger_kernel_to_instance  # exported by the package
+            from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
     except ImportError:
         return f"off: liger-kernel is not installed (pip install {LIGER}, as `make run GPU=1` does)"
     if model.config.model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
