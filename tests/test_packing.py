@@ -120,7 +120,7 @@ def test_an_example_longer_than_the_budget_is_packed_alone():
 @pytest.mark.parametrize("asked", [None, "1"])
 def test_compiling_the_layers_turns_off_inductors_cpu_probe_unless_asked_for(monkeypatch, asked):
     """The compiled layers' one CPU kernel (a scalar conversion) needs no vector instructions; inductor's
-    probe for them cost about 50 s of every training's compile (BENCHMARKS.md, session 6)."""
+    probe for them cost about 50 s of every training's compile (BENCHMARKS.md)."""
     import torch._inductor.config as inductor
 
     if asked:

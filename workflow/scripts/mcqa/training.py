@@ -187,7 +187,7 @@ class AnswerOnlyTrainer(Trainer):
         return super().training_step(model, inputs, num_items_in_batch)
 
     def trained_all(self) -> tuple[int, int]:
-        """Examples and real tokens trained on in this session by all processes together, in one reduction
+        """Examples and real tokens trained on since this process started, by all processes together, in one reduction
         (every process must call it)."""
         counts = torch.stack([torch.as_tensor(self.examples_trained, device=self.accelerator.device),
                               torch.as_tensor(self.tokens_trained, device=self.accelerator.device)])
@@ -298,7 +298,7 @@ class ProgressLog(TrainerCallback):
     Rates are over the interval since the previous line; the running totals
     `elapsed_s`, `tokens_seen` (real tokens) and `examples_seen`, all
     processes together, go on across a resume, so a reader can take any
-    interval. `trained` (this session's examples and tokens) must be called on
+    interval. `trained` (the examples and tokens since this start) must be called on
     every process (it sums over them), and reading it waits for the GPU, so it
     is read, on every process, only at steps that log, evaluate or save, before
     rank 0 alone writes. The tokens seen are then kept in the Trainer's state,
