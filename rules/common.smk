@@ -177,6 +177,7 @@ def get_final_output():
     outputs += [f"results/{model}/answers.csv" for model in TRAINED if is_refit(model)]
     if config["merge_fold_models"]:
         outputs += [f"results/{model}/merged" for model in FOLD_MODELS]
+    outputs += expand("results/{model}/model-{type}.gguf", model=EXPORTED, type=config["export"]["gguf"])
     members = list(RUNS) + (["ensemble"] if ENSEMBLE else [])
     if HAS_VAL:
         outputs += expand("results/{member}/{name}", member=members, name=["metrics.json", "confusion.png"])

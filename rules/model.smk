@@ -124,6 +124,27 @@ rule merge_lora:
         "--out {output:q} --threads {threads} > {log:q} 2>&1"
 
 
+rule export_gguf:
+    input:
+        merged="results/{model}/merged",
+        script=SCRIPTS / "export_gguf.py",
+        lib=library_of("export_gguf.py"),
+    output:
+        "results/{model}/model-{type}.gguf",
+    log:
+        "logs/{model}/export_gguf_{type}.log",
+    wildcard_constraints:
+        model=regex(EXPORTED),
+        type="f16|bf16|q8_0",
+    conda:
+        "../envs/train.yaml"
+    # One tensor in memory at a time; the merge's time.
+    resources:
+        runtime=MERGE_RES["runtime"],
+    shell:
+        "python {input.script:q} --model {input.merged:q} --type {wildcards.type} --out {output:q} > {log:q} 2>&1"
+
+
 rule answer_questions:
     input:
         model=get_scoring_model,

@@ -382,6 +382,33 @@ def experiments_manifest():
 EXPERIMENTS = experiments_manifest()
 
 
+def exported_models():
+    """The models whose merged checkpoints are written as GGUF files (export.gguf): every model with a merged
+    checkpoint of the runs export.runs names (all, if it names none); an architecture the export does not
+    write is refused before any job (a hub id's, when its export runs)."""
+    settings = config["export"]
+    if unknown := [run for run in settings["runs"] if run not in RUNS]:
+        raise WorkflowError(f"config export.runs: {', '.join(unknown)} not among runs ({', '.join(RUNS)})")
+    if not settings["gguf"]:
+        return []
+    from mcqa.gguf_export import refusal
+
+    base = Path(BASE_FOLDER).expanduser()
+    if GGUF_SUMMARY is not None:
+        model_type = GGUF_SUMMARY.architecture
+    elif (base / "config.json").is_file():
+        model_type = json.loads((base / "config.json").read_text()).get("model_type")
+    else:
+        model_type = None  # a hub id (or the demo, built by the workflow: a Llama)
+    if model_type and (reason := refusal({"model_type": model_type}, f"base_model {config['base_model']}")):
+        raise WorkflowError(f"config export.gguf: {reason}")
+    runs = settings["runs"] or list(RUNS)
+    return [model for model, run in TRAINED.items() if run in runs and not fold_of(model)]
+
+
+EXPORTED = exported_models()
+
+
 def check_reference():
     """experiments.reference names a run, a run with seeds (the mean of its replicas) or the ensemble."""
     reference = config["experiments"]["reference"]
