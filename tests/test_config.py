@@ -355,3 +355,30 @@ def test_every_link_of_the_readme_reaches_a_heading():
     for path, anchor in links:
         assert (REPO / path).is_file(), path
         assert not anchor or anchor in anchors((REPO / path).read_text()), f"{path}#{anchor}"
+
+
+def test_gguf_export_is_planned_for_the_runs_with_a_merged_checkpoint(tmp_path):
+    """export.gguf writes a file a type for every run with a merged checkpoint (export.runs names some): a
+    refit's, never a fold model's."""
+    workdir = sample_workdir(tmp_path / "split", runs={"a": {}, "b": {"lora_r": 8}}, export={"gguf": ["f16", "q8_0"]})
+    result = dry_run(workdir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert scheduled(result)["export_gguf"] == 4
+    workdir = sample_workdir(tmp_path / "folds", data={"folds": 2}, runs={"a": {"refit": True}, "b": {}},
+                             export={"gguf": ["q8_0"], "runs": ["a"]})
+    result = dry_run(workdir, "-p")
+    exports = re.findall(r"--out (\S+\.gguf)", result.stdout)
+    assert sorted(set(exports)) == ["results/a/refit/model-q8_0.gguf"], exports
+
+
+def test_gguf_export_of_an_architecture_it_does_not_write_is_refused_before_any_job(tmp_path):
+    base = tmp_path / "gemma-base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"]}))
+    (base / "tokenizer.json").write_text("{}")
+    workdir = sample_workdir(tmp_path / "work", base_model=str(base), export={"gguf": ["q8_0"]})
+    result = dry_run(workdir)
+    assert result.returncode != 0
+    assert f"config export.gguf: base_model {base} is a gemma3_text model; the GGUF export writes llama, mistral, " \
+           "qwen2 models" in result.stdout + result.stderr
+    assert not (workdir / "results").exists()

@@ -174,3 +174,38 @@ def test_fold_model_scored_from_base_and_adapter_matches_its_merged_model(smollm
     assert len(rows["adapter"]) == 4 and difference < 0.05  # 0.035 measured: the checkpoint's bf16 rounding
     assert [max(columns, key=lambda c: float(a[c])) for a in rows["adapter"]] == \
         [max(columns, key=lambda c: float(m[c])) for m in rows["merged"]]
+
+
+@needs_real_data
+@pytest.mark.parametrize("type_name, tolerance", [("f16", 1e-3), ("q8_0", 0.2)])
+def test_the_merged_model_as_gguf_reads_back_with_its_tokens_template_and_answers(trained_smollm2, real_questions,
+                                                                                  type_name, tolerance):
+    """The trained SmolLM2's merged checkpoint written as GGUF (export_gguf.py) and read back with transformers
+    (gguf_file=): the same tokens for the same prompts, the same special tokens, BOS rule and chat template in
+
+    merged, out = trained_smollm2 / "merged", trained_smollm2 / f"model-{type_name}.gguf"
+    exported = run_script("export_gguf.py", "--model", merged, "--type", type_name, "--out", out)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    tokenizer = load_tokenizer(str(merged))
+    read_back = AutoTokenizer.from_pretrained(out.parent, gguf_file=out.name)
+    frame = prompt_frame(tokenizer, "chat")
+    prompts = [p.ids for p in encode_rotations(tokenizer, real_questions[6:10], 512, 1, frame)[0]]
+    for ids in prompts:
+        text = tokenizer.decode(ids)
+        assert read_back(text, add_special_tokens=False)["input_ids"] == tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert read_back.chat_template == tokenizer.chat_template
+    # The file's own special tokens (transformers' GGUF tokenizer misreads eos and pad: the conversion's test).
+    meta = metadata(out)
+    assert {role: meta[key] for role, key in SPECIAL_TOKEN_KEYS.items()} == {
+        role: getattr(tokenizer, f"{role}_id") for role in SPECIAL_TOKEN_KEYS}
+    assert meta["tokenizer.ggml.add_bos_token"] is False and meta["tokenizer.chat_template"] == tokenizer.chat_template
+    answers = list(frame.answer_ids)
+
+    def answer_log_probs(model) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.stack([model(torch.tensor([ids])).logits[0, -1].log_softmax(-1)[answers] for ids in prompts])
+
+    expected = answer_log_probs(AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32))
+    found = answer_log_probs(AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name, dtype=torch.float32))
+    assert (found - expected).abs().max() < tolerance, (found - expected).abs().max()
+    assert found.argmax(-1).tolist() == expected.argmax(-1).tolist()
