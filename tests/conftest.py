@@ -262,8 +262,8 @@ def two_runs(tmp_path_factory):
 
 # Cross-validation on the sample: two folds, a run with a refit, a run of one seed replica that also trains
 # on the baseline's pseudo-labels and is distilled from `a`, a baseline, and the greedy ensemble of them, one
-# short epoch each; every trained run also trains on an extra source in Simplified Chinese (C3's kind), and
-# each training writes TensorBoard files.
+# short epoch each; every trained run also trains on an extra source in Simplified Chinese (C3's kind), each
+# training writes TensorBoard files, and the refit is exported as a Q8_0 GGUF file.
 CV_RUNS = {"a": {"refit": True},
            "b": {"lora_r": 8, "seeds": [1], "pseudo_labels": {"teacher": "base", "min_probability": 0.25},
                  "distill": {"teacher": "a"}},
@@ -282,7 +282,8 @@ def cross_validated(tmp_path_factory) -> Path:
                                       "鸟在天上飞。,什么在飞？,鱼,鸟,猫,狗,2\n", encoding="utf-8")
     extra = [{"name": "c3", "path": "data/c3.csv", "convert": "s2twp", "columns": CV_EXTRA_COLUMNS}]
     workdir = sample_workdir(root, data={"folds": 2, "extra": extra}, runs=CV_RUNS, training={"epochs": 1},
-                             ensemble={"method": "greedy"}, resources=ONE_THREAD, tracking="tensorboard")
+                             ensemble={"method": "greedy"}, resources=ONE_THREAD, tracking="tensorboard",
+                             export={"gguf": ["q8_0"]})
     snakemake(workdir)
     return workdir
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 import re
 import shutil
 
@@ -243,6 +244,16 @@ def test_a_new_seed_reruns_only_its_own_jobs_and_changing_folds_retrains_only_th
     jobs = {(m[1], m[2]) for m in re.finditer(r"^(?:local)?rule (\w+):\n(?:    .*\n)*?    wildcards: \w+=(\S+)", output, re.M)}
     assert ("train_lora", "a/fold2") in jobs and not {job for job in jobs if job[1] in ("a/refit", "base")}, jobs
     assert not {"prepare_train_data", "build_demo_model"} & set(scheduled(snakemake(copy, "-n")))
+
+
+def test_the_refit_is_exported_as_gguf_and_no_fold_model_is(cross_validated):
+    from mcqa.gguf_base import read_summary
+
+    summary = read_summary(cross_validated / "results/a/refit/model-q8_0.gguf")
+    assert summary.architecture == "llama" and set(summary.tensor_types) == {"Q8_0", "F32"}
+    assert summary.special_ids["eos_token"] == 1 and summary.add_bos is True  # the demo tokenizer's </s> and <s>
+    assert sorted(p.relative_to(cross_validated) for p in (cross_validated / "results").rglob("*.gguf")) == [
+        Path("results/a/refit/model-q8_0.gguf")]
 
 
 def test_the_end_of_a_run_marks_optimistic_figures_and_names_the_refit(cross_validated, tmp_path):
