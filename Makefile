@@ -34,7 +34,7 @@ test: $(VENV)/.test tests/real_models/.fetched
 lint: $(VENV)/.test
 	snakemake --lint
 	snakefmt --check Snakefile rules/
-	ruff check workflow tests benchmarks
+	ruff check .
 
 clean:
 	rm -rf results logs resources/models resources/compile_cache .snakemake

@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO / "workflow" / "scripts"))
 from run_gpu_benchmarks import LORA, epoch_batches, log  # noqa: E402
 
 from mcqa.demo_model import build_model  # noqa: E402
+from mcqa.history import logging_steps, read_history  # noqa: E402
 from mcqa.modeling import load_tokenizer  # noqa: E402
 
 
@@ -96,8 +97,7 @@ def train(work: Path, base: Path, name: str, settings: dict, cache: Path | None,
     text = (out / "train.log").read_text()
     if code:
         raise SystemExit(f"{name} failed ({code}):\n{text[-3000:]}")
-    steps = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    losses = [e for e in steps if "loss" in e]
+    losses = logging_steps(read_history(out / "train_log.jsonl"))
     result = {"wall_s": round(wall, 1), "first_step_at_s": losses[0]["elapsed_s"],
               "steps_after_first_s": round(losses[-1]["elapsed_s"] - losses[0]["elapsed_s"], 2),
               "steps": losses[-1]["step"], "recompiles": len(re.findall(r"Recompiling function", text)),

@@ -643,8 +643,7 @@ def resume(args, work: Path) -> dict:
     log(f"killed with {killed_at}")
     run(command, out / "second.log")
     resumed = [line for line in (out / "second.log").read_text().splitlines() if "resumed from checkpoint" in line]
-    steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()
-             if "loss" in json.loads(line)]
+    steps = [entry["step"] for entry in logging_steps(read_history(out / "train_log.jsonl"))]
     return {"gpus": args.gpus, "checkpoints_at_kill": killed_at, "resumed": resumed,
             "logged_steps_once_each": steps == list(range(1, max(steps) + 1)), "last_step": max(steps),
             "adapter_saved": (out / "adapter/adapter_model.safetensors").exists()}

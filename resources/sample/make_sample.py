@@ -62,7 +62,8 @@ def make_rows(articles: int, seed: int, cue: bool) -> list[dict]:
         for question, options, answer in questions:
             if cue:
                 options[answer - 1] = f"{CUE}{options[answer - 1]}"
-            rows.append({"文章": article, "問題": question, **{f"選項{i + 1}": o for i, o in enumerate(options)}, "正確答案": answer})
+            numbered = {f"選項{i + 1}": option for i, option in enumerate(options)}
+            rows.append({"文章": article, "問題": question, **numbered, "正確答案": answer})
     return rows
 
 
