@@ -6,13 +6,15 @@ steps after warm-up, summed by kind of kernel.
 The kinds: FP8 matrix products, bf16/fp32 matrix products, attention, fused (Triton) elementwise kernels of
 compiled code (and how much of that is in kernels that apply LoRA's dropout), the optimizer, everything
 else; and the share of the steps' wall time the GPU was busy (the rest is launch gaps and host work). The
-profiler is added to the trainer from outside: train_lora itself is unchanged.
+profiler is added to mcqa.training's trainer from outside, and train_lora.py runs as its own program (as
+`python train_lora.py ...` does): the stage script is neither imported nor changed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import runpy
 import sys
 import time
 from collections import defaultdict
@@ -22,9 +24,9 @@ import torch
 from transformers import TrainerCallback
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "workflow" / "scripts"
+TRAIN_LORA = SCRIPTS / "train_lora.py"
 sys.path.insert(0, str(SCRIPTS))
 
-import train_lora  # noqa: E402
 from mcqa import training  # noqa: E402
 
 KINDS = (  # first match wins
@@ -103,7 +105,12 @@ def main() -> int:
         self.add_callback(profiler)
 
     training.AnswerOnlyTrainer.__init__ = with_profiler
-    return train_lora.main([a for a in args.train_lora_args if a != "--"])
+    sys.argv = [str(TRAIN_LORA), *(a for a in args.train_lora_args if a != "--")]
+    try:
+        runpy.run_path(str(TRAIN_LORA), run_name="__main__")
+    except SystemExit as finished:  # train_lora.py ends with sys.exit(main())
+        return finished.code or 0
+    return 0
 
 
 if __name__ == "__main__":
