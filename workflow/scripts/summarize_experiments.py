@@ -36,8 +36,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from mcqa.history import best_entry, last_totals, logging_steps, read_history  # noqa: E402
-from mcqa.metrics import CHOSEN, paired_difference, predicted_answers  # noqa: E402
-from mcqa.probabilities import read_probs  # noqa: E402
+from mcqa.metrics import CHOSEN, correctness, paired_difference  # noqa: E402
 
 
 def differing_settings(settings: dict[str, dict]) -> list[str]:
@@ -109,12 +108,6 @@ def seed_rows(rows: list[dict], manifest: dict) -> list[dict]:
                       "95% interval": f"sd {sd:.4f} over seeds", "ci_low": mean - sd, "ci_high": mean + sd,
                       "kind": "seed mean (bars: one sd)"})
     return means
-
-
-def correctness(path: str) -> list[int]:
-    """1 or 0 for each validation question of a probability file: whether its most probable answer is right."""
-    _, _, probs, labels = read_probs(path)
-    return [int(answer == label) for answer, label in zip(predicted_answers(probs), labels)]
 
 
 def compared(frame: pd.DataFrame, manifest: dict, ensemble_probs: str | None, reference: str | None) -> pd.DataFrame:

@@ -8,6 +8,7 @@ import math
 import os
 from typing import Sequence
 
+from .probabilities import read_probs
 from .prompt import ANSWERS
 
 # What was chosen on the validation questions that a metrics.json then scores, making its accuracy
@@ -34,6 +35,13 @@ def wilson_interval(correct: int, n: int, z: float = 1.96) -> list[float]:
 def predicted_answers(probs: Sequence[Sequence[float]]) -> list[int]:
     """The most probable answer (1-4) of each question."""
     return [max(range(len(ANSWERS)), key=lambda a: row[a]) + 1 for row in probs]
+
+
+def correctness(path: str | os.PathLike) -> list[int]:
+    """1 or 0 for each question of a probability file (mcqa.probabilities): whether its most probable answer
+    is its label."""
+    _, _, probs, labels = read_probs(str(path))
+    return [int(answer == label) for answer, label in zip(predicted_answers(probs), labels)]
 
 
 def metrics(probs: Sequence[Sequence[float]], labels: Sequence[int]) -> dict:
