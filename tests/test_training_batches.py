@@ -81,8 +81,9 @@ def test_micro_batches_divide_among_processes_with_every_example_once(processes)
 
 # The first losses of the seeded demo training below, as torch 2.13.0 computes them on a CPU. A change in
 # how the loss is normalised across packed micro-batches of different sizes (tokens, examples, accumulation)
-# changes them: update them only for a change that means to.
-PINNED_LOSSES = [8.3198, 7.922, 6.8408, 5.8393]
+# changes them, as does a changed default (lora_dropout 0 since 2026-12-07): update them only for a change
+# that means to.
+PINNED_LOSSES = [8.3198, 7.922, 6.83, 5.8122]
 
 
 def test_first_losses_of_a_seeded_training_are_the_pinned_ones(demo_run, tmp_path):
