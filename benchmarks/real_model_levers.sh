@@ -3,10 +3,14 @@
 # and the GGUF base put there first), in two phases whose results are kept as each ends: every run of the
 # config, the students starting as soon as their teacher ensemble is scored (r4/); then the baseline and the
 # default runs scored again in one option order, answering.rotations: 1, which trains nothing (r1/). Several
-# small trainings share the GPU (--resources gpu=8 counts jobs, not GPUs).
-#   bash benchmarks/real_model_levers.sh WORK CONFIG DATA_DIR GGUF
+# small trainings share the GPU (--resources gpu=8 counts jobs, not GPUs). fp8_as_trained, a phase asked for by
+# name, scores the config's FP8 runs on the base rounded as their training read it (benchmarks/fp8_as_trained.py).
+#   bash benchmarks/real_model_levers.sh WORK CONFIG DATA_DIR GGUF [PHASE...]   (default: levers rotations1)
 set -euo pipefail
 work=$1 config=$2 data=$3 gguf=$4
+shift 4
+phases=("$@")
+[ ${#phases[@]} -gt 0 ] || phases=(levers rotations1)
 repo=$(pwd)
 mkdir -p "$work/data" "$work/r4" "$work/r1"
 cp "$data"/AI.xlsx "$data"/AI1000.xlsx "$work/data/"
@@ -27,8 +31,19 @@ phase() {  # name, folder to keep the runs' results in, extra snakemake argument
     --exclude=./data .) | (cd "$keep" && tar xf -)
 }
 
-phase levers "$work/r4" "" all
-echo "answering: {rotations: 1}" > "$work/rotations1.yaml"
-phase rotations1 "$work/r1" "--configfile $work/config.yaml $work/rotations1.yaml" \
-  results/base/metrics.json results/lora_seed1/metrics.json results/lora_seed2/metrics.json
+for name in "${phases[@]}"; do
+  case $name in
+    levers) phase levers "$work/r4" "" all ;;
+    rotations1)
+      echo "answering: {rotations: 1}" > "$work/rotations1.yaml"
+      phase rotations1 "$work/r1" "--configfile $work/config.yaml $work/rotations1.yaml" \
+        results/base/metrics.json results/lora_seed1/metrics.json results/lora_seed2/metrics.json ;;
+    fp8_as_trained)
+      start=$(date +%s)
+      python "$repo/benchmarks/fp8_as_trained.py" "$work" --out "$work/r4/fp8_as_trained.json" \
+        > "$work/fp8_as_trained.log" 2>&1 || true
+      echo "fp8_as_trained: $(( $(date +%s) - start )) s" | tee -a "$work/times.txt" ;;
+    *) echo "unknown phase $name" >&2; exit 2 ;;
+  esac
+done
 echo done >> "$work/times.txt"

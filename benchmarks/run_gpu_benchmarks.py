@@ -386,8 +386,9 @@ def packing_check(args, work: Path, examples: int = 8) -> dict:
 
 def fp8_check(args, work: Path, examples: int = 8) -> dict:
     """Loss and LoRA gradients of the same examples with the base's products in bf16 and in FP8 (each
-    recipe of training.fp8, as train_lora applies it), each against the same batch in fp32: what FP8 costs
-    in the gradients that training follows, beside bf16's own error."""
+    recipe of training.fp8, with the backward products in FP8 and in bf16, as train_lora applies them), each
+    against the same batch in fp32: what FP8 costs in the gradients that training follows, beside bf16's own
+    error. WORK/base may be a real model (a converted GGUF) with WORK/data/train.json beside it."""
     from mcqa.modeling import load_model
     from mcqa.training import float8_base
 
@@ -397,14 +398,16 @@ def fp8_check(args, work: Path, examples: int = 8) -> dict:
     del model
     result = {"examples": examples, "tokens": sum(len(f["input_ids"]) for f in features),
               "loss_fp32": round(reference_loss, 5)}
-    for recipe in ("none", *RECIPES):
+    variants = [("none", True)] + [(recipe, backward) for recipe in RECIPES for backward in (True, False)]
+    for recipe, backward in variants:
         torch.cuda.empty_cache() if cuda() else None
         model = load_model(str(work / "base"), "bf16")
         model = with_lora(model)
-        applied = float8_base(model, recipe, "none", on_any_device=not cuda())
+        applied = float8_base(model, recipe, "none", on_any_device=not cuda(), backward_in_float8=backward)
         loss, gradients = loss_and_lora_gradients(model, features)
-        name = "bf16" if recipe == "none" else f"fp8_{recipe}"
+        name = "bf16" if recipe == "none" else f"fp8_{recipe}" + ("" if backward else "_bf16_backward")
         result[name] = {"fp8": applied, "loss": round(loss, 5), **against(reference, gradients)}
+        log(f"fp8 check {name}: {result[name]}")
         del model
     log(f"fp8 check: {result}")
     return result
