@@ -54,7 +54,7 @@ def rounded_base(base: str, recipe: str, targets: list[str], out: Path) -> int:
     rounded = 0
     with torch.no_grad():
         for name, module in model.named_modules():
-            if name.rsplit(".", 1)[-1] in targets and takes_float8(module, recipe):
+            if name.rsplit(".", 1)[-1] in targets and takes_float8(module):
                 module.weight.copy_(as_float8_saw_it(module.weight, recipe))
                 rounded += 1
     model.save_pretrained(out)

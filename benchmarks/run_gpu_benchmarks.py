@@ -384,11 +384,44 @@ def packing_check(args, work: Path, examples: int = 8) -> dict:
     return result
 
 
+class RoundedToFloat8(torch.autograd.Function):
+    """x rounded to the FP8 values rowwise scaling gives it, the gradient passed through unchanged."""
+
+    @staticmethod
+    def forward(ctx, x):
+        from mcqa.float8 import as_float8_saw_it
+
+        return as_float8_saw_it(x.reshape(-1, x.shape[-1]), "rowwise").reshape(x.shape).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def rounded_alone(model, rounded: str) -> int:
+    """Round only the weights, or only the inputs, of the layers fp8 rowwise would run in FP8 (a peft model's
+    frozen base layers) to their FP8 values, the products staying in bf16; returns how many layers."""
+    from peft.tuners.lora import LoraLayer
+
+    from mcqa.float8 import as_float8_saw_it, takes_float8
+
+    layers = [m.base_layer for m in model.modules()
+              if isinstance(m, LoraLayer) and takes_float8(m.base_layer)]
+    for layer in layers:
+        if rounded == "weights":
+            with torch.no_grad():
+                layer.weight.copy_(as_float8_saw_it(layer.weight, "rowwise"))
+        else:
+            layer.register_forward_pre_hook(lambda module, inputs: (RoundedToFloat8.apply(inputs[0]),))
+    return len(layers)
+
+
 def fp8_check(args, work: Path, examples: int = 8) -> dict:
     """Loss and LoRA gradients of the same examples with the base's products in bf16 and in FP8 (each
-    recipe of training.fp8, with the backward products in FP8 and in bf16, as train_lora applies them), each
-    against the same batch in fp32: what FP8 costs in the gradients that training follows, beside bf16's own
-    error. WORK/base may be a real model (a converted GGUF) with WORK/data/train.json beside it."""
+    recipe of training.fp8, as train_lora applies it), each against the same batch in fp32: what FP8 costs in
+    the gradients that training follows, beside bf16's own error; then rowwise's two roundings each alone
+    (the weights', the activations'), the products in bf16. WORK/base may be a real model (a converted GGUF)
+    with WORK/data/train.json beside it."""
     from mcqa.modeling import load_model
     from mcqa.training import float8_base
 
@@ -398,15 +431,23 @@ def fp8_check(args, work: Path, examples: int = 8) -> dict:
     del model
     result = {"examples": examples, "tokens": sum(len(f["input_ids"]) for f in features),
               "loss_fp32": round(reference_loss, 5)}
-    variants = [("none", True)] + [(recipe, backward) for recipe in RECIPES for backward in (True, False)]
-    for recipe, backward in variants:
+    for recipe in ("none", *RECIPES):
         torch.cuda.empty_cache() if cuda() else None
         model = load_model(str(work / "base"), "bf16")
         model = with_lora(model)
-        applied = float8_base(model, recipe, "none", on_any_device=not cuda(), backward_in_float8=backward)
+        applied = float8_base(model, recipe, "none", on_any_device=not cuda())
         loss, gradients = loss_and_lora_gradients(model, features)
-        name = "bf16" if recipe == "none" else f"fp8_{recipe}" + ("" if backward else "_bf16_backward")
+        name = "bf16" if recipe == "none" else f"fp8_{recipe}"
         result[name] = {"fp8": applied, "loss": round(loss, 5), **against(reference, gradients)}
+        log(f"fp8 check {name}: {result[name]}")
+        del model
+    for rounded in ("weights", "activations"):  # where rowwise's error comes from: each rounding alone
+        model = with_lora(load_model(str(work / "base"), "bf16"))
+        count = rounded_alone(model, rounded)
+        loss, gradients = loss_and_lora_gradients(model, features)
+        name = f"fp8_rowwise_{rounded}_only"
+        result[name] = {"rounded": f"{count} layers' {rounded} to FP8 (rowwise), the products in bf16",
+                        "loss": round(loss, 5), **against(reference, gradients)}
         log(f"fp8 check {name}: {result[name]}")
         del model
     log(f"fp8 check: {result}")

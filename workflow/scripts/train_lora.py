@@ -97,7 +97,7 @@ def lora_model(args: argparse.Namespace, settings: dict, precision: str):
         task_type="CAUSAL_LM"))
     trainable, total = model.get_nb_trainable_parameters()  # before FP8 turns frozen weights into buffers
     say(f"LoRA: {trainable:,} trainable of {total:,} parameters")
-    say(f"fp8: {float8_base(model, settings['fp8'], settings['load_in'], backward_in_float8=settings['fp8_backward'])}")
+    say(f"fp8: {float8_base(model, settings['fp8'], settings['load_in'])}")
     if settings["compile"]:
         say(f"torch.compile: {compile_layers(model, settings['load_in'], args.compile_cache)}")
     return model

@@ -237,12 +237,10 @@ def compile_layers(model: torch.nn.Module, load_in: str, cache: str) -> str:
             "the first step waits for it")
 
 
-def float8_base(model: torch.nn.Module, recipe: str, load_in: str, on_any_device: bool = False,
-                backward_in_float8: bool = True) -> str:
+def float8_base(model: torch.nn.Module, recipe: str, load_in: str, on_any_device: bool = False) -> str:
     """Run the products of the frozen layers under the LoRA layers of `model` (a peft model) in FP8 with the
-    `recipe`'s scaling (tensorwise, rowwise or blockwise), their weights cast once (mcqa.float8); the backward
-    products to the activations too unless `backward_in_float8` is False. Says what was done, or why not, for
-    the log. `on_any_device` applies it on a CPU too (a test: torch has FP8 products there)."""
+    `recipe`'s scaling (tensorwise or rowwise), their weights cast once (mcqa.float8). Says what was done, or
+    why not, for the log. `on_any_device` applies it on a CPU too (a test: torch has FP8 products there)."""
     if recipe == "none":
         return "off (fp8: none)"
     if load_in != "none":
@@ -255,9 +253,7 @@ def float8_base(model: torch.nn.Module, recipe: str, load_in: str, on_any_device
             return f"off on {name} (FP8 products need compute capability 8.9: Ada, Hopper or newer)"
     from .float8 import float8_frozen_base
 
-    swapped = float8_frozen_base(model, recipe, backward_in_float8)
-    products = "forward and backward" if backward_in_float8 else "forward only, backward in bf16"
-    return f"{swapped} linear layers of the base in FP8 ({recipe} scaling, weights cast once; {products})"
+    return f"{float8_frozen_base(model, recipe)} linear layers of the base in FP8 ({recipe} scaling, weights cast once)"
 
 
 def answer_accuracy(records: list[dict], tokenizer, frame: PromptFrame, max_seq_length: int, batch_tokens: int,
