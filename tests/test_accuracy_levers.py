@@ -313,7 +313,7 @@ def test_ensemble_weights_by_accuracy_refuse_all_zero_and_name_a_zero_member(tmp
 
 def test_experiments_table_says_which_accuracies_were_chosen_on_their_own_questions(tmp_path):
     """select_best's best of 10 evaluations on 3 questions can read 1.0: ranked beside runs that chose
-    nothing, the table and the figure must say so."""
+    nothing, the table and the figure must say so; the settings that differ read as in a config."""
     manifest = {}
     for run, chosen in (("plain", None), ("best", CHOSEN["step"])):
         (tmp_path / f"{run}.jsonl").write_text(json.dumps({"step": 10, "loss": 1.0, "elapsed_s": 5.0,
@@ -321,7 +321,8 @@ def test_experiments_table_says_which_accuracies_were_chosen_on_their_own_questi
         result = {**metrics([[0.7, 0.1, 0.1, 0.1]] * 3, [1, 1, 2]), **({"chosen_on_these_questions": chosen}
                                                                        if chosen else {})}
         (tmp_path / f"{run}.json").write_text(json.dumps(result))
-        manifest[run] = {"settings": {"select_best": bool(chosen)}, "train_logs": [str(tmp_path / f"{run}.jsonl")],
+        manifest[run] = {"settings": {"select_best": bool(chosen), "fp8": "rowwise" if chosen else "none"},
+                         "train_logs": [str(tmp_path / f"{run}.jsonl")],
                          "metrics": str(tmp_path / f"{run}.json"), "replica_of": None, "folds": 0}
     out = run_script("summarize_experiments.py", "--manifest", json.dumps(manifest), "--tsv", tmp_path / "t.tsv",
                      "--html", tmp_path / "t.html", "--png", tmp_path / "t.png")
@@ -329,6 +330,8 @@ def test_experiments_table_says_which_accuracies_were_chosen_on_their_own_questi
     rows = {r["run"]: r for r in csv.DictReader(open(tmp_path / "t.tsv", encoding="utf-8"), delimiter="\t")}
     assert rows["best"]["chosen on these questions"] == "step" and rows["plain"]["chosen on these questions"] == ""
     assert "so its accuracy is optimistic" in (tmp_path / "t.html").read_text()
+    # the settings that differ, as a config writes them: a string plain, not quoted JSON inside the TSV's quotes
+    assert (rows["best"]["fp8"], rows["best"]["select_best"]) == ("rowwise", "true"), rows["best"]
 
 
 @pytest.mark.parametrize("batch_tokens", [90, 100_000])

@@ -153,6 +153,12 @@ def trained_on(entry: dict) -> str:
     return text
 
 
+def setting_text(value) -> str:
+    """A setting as a config writes it: a string as it is (JSON's quotes would be quoted again in the TSV),
+    anything else as JSON (true, 0.05, [q_proj, v_proj] as a list)."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
 def table(manifest: dict, differ: list[str], ensemble: str | None) -> pd.DataFrame:
     """One row a run (its `differ` settings, validation and training summaries), the seed means, the
     ensemble; best validation accuracy first."""
@@ -161,7 +167,7 @@ def table(manifest: dict, differ: list[str], ensemble: str | None) -> pd.DataFra
     for run, entry in manifest.items():
         # What a run trained on beyond the training file (extra sources, pseudo-labels), shown whenever any run has it.
         sources = {"trained on": trained_on(entry)} if any(e.get("trained_on") for e in manifest.values()) else {}
-        rows.append({"run": run, **sources, **{k: json.dumps(settings[run].get(k)) for k in differ},
+        rows.append({"run": run, **sources, **{k: setting_text(settings[run].get(k)) for k in differ},
                      **validation_summary(entry["metrics"]), **training_summary(entry["train_logs"])})
     rows += seed_rows(rows, manifest)
     if ensemble:
