@@ -24,26 +24,30 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "workflow" / "scripts"
+SCHEMAS = REPO / "workflow" / "schemas"
 sys.path.insert(0, str(SCRIPTS))
 
 from mcqa.float8 import as_float8_saw_it, takes_float8  # noqa: E402
 from mcqa.metrics import correctness, paired_difference  # noqa: E402
 
 
-def settings_of(work: Path) -> tuple[dict, str]:
-    """The run's config with the schemas' defaults filled in, as the workflow validates it, and its base."""
+def config_of(work: Path) -> tuple[dict, dict[str, dict], str]:
+    """The run's config and each run's training settings, validated against the schemas as the workflow
+    validates them (defaults filled in), and the base's folder."""
     from snakemake.utils import validate
 
     config = yaml.safe_load((work / "config.yaml").read_text())
-    validate(config, str(REPO / "workflow/schemas/config.schema.yaml"))
-    config["training"] = {**{key: spec["default"] for key, spec in yaml.safe_load(
-        (REPO / "workflow/schemas/training.schema.yaml").read_text())["properties"].items()}, **config["training"]}
+    validate(config, str(SCHEMAS / "config.schema.yaml"))
+    runs = {}
+    for run, overrides in config["runs"].items():
+        runs[run] = {**config.get("training", {}), **(overrides or {})}
+        validate(runs[run], str(SCHEMAS / "training.schema.yaml"))
     name = config["base_model"]  # the folder rules/config.smk reads the base from (BASE_FOLDER)
     if name == "demo":
-        return config, str(work / "resources/models/demo")
+        return config, runs, str(work / "resources/models/demo")
     if name.lower().endswith(".gguf"):
-        return config, str(work / "resources/models/gguf" / Path(name).stem)
-    return config, str(work / name) if (work / name).is_dir() else name
+        return config, runs, str(work / "resources/models/gguf" / Path(name).stem)
+    return config, runs, str(work / name) if (work / name).is_dir() else name
 
 
 def rounded_base(base: str, recipe: str, targets: list[str], out: Path) -> int:
@@ -62,7 +66,8 @@ def rounded_base(base: str, recipe: str, targets: list[str], out: Path) -> int:
     return rounded
 
 
-def score(work: Path, model: Path, run: str, fold: str, answering: dict, max_seq_length: int, out: Path) -> Path:
+def score(work: Path, run: str, fold: str, model: Path, max_seq_length: int, answering: dict, out: Path) -> Path:
+    """A fold model's adapter on `model`, scoring its held-out questions with the workflow's script."""
     probs = out / f"{run}_{fold}_val_probs.csv"
     with open(out / f"{run}_{fold}_score.log", "w") as log:
         subprocess.run([sys.executable, SCRIPTS / "score_questions.py", "--model", model, "--adapter",
@@ -81,26 +86,24 @@ def main(argv: list[str] | None = None) -> int:
                                             "config's experiments.reference)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    config, base = settings_of(args.work)
+    config, runs, base = config_of(args.work)
     folds = [f"fold{k}" for k in range(config["data"]["folds"])]
-    args.runs = args.runs or [run for run, overrides in config["runs"].items()
-                              if {**config["training"], **overrides}.get("fp8", "none") != "none"]
+    args.runs = args.runs or [run for run, settings in runs.items() if settings["fp8"] != "none"]
     args.reference = args.reference or config["experiments"]["reference"]
     scratch = args.work / "fp8_as_trained"
     scratch.mkdir(exist_ok=True)
     bases, jobs = {}, []
     for run in args.runs:
-        settings = {**config["training"], **config["runs"][run]}
-        recipe = settings["fp8"]
+        recipe = runs[run]["fp8"]
         if recipe not in bases:
             bases[recipe] = scratch / f"base_{recipe}"
-            count = rounded_base(base, recipe, settings["target_modules"], bases[recipe])
+            count = rounded_base(base, recipe, runs[run]["target_modules"], bases[recipe])
             print(f"{base}: {count} weights rounded as fp8 {recipe} reads them", flush=True)
-        jobs += [(run, fold, bases[recipe], settings["max_seq_length"]) for fold in folds]
+        jobs += [(run, fold, bases[recipe], runs[run]["max_seq_length"]) for fold in folds]
     answering = {**config["answering"], "prompt_format": config["prompt_format"]}  # rules/config.smk's ANSWERING
     with ThreadPoolExecutor(max_workers=4) as pool:  # GPU scoring jobs of a small model share the card
-        probs = dict(zip([(run, fold) for run, fold, _, _ in jobs], pool.map(
-            lambda job: score(args.work, job[2], job[0], job[1], answering, job[3], scratch), jobs)))
+        scored = pool.map(lambda job: score(args.work, *job, answering, scratch), jobs)
+        probs = dict(zip([(run, fold) for run, fold, *_ in jobs], scored))
 
     def right(run: str, as_trained: bool = False) -> list[int]:
         return [x for fold in folds for x in correctness(
