@@ -234,7 +234,7 @@ def train_once(work: Path, name: str, settings: dict, steps: int, skip: int, gpu
                   epoch_steps=math.ceil(len(batches) / (settings["gradient_accumulation_steps"] * gpus)),
                   micro_batches=len(batches), settings={k: settings[k] for k in (
                       "micro_batch_size", "micro_batch_tokens", "gradient_accumulation_steps", "precision", "load_in",
-                      "gradient_checkpointing", "packing", "compile", "fp8", "lora_dropout")})
+                      "gradient_checkpointing", "packing", "compile", "fp8", "lora_dropout", "fuse_shared_inputs")})
     if environment:
         result["environment"] = environment
     result["epoch_minutes"] = round(result["epoch_tokens"] / result["tokens_per_s"] / 60, 2)

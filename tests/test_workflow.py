@@ -84,7 +84,8 @@ def test_labels_flow_from_xlsx_to_csv(demo_run):
     assert json.loads((demo_run / "results/default/metrics.json").read_text())["accuracy"] >= 0.9
 
 
-WEIGHT_NEUTRAL_CHANGES = {"gradient_checkpointing": True, "checkpoint_steps": 50, "compile": False}
+WEIGHT_NEUTRAL_CHANGES = {"gradient_checkpointing": True, "checkpoint_steps": 50, "compile": False,
+                          "fuse_shared_inputs": False}
 # Half the interruptible training (288 steps): killed after its checkpoint at step 80, with 208 steps to spare.
 KILLED_TRAINING = {**INTERRUPTIBLE_TRAINING, "epochs": 2}
 

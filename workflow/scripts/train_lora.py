@@ -42,6 +42,7 @@ from mcqa.progress import say
 from mcqa.prompt import PROMPT_FORMATS, describe_cuts, prompt_frame
 from mcqa.records import read_records
 from mcqa.scoring import ROTATIONS
+from mcqa.shared_inputs import share_inputs
 from mcqa.storage import disk_full_message
 from mcqa.training import (AnswerOnlyTrainer, Distillation, EarlyStopping, ProgressLog, TrainingDiverged,
                            answer_accuracy, compile_layers, end_with_launcher, end_with_workflow, float8_base,
@@ -98,6 +99,9 @@ def lora_model(args: argparse.Namespace, settings: dict, precision: str):
     trainable, total = model.get_nb_trainable_parameters()  # before FP8 turns frozen weights into buffers
     say(f"LoRA: {trainable:,} trainable of {total:,} parameters")
     say(f"fp8: {float8_base(model, settings['fp8'], settings['load_in'])}")
+    # after FP8 (its frozen layers keep their own products) and before compiling (the groups are compiled in)
+    fused = share_inputs(model) if settings["fuse_shared_inputs"] else "off (fuse_shared_inputs: false)"
+    say(f"shared inputs: {fused}")
     if settings["compile"]:
         say(f"torch.compile: {compile_layers(model, settings['load_in'], args.compile_cache)}")
     return model

@@ -64,7 +64,7 @@ def release(handle, path: Path) -> None:
 
 # Settings that change nothing in the trained weights: a resume goes on when only these differ (turning
 # on gradient checkpointing after an out-of-memory error, or checkpointing more often, keeps the hours trained).
-WEIGHT_NEUTRAL = ("checkpoint_steps", "logging_steps", "gradient_checkpointing", "compile")
+WEIGHT_NEUTRAL = ("checkpoint_steps", "logging_steps", "gradient_checkpointing", "compile", "fuse_shared_inputs")
 
 
 def fingerprint(settings: dict, train: str, val: str, base_model: str, revision: str | None, prompt_format: str,
