@@ -294,9 +294,13 @@ def train(args, work: Path, results: dict) -> dict:
                        "scaling_tokens_per_s": round(several["tokens_per_s"] / default["tokens_per_s"], 2),
                        "scaling_samples_per_s": round(several["samples_per_s"] / default["samples_per_s"], 2)})
     if args.recipe_steps:
-        recipe = train_once(work, "train_recipe", {
-            **RECIPE, "precision": "fp16" if cuda() else "fp32", "load_in": "8bit" if cuda() else "none"},
-            steps=args.recipe_steps, skip=2)
+        try:
+            recipe = train_once(work, "train_recipe", {
+                **RECIPE, "precision": "fp16" if cuda() else "fp32", "load_in": "8bit" if cuda() else "none"},
+                steps=args.recipe_steps, skip=2)
+        except CommandFailed as failure:  # e.g. bitsandbytes missing: what ran before is still written
+            log(f"train_recipe failed: {failure.last_line}")
+            return {**result, "recipe": {"failed": failure.last_line}}
         result.update(recipe=recipe, recipe_tokens_per_s=recipe["tokens_per_s"],
                       speedup=round(result["ours_tokens_per_s"] / recipe["tokens_per_s"], 2))
     return result
