@@ -65,27 +65,31 @@ def fused_base(layers: list[torch.nn.Module]) -> tuple[torch.Tensor, torch.Tenso
 
 
 class SharedInputGroup(torch.nn.Module):
-    """A group's concatenated frozen weights (buffers, not saved) and its LoRA layers' shared forward."""
+    """A group's concatenated frozen weights (buffers, not saved) and the product its LoRA layers share."""
 
     def __init__(self, layers: list[torch.nn.Module], adapted: str):
         super().__init__()
+        self.layers = layers  # a plain list: they stay submodules of their own parent only
         self.adapted = adapted
         self.sizes = [layer.base_layer.out_features for layer in layers]
         base = fused_base(layers)
         self.register_buffer("weight", None if base is None else base[0], persistent=False)
         self.register_buffer("bias", None if base is None else base[1], persistent=False)
+        self.waiting: list[torch.Tensor | None] = [None] * len(layers)
+        self.waiting_input: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, layers: list[torch.nn.Module]) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Each layer's output for `x`, as peft's forward gives it: frozen product plus scaled B(A(x))."""
         if self.weight is None:
-            bases = [layer.base_layer(x) for layer in layers]
+            bases = [layer.base_layer(x) for layer in self.layers]
         else:
             bases = F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
-        first = layers[0]
+        first = self.layers[0]
         lora_x = first._cast_input_dtype(x, first.lora_A[self.adapted].weight.dtype)
-        a = torch.cat([layer.lora_A[self.adapted].weight for layer in layers])
-        hidden = F.linear(lora_x, a).split([layer.r[self.adapted] for layer in layers], dim=-1)
+        a = torch.cat([layer.lora_A[self.adapted].weight for layer in self.layers])
+        hidden = F.linear(lora_x, a).split([layer.r[self.adapted] for layer in self.layers], dim=-1)
         return [(base + layer.lora_B[self.adapted](h) * layer.scaling[self.adapted]).to(base.dtype)
-                for base, layer, h in zip(bases, layers, hidden)]
+                for base, layer, h in zip(bases, self.layers, hidden)]
 
     def output_of(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """Layer `index`'s output for `x`: left by the group's product if it read this very tensor, otherwise
@@ -93,7 +97,7 @@ class SharedInputGroup(torch.nn.Module):
         if self.waiting[index] is not None and self.waiting_input is x:
             output, self.waiting[index] = self.waiting[index], None
         else:
-            outputs = self(x, self.__dict__["layers"])
+            outputs = self(x)
             output, self.waiting = outputs[index], [None if i == index else o for i, o in enumerate(outputs)]
             self.waiting_input = x
         if all(w is None for w in self.waiting):
@@ -101,8 +105,9 @@ class SharedInputGroup(torch.nn.Module):
         return output
 
 
-def shared_forward(layer: torch.nn.Module):
-    group, index, alone = layer.__dict__["shared_input_group"], layer.__dict__["shared_input_index"], layer.forward
+def shared_forward(layer: torch.nn.Module, group: SharedInputGroup, index: int):
+    """`layer`'s forward as a member of `group`; peft's own where the call is not a plain adapted one."""
+    alone = layer.forward
 
     def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if args or kwargs or layer.disable_adapters or layer.merged or layer.active_adapters != [group.adapted]:
@@ -119,14 +124,10 @@ def share_inputs(model: torch.nn.Module, adapted: str = ADAPTER) -> str:
     for module in list(model.modules()):
         for layers in groups_of(module, adapted):
             group = SharedInputGroup(layers, adapted)
-            group.__dict__["layers"] = layers  # not submodules: they stay where they are
-            group.waiting, group.waiting_input = [None] * len(layers), None
-            names = "_".join(name for names in SHARED_INPUTS for name in names
-                             if getattr(module, name, None) in layers)
+            names = "_".join(name for name, child in module.named_children() if child in layers)
             module.add_module(f"shared_input_{names}", group)
             for index, layer in enumerate(layers):
-                layer.__dict__["shared_input_group"], layer.__dict__["shared_input_index"] = group, index
-                layer.forward = shared_forward(layer)
+                layer.forward = shared_forward(layer, group, index)
             fused["LoRA only" if group.weight is None else "frozen and LoRA"] += 1
     if not any(fused.values()):
         return "none (no two adapted projections read one input without dropout)"
