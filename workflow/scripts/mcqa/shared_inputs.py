@@ -25,7 +25,8 @@ ADAPTER = "default"
 def groups_of(module: torch.nn.Module, adapted: str) -> list[list[torch.nn.Module]]:
     """The LoRA layers among `module`'s children that read one input, for each group of SHARED_INPUTS that has
     two or more of them, adapted with `adapted` and nothing that would make them differ (dropout, DoRA or
-    another variant, a second adapter)."""
+    another variant, a second adapter). peft's bitsandbytes layers (an 8-bit or 4-bit base) forward otherwise
+    and are not taken."""
     from peft.tuners.lora import Linear as LoraLinear
 
     groups = []
@@ -44,7 +45,7 @@ def fusable(layer: torch.nn.Module, adapted: str) -> bool:
 
 def fused_base(layers: list[torch.nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """The group's frozen weights (and biases) concatenated, the layers' own made views of them; None where the
-    frozen layers are not plain linear ones of one dtype (FP8, 8-bit or 4-bit: those keep their own products)."""
+    frozen layers are not plain linear ones of one dtype (FP8: those keep their own products)."""
     bases = [layer.base_layer for layer in layers]
     weights = [base.weight for base in bases] if all(type(base) is torch.nn.Linear for base in bases) else []
     if not weights or any(w.requires_grad or w.dtype != weights[0].dtype for w in weights):
