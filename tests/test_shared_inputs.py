@@ -101,10 +101,15 @@ def test_fp8_frozen_layers_keep_their_products_and_share_loras():
 
 def test_what_cannot_share_an_input_is_left_alone():
     """Dropout draws a mask a projection, so those are not fused; a projection that is the only adapted one of
-    its group has nothing to share; the layers' log line says so."""
+    its group has nothing to share; frozen layers whose biases train keep their own products; the layers' log
+    line says so."""
     assert share_inputs(lora("llama", dropout=0.1)).startswith("none")
     assert share_inputs(lora("llama", targets=["q_proj", "o_proj", "up_proj"])).startswith("none")
     assert share_inputs(lora("llama", targets=["q_proj", "v_proj"])) == "2 groups frozen and LoRA"
+    trained_biases = lora("bias")
+    for name, p in trained_biases.named_parameters():
+        p.requires_grad_(p.requires_grad or name.endswith("base_layer.bias"))  # as peft's bias="all" trains them
+    assert share_inputs(trained_biases) == "2 groups frozen and LoRA, 2 groups LoRA only"  # q, k, v: LoRA only
 
 
 def test_a_projection_called_on_another_input_or_without_its_adapter_computes_alone():

@@ -45,16 +45,18 @@ def fusable(layer: torch.nn.Module, adapted: str) -> bool:
 
 def fused_base(layers: list[torch.nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """The group's frozen weights (and biases) concatenated, the layers' own made views of them; None where the
-    frozen layers are not plain linear ones of one dtype (FP8: those keep their own products)."""
+    frozen layers are not plain linear ones of one dtype with nothing trained in them (FP8: those keep their
+    own products)."""
     bases = [layer.base_layer for layer in layers]
     weights = [base.weight for base in bases] if all(type(base) is torch.nn.Linear for base in bases) else []
     if not weights or any(w.requires_grad or w.dtype != weights[0].dtype for w in weights):
         return None
-    if len({base.bias is None for base in bases}) > 1:
+    biases = [base.bias for base in bases]
+    if len({b is None for b in biases}) > 1 or any(b is not None and b.requires_grad for b in biases):
         return None
     with torch.no_grad():
         weight = torch.cat(weights)
-        bias = None if bases[0].bias is None else torch.cat([base.bias for base in bases])
+        bias = None if biases[0] is None else torch.cat(biases)
     start = 0
     for base in bases:
         rows = slice(start, start + base.out_features)
