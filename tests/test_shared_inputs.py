@@ -14,7 +14,7 @@ from mcqa.float8 import FrozenFloat8Linear
 from mcqa.modeling import without_attention_mask
 from mcqa.shared_inputs import SharedInputGroup, share_inputs
 from mcqa.training import float8_base
-from test_packing import examples
+from test_packing import examples, loss_and_lora_gradients
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -47,11 +47,8 @@ BATCH = without_attention_mask(AnswerOnlyCollator(pad_token_id=2, packed=True)(e
 PADDED = AnswerOnlyCollator(pad_token_id=2)(examples([9, 23, 5, 17, 12]))
 
 
-def loss_and_lora_gradients(model, batch: dict = BATCH) -> tuple[torch.Tensor, torch.Tensor]:
-    model.zero_grad()
-    loss = model(**batch).loss
-    loss.backward()
-    return loss.detach(), torch.cat([p.grad.flatten() for n, p in model.named_parameters() if "lora_" in n])
+def packed_loss_and_lora_gradients(model) -> tuple[torch.Tensor, torch.Tensor]:
+    return loss_and_lora_gradients(model, BATCH, PACKED_ATTENTION)
 
 
 def storage_bytes(model) -> int:
@@ -77,8 +74,8 @@ def test_one_product_a_group_trains_as_each_projection_alone(architecture, check
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
         model.train()
-    loss_apart, grads_apart = loss_and_lora_gradients(apart)
-    loss, grads = loss_and_lora_gradients(fused)
+    loss_apart, grads_apart = packed_loss_and_lora_gradients(apart)
+    loss, grads = packed_loss_and_lora_gradients(fused)
     torch.testing.assert_close(loss, loss_apart, rtol=1e-5, atol=1e-6)
     assert grads_apart.abs().max() > 1e-3
     torch.testing.assert_close(grads, grads_apart, rtol=1e-4, atol=1e-6)
@@ -95,7 +92,7 @@ def test_fp8_frozen_layers_keep_their_products_and_share_loras():
     apart, fused = lora("llama", fp8="rowwise"), lora("llama", fp8="rowwise")
     assert share_inputs(fused) == "4 groups LoRA only"
     assert isinstance(fused.base_model.model.model.layers[0].mlp.up_proj.base_layer, FrozenFloat8Linear)
-    for got, want in zip(loss_and_lora_gradients(fused), loss_and_lora_gradients(apart)):
+    for got, want in zip(packed_loss_and_lora_gradients(fused), packed_loss_and_lora_gradients(apart)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
@@ -136,15 +133,13 @@ def test_a_group_compiles_into_the_layers_graph_with_fewer_products():
         return graph.forward
 
     apart, fused = lora("llama"), lora("llama")
-    for model in (apart, fused):
-        model.set_attn_implementation("sdpa")
-    _, grads_apart = loss_and_lora_gradients(apart, PADDED)
+    _, grads_apart = loss_and_lora_gradients(apart, PADDED, "sdpa")
     torch._dynamo.reset()
     share_inputs(fused)
     fused.enable_input_require_grads()
     for layer in fused.base_model.model.model.layers:
         layer.compile(backend=backend, dynamic=True)
-    _, grads = loss_and_lora_gradients(fused, PADDED)
+    _, grads = loss_and_lora_gradients(fused, PADDED, "sdpa")
     torch._dynamo.reset()
     assert len(graphs) == 2  # one a layer: no graph break
     for graph in graphs:
