@@ -405,12 +405,9 @@ class RoundedToFloat8(torch.autograd.Function):
 def rounded_alone(model, rounded: str) -> int:
     """Round only the weights, or only the inputs, of the layers fp8 rowwise would run in FP8 (a peft model's
     frozen base layers) to their FP8 values, the products staying in bf16; returns how many layers."""
-    from peft.tuners.lora import LoraLayer
+    from mcqa.float8 import as_float8_saw_it, float8_lora_layers
 
-    from mcqa.float8 import as_float8_saw_it, takes_float8
-
-    layers = [m.base_layer for m in model.modules()
-              if isinstance(m, LoraLayer) and takes_float8(m.base_layer)]
+    layers = [module.base_layer for module in float8_lora_layers(model)]
     for layer in layers:
         if rounded == "weights":
             with torch.no_grad():

@@ -97,16 +97,19 @@ def as_float8_saw_it(weight: torch.Tensor, recipe: str) -> torch.Tensor:
     return (data.float() * factor).to(torch.bfloat16)
 
 
-def float8_frozen_base(model: torch.nn.Module, recipe: str) -> int:
-    """Swap the frozen linear layer under each of the model's LoRA layers that takes_float8 for a
-    FrozenFloat8Linear (after peft has wrapped them: peft reads the base layer's weight when it builds the
-    adapter); returns how many."""
+def float8_lora_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's LoRA layers whose frozen layer training.fp8 runs in FP8: one that takes_float8 and is not
+    trained."""
     from peft.tuners.lora import LoraLayer
 
-    swapped = 0
-    for module in model.modules():
-        base = getattr(module, "base_layer", None)
-        if isinstance(module, LoraLayer) and takes_float8(base) and not base.weight.requires_grad:
-            module.base_layer = FrozenFloat8Linear(base, recipe)
-            swapped += 1
-    return swapped
+    return [module for module in model.modules() if isinstance(module, LoraLayer)
+            and takes_float8(module.base_layer) and not module.base_layer.weight.requires_grad]
+
+
+def float8_frozen_base(model: torch.nn.Module, recipe: str) -> int:
+    """Swap the frozen layer under each of float8_lora_layers for a FrozenFloat8Linear (after peft has wrapped
+    them: peft reads the base layer's weight when it builds the adapter); returns how many."""
+    layers = float8_lora_layers(model)
+    for module in layers:
+        module.base_layer = FrozenFloat8Linear(module.base_layer, recipe)
+    return len(layers)
